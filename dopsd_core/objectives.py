@@ -1,0 +1,92 @@
+"""The two objectives: D-OPSD (on-policy self-distillation) and the SFT flow-matching baseline.
+
+Each one runs forward and backward for one micro-batch (gradients accumulate in the student LoRA)
+and returns plain-float metrics. Neither touches the optimizer: the trainer owns that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .denoiser import Context, Denoiser, euler_step
+from .schedule import logit_normal_sigmas
+
+LOSS_WEIGHTS = ("x0", "velocity", "transition")
+TEACHERS = ("ema", "frozen")
+STATES = ("all", "one")
+
+
+@dataclass
+class Batch:
+    x0: torch.Tensor  # [B, C, H, W] clean latents (SFT's target; D-OPSD only uses its shape)
+    student_ctx: Context  # caption only
+    teacher_ctx: Context  # caption + the target image in context
+
+
+def step_weight(kind: str, sigma: float, sigma_next: float) -> float:
+    """Weight c_k of the x0-space MSE at state k. Since x0_hat = x - sigma * v at the same x,
+    w_k * |v_S - v_T|^2 = (w_k / sigma^2) * |x0_S - x0_T|^2, so:
+    x0: w = sigma^2 -> c = 1;  velocity: w = 1 -> c = 1/sigma^2;  transition: w = dsigma^2 -> c = (dsigma/sigma)^2."""
+    if kind == "x0":
+        return 1.0
+    if kind == "velocity":
+        return 1.0 / sigma**2
+    if kind == "transition":
+        return ((sigma_next - sigma) / sigma) ** 2
+    raise ValueError(f"loss weight must be one of {LOSS_WEIGHTS}, got {kind!r}")
+
+
+def dopsd_backward(denoiser: Denoiser, batch: Batch, sigmas: list[float], generator: torch.Generator, *,
+                   teacher: str = "ema", loss_weight: str = "x0", states: str = "all",
+                   loss_scale: float = 1.0) -> dict:
+    """One D-OPSD roll-out with per-state backward.
+
+    x starts as pure noise; at each supervised state k the teacher (EMA LoRA or frozen base, with the
+    target image in context, no grad) and the student (caption only, with grad) predict x0 from the
+    same x; loss_k = c_k * mean((x0_S - x0_T)^2) is backpropagated at once, so activation memory does
+    not grow with K; then x takes the student's own Euler step (detached): on-policy."""
+    lora = denoiser.lora()
+    teacher_mode = {"ema": "teacher", "frozen": "off"}[teacher]
+    K = len(sigmas) - 1
+    B = batch.x0.shape[0]
+    device = batch.x0.device
+    supervised = list(range(K)) if states == "all" else [int(torch.randint(K, (1,), generator=generator))]
+    x = torch.randn(batch.x0.shape, generator=generator).to(device) * sigmas[0]  # x_{sigma_0 = 1} = eps
+    per_state = {}
+    for k in range(supervised[-1] + 1):
+        sigma, sigma_next = sigmas[k], sigmas[k + 1]
+        s = torch.full((B,), sigma, device=device)
+        if k not in supervised:  # one-state mode: the student's own prefix, no graph
+            with torch.no_grad(), lora.use("student"):
+                x = euler_step(x, denoiser.denoise(x, s, batch.student_ctx), sigma, sigma_next)
+            continue
+        with torch.no_grad(), lora.use(teacher_mode):
+            x0_teacher = denoiser.denoise(x, s, batch.teacher_ctx)
+        with lora.use("student"):
+            x0_student = denoiser.denoise(x, s, batch.student_ctx)
+            loss_k = step_weight(loss_weight, sigma, sigma_next) * F.mse_loss(x0_student.float(), x0_teacher.float())
+            (loss_k * (loss_scale / len(supervised))).backward()
+        per_state[k] = loss_k.item()
+        x = euler_step(x, x0_student.detach(), sigma, sigma_next)
+    return {"loss": sum(per_state.values()) / len(per_state), "per_state": per_state}
+
+
+def sft_backward(denoiser: Denoiser, batch: Batch, shift: float, generator: torch.Generator, *,
+                 loss_scale: float = 1.0) -> dict:
+    """Flow matching on data: x_sigma = (1 - sigma) x0 + sigma eps, target v = eps - x0 (velocity MSE,
+    computed in x0 space as |x0_hat - x0|^2 / sigma^2 to avoid forming v from x0_hat)."""
+    lora = denoiser.lora()
+    B = batch.x0.shape[0]
+    device = batch.x0.device
+    sigma = logit_normal_sigmas(B, shift, generator).to(device)
+    eps = torch.randn(batch.x0.shape, generator=generator).to(device)
+    s4 = sigma.reshape(-1, 1, 1, 1)
+    x_t = (1 - s4) * batch.x0 + s4 * eps
+    with lora.use("student"):
+        x0_hat = denoiser.denoise(x_t, sigma, batch.student_ctx)
+        per_sample = ((x0_hat.float() - batch.x0.float()) ** 2).flatten(1).mean(1) / sigma.float() ** 2
+        loss = per_sample.mean()
+        (loss * loss_scale).backward()
+    return {"loss": loss.item()}

@@ -1,0 +1,149 @@
+"""ToyDiT: a miniature single-stream flow-matching DiT with the interface of a real turbo model.
+
+Sequence = [text tokens | image tokens | optional reference-image tokens]; the timestep enters through
+adaLN modulation; the output is the velocity v = eps - x0 on the image tokens. The "VAE" is the
+identity: a latent is the RGB image scaled to [-1, 1], patchified 4x4 inside the model.
+
+forward(x, timesteps, context, ref_latents=None, **kwargs) matches the calling convention of
+ComfyUI's diffusion models, so the same module can be wrapped as a ComfyUI MODEL.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    image_size: int = 32
+    channels: int = 3
+    patch: int = 4
+    width: int = 128
+    depth: int = 6
+    heads: int = 4
+    mlp_ratio: int = 4
+    context_dim: int = 64  # text-encoder output width
+    text_depth: int = 2
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of sigma in [0, 1] (scaled by 1000 so low frequencies resolve it)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(h), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, ratio: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, width * ratio)
+        self.fc2 = nn.Linear(width * ratio, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with adaLN-zero modulation from the timestep embedding."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(width, mlp_ratio)
+        self.adaLN = nn.Linear(width, 6 * width)
+
+    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(F.silu(c))[:, None].chunk(6, dim=-1)
+        h = h + gate1 * self.attn(self.norm1(h) * (1 + scale1) + shift1)
+        return h + gate2 * self.mlp(self.norm2(h) * (1 + scale2) + shift2)
+
+
+class ToyDiT(nn.Module):
+    def __init__(self, cfg: ToyConfig = ToyConfig()):
+        super().__init__()
+        self.cfg = cfg
+        d, patch_dim = cfg.width, cfg.channels * cfg.patch**2
+        self.img_in = nn.Linear(patch_dim, d)
+        self.pos = nn.Parameter(torch.randn(cfg.tokens, d) * 0.02)
+        self.ref_type = nn.Parameter(torch.randn(d) * 0.02)  # marks reference tokens apart from the canvas
+        self.txt_in = nn.Linear(cfg.context_dim, d)
+        self.t_embedder = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+        self.final_adaLN = nn.Linear(d, 2 * d)
+        self.final = nn.Linear(d, patch_dim)
+        self.gradient_checkpointing = False
+        self.init_weights()
+
+    def init_weights(self, gate_std: float = 0.0) -> None:
+        """adaLN-zero init (gate_std=0). A non-zero gate_std gives random models whose LoRA gradients
+        are non-zero (with zero gates and LoRA B = 0 every LoRA gradient is exactly 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in [b.adaLN for b in self.blocks] + [self.final_adaLN, self.final]:
+            nn.init.normal_(m.weight, std=gate_std) if gate_std > 0 else nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def patchify(self, img: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, N, C*p*p]
+        p = self.cfg.patch
+        return rearrange(img, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        p, side = self.cfg.patch, self.cfg.image_size // self.cfg.patch
+        return rearrange(tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=side, w=side, p=p, q=p)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                ref_latents=None, **kwargs) -> torch.Tensor:
+        """x: [B, C, H, W] noisy latent; timesteps: [B] sigma; context: [B, L, context_dim];
+        ref_latents: None, a [B, C, H, W] tensor or a one-element list of it. Returns v: [B, C, H, W]."""
+        if isinstance(ref_latents, (list, tuple)):
+            if len(ref_latents) != 1:
+                raise ValueError(f"the toy model takes one reference image, got {len(ref_latents)}")
+            ref_latents = ref_latents[0]
+        n_img = self.cfg.tokens
+        img = self.img_in(self.patchify(x)) + self.pos
+        parts = [self.txt_in(context), img]
+        if ref_latents is not None:
+            parts.append(self.img_in(self.patchify(ref_latents.to(x.dtype))) + self.pos + self.ref_type)
+        h = torch.cat(parts, dim=1)
+        c = self.t_embedder(timestep_embedding(timesteps.reshape(-1).expand(x.shape[0]), self.cfg.width).to(h.dtype))
+        n_txt = context.shape[1]
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, use_reentrant=False)
+            else:
+                h = block(h, c)
+        shift, scale = self.final_adaLN(F.silu(c))[:, None].chunk(2, dim=-1)
+        out = self.final(self.final_norm(h[:, n_txt:n_txt + n_img]) * (1 + scale) + shift)
+        return self.unpatchify(out)

@@ -1,0 +1,333 @@
+"""The training loop: optimizer, accumulation, clipping, EMA teacher, NaN guard, run folders, resume.
+
+Run folder (ARCHITECTURE.md):
+  lora.safetensors            student LoRA, ComfyUI layout + metadata (what users load)
+  state/teacher.safetensors   EMA teacher LoRA
+  state/optimizer.safetensors optimizer tensors (scalars and param groups in state.json)
+  state/state.json            step, RNG state, config, fingerprints, loss history (written last)
+  loss.csv, loss.png
+Every file is replaced atomically and tagged with its step, so an interrupted save is detected.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .denoiser import Denoiser, Record, sample
+from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
+from .fileio import load_tensors, save_json, save_tensors
+from .lora import lora_metadata, read_lora_file
+from .objectives import LOSS_WEIGHTS, STATES, TEACHERS, Batch, dopsd_backward, sft_backward
+from .optim import (OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, optimizer_state_from_tensors,
+                    optimizer_state_to_tensors)
+from .plot import write_loss_files
+
+METHODS = ("dopsd", "sft")
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainConfig:
+    method: str = "dopsd"
+    steps: int = 300
+    rank: int = 16
+    alpha: float = 16.0
+    lr: float = 1e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup: int = 0
+    grad_clip: float = 1.0
+    batch_size: int = 1
+    grad_accum: int = 1
+    k: int = 4
+    teacher: str = "ema"
+    ema_decay: float = 0.9999
+    loss_weight: str = "x0"
+    states: str = "all"
+    seed: int = 0
+    checkpointing: bool = False
+    save_every: int = 0  # 0: save only at the end
+    preview_every: int = 0  # 0: no previews
+
+    # Fields a resumed run may change; everything else must match the run folder.
+    RESUMABLE_CHANGES = ("steps", "save_every", "preview_every", "checkpointing")
+
+    def validate(self) -> "TrainConfig":
+        def bad(msg):
+            raise DopsdError(msg)
+        if self.method not in METHODS:
+            bad(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.steps <= 0:
+            bad(f"--steps must be > 0 (got {self.steps})")
+        if self.rank <= 0:
+            bad(f"--rank must be > 0 (got {self.rank}); typical values are 8-64")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            bad(f"--alpha must be a positive number (got {self.alpha}); the usual choice is alpha = rank")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            bad(f"--lr must be a positive finite number (got {self.lr}); e.g. --lr 1e-4")
+        if self.optimizer not in OPTIMIZERS:
+            bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            bad(f"unknown LR schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.k < 1:
+            bad(f"--k must be >= 1 (got {self.k}); the released recipe uses 4")
+        if self.teacher not in TEACHERS:
+            bad(f"unknown teacher {self.teacher!r}; choose one of {', '.join(TEACHERS)}")
+        if self.loss_weight not in LOSS_WEIGHTS:
+            bad(f"unknown loss weight {self.loss_weight!r}; choose one of {', '.join(LOSS_WEIGHTS)}")
+        if self.states not in STATES:
+            bad(f"unknown --states {self.states!r}; choose one of {', '.join(STATES)}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            bad("--batch-size and --grad-accum must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            bad(f"EMA decay must be in [0, 1) (got {self.ema_decay})")
+        if self.warmup < 0 or self.save_every < 0 or self.preview_every < 0:
+            bad("--warmup, --save-every and --preview-every must be >= 0")
+        if not (self.grad_clip > 0):
+            bad(f"gradient clip must be > 0 (got {self.grad_clip})")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    it_per_s: float
+    eta_s: float
+
+
+@dataclass
+class Callbacks:
+    """Hooks the CLI and the ComfyUI nodes plug into. All optional."""
+    on_step: Callable[[StepInfo], None] | None = None
+    on_preview: Callable[[int, torch.Tensor, list[str]], None] | None = None  # step, images [N,H,W,3]
+    on_save: Callable[[int, Path], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps_done: int
+    history: list[float] = field(default_factory=list)
+
+
+def records_fingerprint(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(r.name.encode())
+        h.update("\n".join(r.captions).encode())
+        h.update(r.x0.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def is_run_folder(path: Path) -> bool:
+    return (Path(path) / "state" / "state.json").is_file()
+
+
+def read_run_state(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    if not is_run_folder(run_dir):
+        raise DopsdError(f"{run_dir} is not a run folder (no state/state.json); pass the --out folder of an "
+                         "earlier `dopsd train` run")
+    try:
+        return json.loads((run_dir / "state" / "state.json").read_text())
+    except json.JSONDecodeError:
+        raise DopsdError(f"{run_dir}/state/state.json is corrupt; start a new run") from None
+
+
+def _encode_rng(gen: torch.Generator) -> str:
+    return base64.b64encode(gen.get_state().numpy().tobytes()).decode()
+
+
+def _decode_rng(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+class Trainer:
+    def __init__(self, denoiser: Denoiser, records: list[Record], cfg: TrainConfig, run_dir: Path,
+                 callbacks: Callbacks | None = None, preview_prompts: list[str] | None = None,
+                 init_lora: Path | None = None, resume: bool = False, data_dir: str | None = None):
+        self.den, self.records, self.cfg = denoiser, records, cfg.validate()
+        self.run_dir = Path(run_dir)
+        self.cb = callbacks or Callbacks()
+        self.preview_prompts = list(preview_prompts or [])
+        self.data_dir = data_dir
+        if not records:
+            raise DopsdError("the dataset is empty; add images with captions")
+        self.sigmas = denoiser.sigma_grid(cfg.k)
+        self.model_id = denoiser.fingerprint()
+        self.data_id = records_fingerprint(records)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.lora = denoiser.add_lora(cfg.rank, cfg.alpha, seed=cfg.seed)
+        self.params = self.lora.parameters_list()
+        self.opt = build_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay)
+        denoiser.set_checkpointing(cfg.checkpointing)
+        self.step, self.history, self.last_saved = 0, [], None
+        self.init_lora = str(init_lora) if init_lora else None
+        if resume:
+            self._load_run()
+        else:
+            self._check_fresh_out_dir()
+            if init_lora:
+                sd, _ = read_lora_file(Path(init_lora))
+                self.lora.load_state_dict_comfy(sd, "student", source=f"--init-lora {init_lora}")
+                self.lora.copy_student_to_teacher()  # warm start: the teacher starts from the loaded LoRA
+
+    # --- run folder ------------------------------------------------------------------------------
+    def _check_fresh_out_dir(self) -> None:
+        d = self.run_dir
+        if d.exists() and not d.is_dir():
+            raise DopsdError(f"output path {d} is a file; pass a folder for --out")
+        if is_run_folder(d):
+            raise DopsdError(f"{d} already holds a run; pass --resume {d} to continue it or choose a new --out")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            probe = d / ".write_test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise DopsdError(f"cannot write to output folder {d} ({e.strerror}); choose a writable --out") from None
+
+    def _metadata(self) -> dict[str, str]:
+        c = self.cfg
+        return lora_metadata(self.lora, method=c.method, model_family=self.den.family, steps=str(self.step),
+                             sigma_grid=self.sigmas, k=str(c.k), teacher=c.teacher, loss_weight=c.loss_weight,
+                             states=c.states, lr=str(c.lr), model_fingerprint=self.model_id,
+                             init_lora=self.init_lora or "", version=__version__, step=str(self.step))
+
+    def save(self) -> None:
+        d, tag = self.run_dir, {"dopsd.step": str(self.step)}
+        save_tensors(self.lora.state_dict_comfy("teacher"), d / "state" / "teacher.safetensors", tag)
+        opt_tensors, opt_extra = optimizer_state_to_tensors(self.opt)
+        save_tensors(opt_tensors, d / "state" / "optimizer.safetensors", tag)
+        save_tensors(self.lora.state_dict_comfy("student"), d / "lora.safetensors", self._metadata())
+        save_json({
+            "version": STATE_VERSION, "step": self.step, "config": self.cfg.to_dict(),
+            "model_family": self.den.family, "model_fingerprint": self.model_id, "data_fingerprint": self.data_id,
+            "sigma_grid": self.sigmas, "rng": _encode_rng(self.gen), "optimizer": opt_extra,
+            "history": self.history, "init_lora": self.init_lora, "data_dir": self.data_dir,
+        }, d / "state" / "state.json")
+        write_loss_files(self.history, d, title=f"{self.cfg.method} {self.den.family}")
+        self.last_saved = self.step
+        if self.cb.on_save:
+            self.cb.on_save(self.step, d)
+
+    def _load_run(self) -> None:
+        d = self.run_dir
+        st = read_run_state(d)
+        if st.get("model_family") != self.den.family or st.get("model_fingerprint") != self.model_id:
+            raise DopsdError(f"run folder {d} was trained on model {st.get('model_family')} "
+                             f"({st.get('model_fingerprint')}), not this one ({self.den.family}, {self.model_id}); "
+                             "resume with the same model or start a new --out")
+        if st.get("data_fingerprint") != self.data_id:
+            raise DopsdError(f"run folder {d} was trained on other data; resume with the same --data or start a new --out")
+        saved, now = st["config"], self.cfg.to_dict()
+        diffs = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in now
+                 if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+        if diffs:
+            raise DopsdError(f"run folder {d} used another training config: {', '.join(diffs)}; "
+                             "resume with the same settings or start a new --out")
+        if self.cfg.steps <= st["step"]:
+            raise DopsdError(f"run folder {d} is already at step {st['step']}; pass --steps > {st['step']} to train on")
+        files = {"lora.safetensors": d / "lora.safetensors", "teacher": d / "state" / "teacher.safetensors",
+                 "optimizer": d / "state" / "optimizer.safetensors"}
+        loaded = {}
+        for label, path in files.items():
+            if not path.is_file():
+                raise DopsdError(f"run folder {d} is incomplete ({path.name} missing); start a new --out")
+            loaded[label] = load_tensors(path)
+            if loaded[label][1].get("dopsd.step") != str(st["step"]):
+                raise DopsdError(f"run folder {d} was interrupted during a save ({path.name} is from step "
+                                 f"{loaded[label][1].get('dopsd.step')}, state.json from {st['step']}); start a new --out")
+        self.lora.load_state_dict_comfy(loaded["lora.safetensors"][0], "student", source=str(files["lora.safetensors"]))
+        self.lora.load_state_dict_comfy(loaded["teacher"][0], "teacher", source=str(files["teacher"]))
+        optimizer_state_from_tensors(self.opt, loaded["optimizer"][0], st["optimizer"])
+        self.gen.set_state(_decode_rng(st["rng"]))
+        self.step, self.history, self.last_saved = st["step"], list(st["history"]), st["step"]
+        self.init_lora = st.get("init_lora")
+
+    # --- one step ------------------------------------------------------------------------------------
+    def _draw_batch(self) -> Batch:
+        idx = torch.randint(len(self.records), (self.cfg.batch_size,), generator=self.gen).tolist()
+        xs, cs, ct = [], [], []
+        for i in idx:
+            r = self.records[i]
+            v = int(torch.randint(len(r.captions), (1,), generator=self.gen))
+            xs.append(r.x0)
+            cs.append(r.student_ctx[v])
+            ct.append(r.teacher_ctx[v])
+        return Batch(torch.stack(xs), self.den.batch_contexts(cs), self.den.batch_contexts(ct))
+
+    def _micro_step(self, batch: Batch, scale: float) -> float:
+        c = self.cfg
+        if c.method == "dopsd":
+            out = dopsd_backward(self.den, batch, self.sigmas, self.gen, teacher=c.teacher,
+                                 loss_weight=c.loss_weight, states=c.states, loss_scale=scale)
+        else:
+            out = sft_backward(self.den, batch, self.den.shift, self.gen, loss_scale=scale)
+        return out["loss"]
+
+    def train_step(self) -> float:
+        c = self.cfg
+        lr = lr_at(self.step, c.steps, c.lr, c.warmup, c.schedule)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        losses = [self._micro_step(self._draw_batch(), 1.0 / c.grad_accum) for _ in range(c.grad_accum)]
+        loss = sum(losses) / len(losses)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+            self.opt.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(self.step + 1, self.last_saved, loss if not math.isfinite(loss) else float(grad_norm))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if c.teacher == "ema":
+            self.lora.ema_update(c.ema_decay)
+        self.step += 1
+        self.history.append(loss)
+        self._lr = lr
+        return loss
+
+    @torch.no_grad()
+    def preview(self) -> torch.Tensor:
+        """K-step samples of the preview prompts with the student LoRA, fixed seeds -> [N, H, W, 3]."""
+        ctx = self.den.batch_contexts([self.den.encode_prompt(p) for p in self.preview_prompts])
+        gen = torch.Generator().manual_seed(1234)
+        with self.lora.use("student"):
+            lat = sample(self.den, ctx, (len(self.preview_prompts), *self.den.latent_shape),
+                         self.den.sigma_grid(self.cfg.k), gen, device=self.records[0].x0.device)
+        return self.den.decode(lat)
+
+    def run(self) -> TrainResult:
+        c = self.cfg
+        start_step, t0 = self.step, time.perf_counter()
+        while self.step < c.steps:
+            if self.cb.should_stop and self.cb.should_stop():
+                raise TrainingCancelled(self.step, self.last_saved)
+            loss = self.train_step()
+            done = self.step - start_step
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            if self.cb.on_step:
+                self.cb.on_step(StepInfo(self.step, c.steps, loss, self._lr, rate, (c.steps - self.step) / rate))
+            if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
+                self.save()
+            if c.preview_every and self.preview_prompts and self.cb.on_preview and (
+                    self.step % c.preview_every == 0 or self.step == c.steps):
+                self.cb.on_preview(self.step, self.preview(), self.preview_prompts)
+        return TrainResult(self.run_dir, self.step, self.history)
