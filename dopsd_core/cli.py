@@ -169,11 +169,134 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def add_toy_parsers(sub) -> None:
+    p = sub.add_parser("toy-data", help="export the toy world's held-out concepts as image folders")
+    p.add_argument("--out", required=True, help="folder; one sub-folder per concept (star, heart, crescent)")
+    p.add_argument("--n", type=int, default=6, help="images per concept (default 6)")
+    p.set_defaults(func=cmd_toy_data)
+    p = sub.add_parser("toy-pretrain", help="toy base, stage a: rectified-flow pretraining (resumable)")
+    p.add_argument("--work", required=True, help="work folder for checkpoints (resumes from it)")
+    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.set_defaults(func=cmd_toy_pretrain)
+    p = sub.add_parser("toy-evaluator", help="train the toy evaluator (shape + colour classifier)")
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.set_defaults(func=cmd_toy_evaluator)
+    p = sub.add_parser("toy-distill", help="toy base, stage b: 4-step trajectory distillation (resumable)")
+    p.add_argument("--work", required=True, help="the work folder of toy-pretrain")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.set_defaults(func=cmd_toy_distill)
+
+
+def add_demo_parsers(sub) -> None:
+    p = sub.add_parser("demo", help="train a D-OPSD LoRA for a held-out toy concept on CPU and measure it")
+    p.add_argument("--out", required=True, help="folder for lora.safetensors, loss.png, samples.png, metrics.json")
+    p.add_argument("--concept", default="star", choices=["star", "heart", "crescent"])
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the toy budget)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("experiment", help="D-OPSD vs SFT on the toy model: main table, ablations, continual")
+    p.add_argument("--out", required=True, help="results folder (finished runs are cached and skipped)")
+    p.add_argument("--quick", action="store_true", help="a few steps per run (CI)")
+    p.set_defaults(func=cmd_experiment)
+
+
+def _require_toy_weights() -> None:
+    from .toy.denoiser import BASE_WEIGHTS
+    from .toy.evaluator import WEIGHTS
+    for path in (BASE_WEIGHTS, WEIGHTS):
+        if not path.is_file():
+            raise DopsdError(f"{path} is missing; build it with `dopsd toy-pretrain`, `dopsd toy-distill` "
+                             "and `dopsd toy-evaluator` (see README)")
+
+
+def _writable_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise DopsdError(f"output path {path} is a file; pass a folder for --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DopsdError(f"cannot create output folder {path} ({e.strerror}); choose a writable --out") from None
+    return path
+
+
+def cmd_demo(args) -> int:
+    import json
+    from .toy.runs import demo
+    _require_toy_weights()
+    out = _writable_dir(Path(args.out))
+    if (out / "state" / "state.json").is_file():
+        raise DopsdError(f"{out} already holds a demo run; choose a new --out")
+    if args.steps is not None and args.steps < 1:
+        raise DopsdError("--steps must be >= 1")
+    bar = {}
+
+    def progress(info):
+        bar.setdefault("bar", ProgressBar(info.total)).update(info)
+    m = demo(out, args.concept, args.steps, args.seed, progress=progress)
+    print(json.dumps({k: m[k] for k in ("base", "lora") if k in m}, indent=1))
+    print(f"wrote {out / 'lora.safetensors'}, {out / 'loss.png'}, {out / 'samples.png'}, {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_experiment(args) -> int:
+    from .toy.experiment import run_experiment
+    _require_toy_weights()
+    out = _writable_dir(Path(args.out))
+    res = run_experiment(out, quick=args.quick)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    return 0
+
+
+def cmd_toy_data(args) -> int:
+    from .toy.render import HELD_OUT_SHAPES, export_concept_folder
+    if args.n < 1:
+        raise DopsdError("--n must be >= 1")
+    for shape in HELD_OUT_SHAPES:
+        export_concept_folder(shape, Path(args.out) / shape, n=args.n)
+    print(f"wrote {len(HELD_OUT_SHAPES)} concept folders ({', '.join(HELD_OUT_SHAPES)}) to {args.out}")
+    return 0
+
+
+def _threads(n: int) -> None:
+    import torch
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def cmd_toy_pretrain(args) -> int:
+    from .toy.pretrain import pretrain
+    _threads(args.threads)
+    print(f"pretrained model: {pretrain(Path(args.work), steps=args.steps)}")
+    return 0
+
+
+def cmd_toy_evaluator(args) -> int:
+    from .toy.evaluator import train_evaluator
+    _threads(args.threads)
+    print(f"held-out accuracy on clean renderings: {train_evaluator(steps=args.steps)}")
+    return 0
+
+
+def cmd_toy_distill(args) -> int:
+    from .toy.pretrain import distill
+    _threads(args.threads)
+    if not (Path(args.work) / "pretrained.safetensors").is_file():
+        raise DopsdError(f"{args.work} has no pretrained.safetensors; run `dopsd toy-pretrain --work {args.work}` first")
+    print(f"distilled model: {distill(Path(args.work), steps=args.steps)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dopsd", description="D-OPSD LoRA training for step-distilled flow models")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_train_parser(sub)
     add_sample_parser(sub)
+    add_demo_parsers(sub)
+    add_toy_parsers(sub)
     return parser
 
 

@@ -11,6 +11,10 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic_replace(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -20,6 +24,7 @@ def _atomic_replace(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -25,7 +25,7 @@ class ToyConfig:
     channels: int = 3
     patch: int = 4
     width: int = 128
-    depth: int = 6
+    depth: int = 4
     heads: int = 4
     mlp_ratio: int = 4
     context_dim: int = 64  # text-encoder output width
@@ -48,11 +48,11 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, linear=nn.Linear):
         super().__init__()
         self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.qkv = linear(width, 3 * width)
+        self.proj = linear(width, width)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(h), "b n (three h d) -> three b h n d", three=3, h=self.heads)
@@ -61,10 +61,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, ratio: int):
+    def __init__(self, width: int, ratio: int, linear=nn.Linear):
         super().__init__()
-        self.fc1 = nn.Linear(width, width * ratio)
-        self.fc2 = nn.Linear(width * ratio, width)
+        self.fc1 = linear(width, width * ratio)
+        self.fc2 = linear(width * ratio, width)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(h), approximate="tanh"))
@@ -73,13 +73,13 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block with adaLN-zero modulation from the timestep embedding."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int):
+    def __init__(self, width: int, heads: int, mlp_ratio: int, linear=nn.Linear):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads)
+        self.attn = Attention(width, heads, linear)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(width, mlp_ratio)
-        self.adaLN = nn.Linear(width, 6 * width)
+        self.mlp = Mlp(width, mlp_ratio, linear)
+        self.adaLN = linear(width, 6 * width)
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(F.silu(c))[:, None].chunk(6, dim=-1)
@@ -88,21 +88,29 @@ class Block(nn.Module):
 
 
 class ToyDiT(nn.Module):
-    def __init__(self, cfg: ToyConfig = ToyConfig()):
+    def __init__(self, cfg: ToyConfig | None = None, *, device=None, dtype=None, operations=None, **fields):
+        """cfg, or its fields as keyword arguments (how ComfyUI's BaseModel builds a diffusion model:
+        unet_model(**unet_config, device=..., operations=...)); `operations` supplies the Linear class."""
         super().__init__()
+        cfg = cfg or ToyConfig(**fields)
         self.cfg = cfg
         d, patch_dim = cfg.width, cfg.channels * cfg.patch**2
-        self.img_in = nn.Linear(patch_dim, d)
-        self.pos = nn.Parameter(torch.randn(cfg.tokens, d) * 0.02)
-        self.ref_type = nn.Parameter(torch.randn(d) * 0.02)  # marks reference tokens apart from the canvas
-        self.txt_in = nn.Linear(cfg.context_dim, d)
-        self.t_embedder = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
-        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        base_linear = operations.Linear if operations is not None else nn.Linear
+
+        def linear(i, o):
+            return base_linear(i, o, device=device, dtype=dtype)
+        self.img_in = linear(patch_dim, d)
+        self.pos = nn.Parameter(torch.randn(cfg.tokens, d, device=device, dtype=dtype) * 0.02)
+        self.ref_type = nn.Parameter(torch.randn(d, device=device, dtype=dtype) * 0.02)  # marks reference tokens
+        self.txt_in = linear(cfg.context_dim, d)
+        self.t_embedder = nn.Sequential(linear(d, d), nn.SiLU(), linear(d, d))
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, linear) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
-        self.final_adaLN = nn.Linear(d, 2 * d)
-        self.final = nn.Linear(d, patch_dim)
+        self.final_adaLN = linear(d, 2 * d)
+        self.final = linear(d, patch_dim)
         self.gradient_checkpointing = False
-        self.init_weights()
+        if operations is None:  # ComfyUI's ops skip init: their weights are loaded right after
+            self.init_weights()
 
     def init_weights(self, gate_std: float = 0.0) -> None:
         """adaLN-zero init (gate_std=0). A non-zero gate_std gives random models whose LoRA gradients

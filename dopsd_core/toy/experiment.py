@@ -1,0 +1,212 @@
+"""The measured D-OPSD vs SFT experiment on the toy world (resumable: finished runs are cached).
+
+main       each held-out concept x 3 seeds x {SFT, D-OPSD}, equal budget (toy.runs.TOY_BUDGET)
+ablations  concept 1 x 2 seeds: teacher frozen, velocity weight, one random state, K = 2
+           (each against the default D-OPSD runs of the same seeds)
+continual  concepts 1 -> 2 -> 3, each warm-started from the previous LoRA (--init-lora; the EMA
+           teacher starts from it), then concept 1's fidelity and few_step_gap after concept 3
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from ..fileio import save_bytes, save_json
+from ..plot import save_png
+from .denoiser import BASE_WEIGHTS, load_toy_file
+from .evaluator import load_evaluator
+from .metrics import ToyMetrics, concept_training_set
+from .render import HELD_OUT_SHAPES
+from .runs import load_with_lora, train_concept
+
+METRICS = ("concept_fidelity", "retention", "quality_4", "quality_32", "few_step_gap", "drift")
+ABLATIONS = {"teacher_frozen": {"teacher": "frozen"}, "velocity_weight": {"loss_weight": "velocity"},
+             "one_state": {"states": "one"}, "k2": {"k": 2}}
+
+
+@dataclass
+class RunSpec:
+    name: str
+    group: str  # main | ablation | continual
+    concept: str
+    method: str
+    seed: int
+    overrides: dict = field(default_factory=dict)
+    init_from: str | None = None  # name of the run whose LoRA warm-starts this one
+    also_eval: str | None = None  # continual: also measure this earlier concept
+
+
+def plan(quick: bool = False) -> list[RunSpec]:
+    if quick:  # CI: one concept, one seed, a few steps; every part of the pipeline once
+        c = HELD_OUT_SHAPES[0]
+        return [RunSpec(f"main_{c}_{m}_s0", "main", c, m, 0, {"steps": 4}) for m in ("sft", "dopsd")] + [
+            RunSpec(f"ablation_{c}_k2_s0", "ablation", c, "dopsd", 0, {"steps": 4, "k": 2}),
+            RunSpec(f"continual_1_{c}", "continual", c, "dopsd", 0, {"steps": 4}),
+            RunSpec(f"continual_2_{HELD_OUT_SHAPES[1]}", "continual", HELD_OUT_SHAPES[1], "dopsd", 0, {"steps": 4},
+                    init_from=f"continual_1_{c}", also_eval=c)]
+    specs = [RunSpec(f"main_{c}_{m}_s{s}", "main", c, m, s)
+             for c in HELD_OUT_SHAPES for s in range(3) for m in ("sft", "dopsd")]
+    c1 = HELD_OUT_SHAPES[0]
+    specs += [RunSpec(f"ablation_{c1}_{a}_s{s}", "ablation", c1, "dopsd", s, dict(o))
+              for a, o in ABLATIONS.items() for s in range(2)]
+    prev = None
+    for i, c in enumerate(HELD_OUT_SHAPES):
+        name = f"continual_{i + 1}_{c}"
+        specs.append(RunSpec(name, "continual", c, "dopsd", 0, init_from=prev,
+                             also_eval=c1 if i == len(HELD_OUT_SHAPES) - 1 else None))
+        prev = name
+    return specs
+
+
+def run_experiment(out: Path, quick: bool = False, log=print) -> dict:
+    out = Path(out)
+    t_start = time.perf_counter()
+    base = load_toy_file(BASE_WEIGHTS)
+    metrics = ToyMetrics(load_evaluator(), base, n_unrelated=48 if quick else 192)
+    captions = {c: [caps[0] for caps in concept_training_set(c)[1]] for c in HELD_OUT_SHAPES}
+    base_file = out / "base" / "result.json"
+    if not base_file.is_file():
+        save_json({c: metrics.evaluate(base, c, captions[c]) for c in HELD_OUT_SHAPES}, base_file)
+    results = {"base": json.loads(base_file.read_text()), "runs": {}}
+    specs = plan(quick)
+    for i, spec in enumerate(specs):
+        run_dir = out / "runs" / spec.name
+        result_file = run_dir / "result.json"
+        if result_file.is_file():
+            results["runs"][spec.name] = json.loads(result_file.read_text())
+            log(f"[{i + 1}/{len(specs)}] {spec.name}: cached")
+            continue
+        if run_dir.exists():  # an interrupted run: start it over
+            import shutil
+            shutil.rmtree(run_dir)
+        t0 = time.perf_counter()
+        init = out / "runs" / spec.init_from / "lora.safetensors" if spec.init_from else None
+        train_concept(spec.concept, spec.method, run_dir, out, seed=spec.seed, init_lora=init, **spec.overrides)
+        train_s = time.perf_counter() - t0
+        tuned = load_with_lora(run_dir / "lora.safetensors")
+        r = {"spec": spec.__dict__, "train_seconds": round(train_s, 1),
+             "metrics": metrics.evaluate(tuned, spec.concept, captions[spec.concept])}
+        if spec.also_eval:
+            r["earlier_concept"] = {"concept": spec.also_eval,
+                                    **metrics.evaluate(tuned, spec.also_eval, captions[spec.also_eval])}
+        r["total_seconds"] = round(time.perf_counter() - t0, 1)
+        save_json(r, result_file)
+        results["runs"][spec.name] = r
+        log(f"[{i + 1}/{len(specs)}] {spec.name}: {json.dumps({k: round(v, 3) for k, v in r['metrics'].items()})}")
+    results["summary"] = summarise(results, specs)
+    results["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
+    results["compute_seconds_all_runs"] = round(sum(r["total_seconds"] for r in results["runs"].values()), 1)
+    save_json(results, out / "results.json")
+    save_bytes(results_markdown(results).encode(), out / "results.md")
+    save_png(results_figure(results), out / "results.png")
+    return results
+
+
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def summarise(results: dict, specs: list[RunSpec]) -> dict:
+    runs = results["runs"]
+    by = {}
+    for s in specs:
+        if s.group == "main":
+            key = f"main/{s.concept}/{s.method}"
+        elif s.group == "ablation":
+            key = f"ablation/{s.name.split('_', 2)[2].rsplit('_s', 1)[0]}"
+        else:
+            continue
+        by.setdefault(key, []).append(runs[s.name]["metrics"])
+    summary = {k: {m: _mean_std([r[m] for r in rs if m in r]) for m in METRICS if any(m in r for r in rs)}
+               for k, rs in by.items()}
+    # the ablation reference: default D-OPSD on the ablation concept with the ablation seeds
+    seeds = sorted({s.seed for s in specs if s.group == "ablation"})
+    c1 = next((s.concept for s in specs if s.group == "ablation"), None)
+    ref = [runs[s.name]["metrics"] for s in specs if s.group == "main" and s.concept == c1
+           and s.method == "dopsd" and s.seed in seeds]
+    if ref:
+        summary["ablation/default"] = {m: _mean_std([r[m] for r in ref]) for m in METRICS}
+    last = [s for s in specs if s.group == "continual" and s.also_eval]
+    if last:
+        r = runs[last[0].name]
+        summary["continual"] = {"last_concept": last[0].concept, "last_concept_fidelity": r["metrics"]["concept_fidelity"],
+                                "first_concept": r["earlier_concept"]["concept"],
+                                "first_concept_fidelity_after": r["earlier_concept"]["concept_fidelity"],
+                                "few_step_gap_after": r["metrics"]["few_step_gap"],
+                                "retention_after": r["metrics"]["retention"]}
+    return summary
+
+
+def _fmt(ms: dict | None, pct: bool = False) -> str:
+    if not ms:
+        return "–"
+    if pct:
+        return f"{100 * ms['mean']:.0f} ± {100 * ms['std']:.0f}%"
+    return f"{ms['mean']:.2f} ± {ms['std']:.2f}"
+
+
+def results_markdown(results: dict) -> str:
+    s = results["summary"]
+    lines = ["# D-OPSD vs SFT on the toy turbo model", "",
+             "Mean ± std over seeds. fidelity/retention: higher is better; quality (toy-FID), gap, drift: lower is better.",
+             "", "## Main table", "",
+             "| concept | method | concept_fidelity | retention | quality_4 | quality_32 | few_step_gap | drift |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in HELD_OUT_SHAPES:
+        b = results["base"].get(c)
+        if b:
+            lines.append(f"| {c} | base | {100 * b['concept_fidelity']:.0f}% | {100 * b['retention']:.0f}% | "
+                         f"{b['quality_4']:.2f} | {b['quality_32']:.2f} | {b['few_step_gap']:.2f} | 0 |")
+        for m in ("sft", "dopsd"):
+            row = s.get(f"main/{c}/{m}")
+            if row:
+                lines.append(f"| {c} | {m} | {_fmt(row.get('concept_fidelity'), True)} | {_fmt(row.get('retention'), True)} | "
+                             f"{_fmt(row.get('quality_4'))} | {_fmt(row.get('quality_32'))} | "
+                             f"{_fmt(row.get('few_step_gap'))} | {_fmt(row.get('drift'))} |")
+    abl = {k: v for k, v in s.items() if k.startswith("ablation/")}
+    if abl:
+        lines += ["", "## Ablations (concept 1)", "",
+                  "| variant | concept_fidelity | retention | quality_4 | few_step_gap | drift |", "|---|---|---|---|---|---|"]
+        for k, row in sorted(abl.items(), key=lambda kv: kv[0] != "ablation/default"):
+            lines.append(f"| {k.split('/', 1)[1]} | {_fmt(row.get('concept_fidelity'), True)} | "
+                         f"{_fmt(row.get('retention'), True)} | {_fmt(row.get('quality_4'))} | "
+                         f"{_fmt(row.get('few_step_gap'))} | {_fmt(row.get('drift'))} |")
+    if "continual" in s:
+        c = s["continual"]
+        lines += ["", "## Continual tuning", "",
+                  f"After training {c['last_concept']} last (warm-started through the chain): "
+                  f"{c['first_concept']} fidelity {100 * c['first_concept_fidelity_after']:.0f}%, "
+                  f"{c['last_concept']} fidelity {100 * c['last_concept_fidelity']:.0f}%, "
+                  f"few_step_gap {c['few_step_gap_after']:.2f}, retention {100 * c['retention_after']:.0f}%."]
+    lines += ["", f"Compute of all runs: {results['compute_seconds_all_runs'] / 60:.1f} min on this machine."]
+    return "\n".join(lines) + "\n"
+
+
+def results_figure(results: dict, width: int = 720, height: int = 300) -> Image.Image:
+    """Bars per concept: fidelity and retention (%) for SFT vs D-OPSD, and few_step_gap."""
+    s = results["summary"]
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    panels = (("concept_fidelity", 1.0, True), ("retention", 1.0, True), ("few_step_gap", None, False))
+    pw = width // len(panels)
+    colours = {"sft": (220, 120, 60), "dopsd": (40, 90, 190)}
+    for p, (metric, vmax, pct) in enumerate(panels):
+        x0 = p * pw + 30
+        d.text((x0, 5), metric, fill=(0, 0, 0))
+        vals = [(c, m, s.get(f"main/{c}/{m}", {}).get(metric)) for c in HELD_OUT_SHAPES for m in ("sft", "dopsd")]
+        vals = [(c, m, v["mean"]) for c, m, v in vals if v]
+        top = vmax or max([abs(v) for *_, v in vals] + [1e-6])
+        for i, (c, m, v) in enumerate(vals):
+            bx = x0 + i * ((pw - 40) // max(1, len(vals)))
+            bh = int((height - 70) * max(0.0, v) / top)
+            d.rectangle([bx, height - 40 - bh, bx + 14, height - 40], fill=colours[m])
+            if i % 2 == 0:
+                d.text((bx, height - 35), c[:5], fill=(0, 0, 0))
+        d.text((x0, height - 18), "orange: SFT  blue: D-OPSD", fill=(0, 0, 0))
+    return img

@@ -1,0 +1,114 @@
+"""Toy-world metrics, defined once and used everywhere (demo, experiment, acceptance tests).
+
+concept_fidelity  share of 4-step samples of [V] prompts (training captions and new colour/background
+                  combinations) that the evaluator labels as the concept's shape
+retention         joint shape+colour accuracy of 4-step samples on fixed seen prompts unrelated to the concept
+quality_4/_32     toy-FID of 4-/32-step samples of those prompts against real renderings (lower is better)
+few_step_gap      quality_4 - quality_32
+drift             mean per-image pixel L2 between the model's and the base's 4-step samples (same seeds)
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..denoiser import sample
+from .denoiser import ToyContext, ToyDenoiser, image_to_latent, latent_to_image
+from .evaluator import Evaluator, frechet_distance
+from .render import CONCEPT_TOKEN, caption_variants, random_scene, render
+from .text import BACKGROUNDS, COLOURS, SEEN_SHAPES
+
+
+def unrelated_prompts(n: int = 192, seed: int = 0) -> list[tuple[str, str, str, str]]:
+    """(prompt, shape, colour, background): every seen shape x colour in turn, random backgrounds."""
+    rng = random.Random(f"unrelated-{seed}")
+    out = []
+    for i in range(n):
+        shape, colour = SEEN_SHAPES[i % len(SEEN_SHAPES)], COLOURS[(i // len(SEEN_SHAPES)) % len(COLOURS)]
+        bg = rng.choice(BACKGROUNDS)
+        out.append((f"a {colour} {shape} on a {bg} background", shape, colour, bg))
+    return out
+
+
+def concept_prompts(shape: str, train_captions: list[str], n_new: int = 24, seed: int = 0) -> list[str]:
+    """The concept's training captions plus new colour/background combinations with its token."""
+    rng = random.Random(f"concept-prompts-{shape}-{seed}")
+    token = CONCEPT_TOKEN[shape]
+    new = [f"a {rng.choice(COLOURS)} {token} on a {rng.choice(BACKGROUNDS)} background" for _ in range(n_new)]
+    return list(train_captions) + new
+
+
+@torch.no_grad()
+def generate(den: ToyDenoiser, prompts: list[str], steps: int, seed: int = 0, refs: torch.Tensor | None = None,
+             chunk: int = 96) -> torch.Tensor:
+    """steps-step samples, one per prompt -> images [N, 3, 32, 32] in [0, 1]. refs: optional reference
+    latents [N, 3, 32, 32] (the teacher context)."""
+    gen = torch.Generator().manual_seed(seed)
+    sigmas = den.sigma_grid(steps)
+    out = []
+    for i in range(0, len(prompts), chunk):
+        texts = den.text_encoder.encode(prompts[i:i + chunk])
+        ctx = ToyContext(texts, None if refs is None else refs[i:i + chunk])
+        out.append(latent_to_image(sample(den, ctx, (len(texts), *den.latent_shape), sigmas, gen)))
+    return torch.cat(out)
+
+
+def real_renderings(prompts: list[tuple[str, str, str, str]], seed: int = 0) -> torch.Tensor:
+    rng = random.Random(f"real-{seed}")
+    return torch.stack([render(random_scene(rng, shape, colour, bg)) for _, shape, colour, bg in prompts])
+
+
+class ToyMetrics:
+    """Holds the evaluator, the fixed prompt sets, the real-image features and the base samples."""
+
+    def __init__(self, evaluator: Evaluator, base: ToyDenoiser, n_unrelated: int = 192, seed: int = 0):
+        self.ev, self.seed = evaluator, seed
+        self.unrelated = unrelated_prompts(n_unrelated, seed)
+        self.real_features = evaluator.features(real_renderings(self.unrelated, seed))
+        self.base_samples_4 = generate(base, [p for p, *_ in self.unrelated], 4, seed)
+
+    def retention(self, images: torch.Tensor) -> float:
+        shapes, colours = self.ev.classify(images)
+        hits = [s == want_s and c == want_c for s, c, (_, want_s, want_c, _) in zip(shapes, colours, self.unrelated)]
+        return sum(hits) / len(hits)
+
+    def quality(self, images: torch.Tensor) -> float:
+        return frechet_distance(self.ev.features(images), self.real_features)
+
+    def concept_fidelity(self, images: torch.Tensor, shape: str) -> float:
+        shapes, _ = self.ev.classify(images)
+        return sum(s == shape for s in shapes) / len(shapes)
+
+    @torch.no_grad()
+    def evaluate(self, den: ToyDenoiser, concept: str | None = None, train_captions: list[str] | None = None) -> dict:
+        prompts = [p for p, *_ in self.unrelated]
+        s4 = generate(den, prompts, 4, self.seed)
+        s32 = generate(den, prompts, 32, self.seed)
+        q4, q32 = self.quality(s4), self.quality(s32)
+        out = {"retention": self.retention(s4), "quality_4": q4, "quality_32": q32, "few_step_gap": q4 - q32,
+               "drift": (s4 - self.base_samples_4).flatten(1).norm(dim=1).mean().item()}
+        if concept:
+            cp = concept_prompts(concept, train_captions or [], seed=self.seed)
+            out["concept_fidelity"] = self.concept_fidelity(generate(den, cp, 4, self.seed + 1), concept)
+        return out
+
+    @torch.no_grad()
+    def teacher_fidelity(self, den: ToyDenoiser, concept: str, images: torch.Tensor, captions: list[list[str]],
+                         seeds: int = 2) -> float:
+        """concept_fidelity of the teacher: the training caption plus the target image in context."""
+        prompts, refs = [], []
+        for img, caps in zip(images, captions):
+            for cap in caps:
+                for _ in range(seeds):
+                    prompts.append(cap)
+                    refs.append(image_to_latent(img))
+        return self.concept_fidelity(generate(den, prompts, 4, self.seed + 2, refs=torch.stack(refs)), concept)
+
+
+def concept_training_set(shape: str, n: int = 6) -> tuple[torch.Tensor, list[list[str]]]:
+    """The concept's training images [n, 3, 32, 32] and their caption variants (as exported)."""
+    from .render import concept_scenes
+    scenes = concept_scenes(shape, n)
+    return (torch.stack([render(s) for s in scenes]),
+            [caption_variants(s, CONCEPT_TOKEN[shape]) for s in scenes])

@@ -1,0 +1,260 @@
+"""Training the toy turbo model in two resumable stages.
+
+Stage a, `pretrain`: rectified flow on rendered scenes of the seen shapes. Part of every batch carries
+a reference image in context (the target itself, or the same shape in another layout), and half of
+those captions name the shape only by a concept token [V]..[V8]: the model learns "draw what the
+reference shows", which is what the D-OPSD teacher relies on for shapes it never saw.
+
+Stage b, `distill`: trajectory distillation into a 4-step sampler. The pretrained (EMA) model
+samples 32-step Euler trajectories on ComfyUI's `simple` grid (shift 3), whose every 8th state is a
+state of the 4-step grid 1, .9, .75, .5, 0; the student learns each 8-step jump as one step, for
+plain and reference-conditioned prompts alike.
+
+Both stages write a checkpoint folder (safetensors + JSON) every `save_every` steps and resume from
+it; the finished models are written with `save_toy`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..denoiser import euler_step
+from ..fileio import load_tensors, save_json, save_tensors
+from ..optim import optimizer_state_from_tensors, optimizer_state_to_tensors
+from ..trainer import _decode_rng, _encode_rng
+from ..schedule import comfy_simple_sigmas, logit_normal_sigmas
+from .denoiser import SHIFT, ToyContext, ToyDenoiser, image_to_latent, load_toy_file, save_toy
+from .model import ToyConfig, ToyDiT
+from .render import Scene, caption_variants, random_scene, render
+from .text import CONCEPT_TOKENS, ToyTextEncoder, tokenize
+
+
+@dataclass
+class Example:
+    target: torch.Tensor  # [3, 32, 32] latent
+    tokens: list[int]
+    ref: torch.Tensor | None
+
+
+def make_example(rng: random.Random, ref_prob: float) -> Example:
+    scene = random_scene(rng)
+    target = image_to_latent(render(scene))
+    if rng.random() >= ref_prob:
+        return Example(target, tokenize(rng.choice(caption_variants(scene))), None)
+    if rng.random() < 0.5:
+        ref_scene = scene  # the target itself
+    else:  # same shape, another layout / background, often another colour
+        other = random_scene(rng, scene.shape, scene.colour if rng.random() < 0.5 else None)
+        ref_scene = other
+    word = rng.choice(CONCEPT_TOKENS) if rng.random() < 0.5 else None
+    return Example(target, tokenize(rng.choice(caption_variants(scene, word))), image_to_latent(render(ref_scene)))
+
+
+def _collate(examples: list[Example]):
+    x0 = torch.stack([e.target for e in examples])
+    ids = torch.tensor([e.tokens for e in examples])
+    ref = None if examples[0].ref is None else torch.stack([e.ref for e in examples])
+    return x0, ids, ref
+
+
+class _Checkpoint:
+    """Module weights + EMA + optimizer + RNG + step in one folder (atomic files, no pickle)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def exists(self) -> bool:
+        return (self.folder / "progress.json").is_file()
+
+    def save(self, modules: dict, opt, step: int, rngs: dict, extra: dict) -> None:
+        sd = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+        tag = {"step": str(step)}
+        save_tensors(sd, self.folder / "weights.safetensors", tag)
+        opt_t, opt_extra = optimizer_state_to_tensors(opt)
+        save_tensors(opt_t, self.folder / "optimizer.safetensors", tag)
+        save_json({"step": step, "optimizer": opt_extra, "rng": rngs, **extra}, self.folder / "progress.json")
+
+    def load(self, modules: dict, opt) -> dict:
+        import json
+        progress = json.loads((self.folder / "progress.json").read_text())
+        sd, meta = load_tensors(self.folder / "weights.safetensors")
+        if meta.get("step") != str(progress["step"]):
+            raise RuntimeError(f"checkpoint {self.folder} was interrupted during a save")
+        for name, m in modules.items():
+            m.load_state_dict({k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")})
+        opt_t, _ = load_tensors(self.folder / "optimizer.safetensors")
+        optimizer_state_from_tensors(opt, opt_t, progress["optimizer"])
+        return progress
+
+
+def _progress(stage: str, step: int, total: int, loss: float, t0: float, start: int) -> None:
+    rate = (step - start) / max(time.perf_counter() - t0, 1e-9)
+    eta = (total - step) / max(rate, 1e-9)
+    print(f"[{stage}] {step}/{total} loss {loss:.4f} {rate:.2f} it/s ETA {eta / 60:.1f} min", flush=True)
+
+
+@torch.no_grad()
+def _ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def pretrain(work: Path, steps: int = 12000, batch: int = 32, ref_frac: float = 0.35, lr: float = 3e-4,
+             warmup: int = 500, ema_decay: float = 0.999, save_every: int = 250, log_every: int = 50,
+             seed: int = 0, cfg: ToyConfig = ToyConfig()) -> Path:
+    """Stage a. Returns the path of the EMA model (work/pretrained.safetensors)."""
+    work = Path(work)
+    ckpt = _Checkpoint(work / "pretrain_ckpt")
+    torch.manual_seed(seed)
+    dit, te = ToyDiT(cfg), ToyTextEncoder(cfg.context_dim, cfg.text_depth)
+    ema_dit, ema_te = copy.deepcopy(dit).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
+    params = list(dit.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    modules = {"dit": dit, "te": te, "ema_dit": ema_dit, "ema_te": ema_te}
+    step, rng, gen = 0, random.Random(seed), torch.Generator().manual_seed(seed)
+    if ckpt.exists():
+        progress = ckpt.load(modules, opt)
+        step = progress["step"]
+        rng.setstate(_tuple(progress["rng"]["python"]))
+        gen.set_state(_decode_rng(progress["rng"]["torch"]))
+        print(f"[pretrain] resuming at step {step}/{steps}", flush=True)
+    n_ref = round(batch * ref_frac)
+    t0, start, losses = time.perf_counter(), step, []
+    while step < steps:
+        for g in opt.param_groups:
+            # linear warm-up, then cosine decay to 10% of lr
+            g["lr"] = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
+        loss = 0.0
+        for n, ref_prob in ((batch - n_ref, 0.0), (n_ref, 1.0)):
+            x0, ids, ref = _collate([make_example(rng, ref_prob) for _ in range(n)])
+            sigma = logit_normal_sigmas(n, SHIFT, gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            s4 = sigma.view(-1, 1, 1, 1)
+            x_t = (1 - s4) * x0 + s4 * eps
+            v = dit(x_t, sigma, te(ids), ref_latents=ref)
+            part = F.mse_loss(v, eps - x0) * n / batch
+            part.backward()
+            loss += part.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _ema(ema_dit, dit, ema_decay)
+        _ema(ema_te, te, ema_decay)
+        step += 1
+        losses.append(loss)
+        if step % log_every == 0 or step == steps:
+            _progress("pretrain", step, steps, sum(losses[-log_every:]) / len(losses[-log_every:]), t0, start)
+        if step % save_every == 0 or step == steps:
+            ckpt.save(modules, opt, step, {"python": _list(rng.getstate()), "torch": _encode_rng(gen)},
+                      {"total": steps})
+    out = work / "pretrained.safetensors"
+    save_toy(ToyDenoiser(ema_dit, ema_te), out, stage="pretrained", steps=steps)
+    return out
+
+
+def _list(state):  # random.getstate() -> JSON-able
+    return [state[0], list(state[1]), state[2]]
+
+
+def _tuple(state):
+    return (state[0], tuple(state[1]), state[2])
+
+
+@torch.no_grad()
+def make_trajectories(teacher: ToyDenoiser, n: int, ref_frac: float, seed: int, fine_steps: int = 32,
+                      coarse_steps: int = 4, batch: int = 64) -> dict[str, torch.Tensor]:
+    """Teacher Euler trajectories on the fine grid; keeps the states on the coarse grid.
+    Returns states [n, coarse+1, 3, 32, 32], token ids [n, L], refs [n, 3, 32, 32] and has_ref [n]."""
+    fine = comfy_simple_sigmas(SHIFT, fine_steps)
+    coarse = comfy_simple_sigmas(SHIFT, coarse_steps)
+    stride = fine_steps // coarse_steps
+    assert all(abs(fine[i * stride] - coarse[i]) < 1e-6 for i in range(coarse_steps + 1)), "coarse grid not on fine grid"
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    states, ids_all, refs, has_ref = [], [], [], []
+    n_ref = round(n * ref_frac)
+    for start in range(0, n, batch):
+        m = min(batch, n - start)
+        with_ref = start >= n - n_ref
+        ex = [make_example(rng, 1.0 if with_ref else 0.0) for _ in range(m)]
+        _, ids, ref = _collate(ex)
+        ctx = ToyContext(teacher.text_encoder(ids), ref)
+        x = torch.randn((m, 3, 32, 32), generator=gen)
+        kept = [x]
+        for i in range(fine_steps):
+            s = torch.full((m,), fine[i])
+            x = euler_step(x, teacher.denoise(x, s, ctx), fine[i], fine[i + 1])
+            if (i + 1) % stride == 0:
+                kept.append(x)
+        states.append(torch.stack(kept, 1))
+        ids_all.append(ids)
+        refs.append(ref if ref is not None else torch.zeros(m, 3, 32, 32))
+        has_ref.append(torch.full((m,), with_ref))
+        print(f"[distill] trajectories {start + m}/{n}", flush=True)
+    return {"states": torch.cat(states), "ids": torch.cat(ids_all), "refs": torch.cat(refs),
+            "has_ref": torch.cat(has_ref)}
+
+
+def distill(work: Path, steps: int = 3000, batch: int = 64, n_traj: int = 8000, ref_frac: float = 0.35,
+            lr: float = 1e-4, save_every: int = 250, log_every: int = 50, seed: int = 1) -> Path:
+    """Stage b. Returns the path of the distilled 4-step model (work/distilled.safetensors)."""
+    work = Path(work)
+    teacher = load_toy_file(work / "pretrained.safetensors")
+    traj_file = work / "trajectories.safetensors"
+    if traj_file.is_file():
+        traj, _ = load_tensors(traj_file)
+    else:
+        traj = make_trajectories(teacher, n_traj, ref_frac, seed)
+        save_tensors(traj, traj_file)
+    coarse = comfy_simple_sigmas(SHIFT, 4)
+    student = load_toy_file(work / "pretrained.safetensors")
+    dit = student.dit.requires_grad_(True).train()  # the text encoder stays as pretrained
+    opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)
+    ckpt = _Checkpoint(work / "distill_ckpt")
+    step, gen = 0, torch.Generator().manual_seed(seed)
+    if ckpt.exists():
+        progress = ckpt.load({"dit": dit}, opt)
+        step = progress["step"]
+        gen.set_state(_decode_rng(progress["rng"]["torch"]))
+        print(f"[distill] resuming at step {step}/{steps}", flush=True)
+    n = traj["states"].shape[0]
+    t0, start, losses = time.perf_counter(), step, []
+    while step < steps:
+        loss = 0.0
+        idx = torch.randint(n, (batch,), generator=gen)
+        for use_ref in (False, True):
+            sel = idx[traj["has_ref"][idx] == use_ref]
+            if len(sel) == 0:
+                continue
+            k = torch.randint(4, (len(sel),), generator=gen)
+            x = traj["states"][sel, k]
+            x_next = traj["states"][sel, k + 1]
+            sigma = torch.tensor([coarse[i] for i in k.tolist()])
+            sigma_next = torch.tensor([coarse[i + 1] for i in k.tolist()])
+            ratio = (sigma_next / sigma).view(-1, 1, 1, 1)
+            x0_target = (x_next - ratio * x) / (1 - ratio)  # the x0 whose Euler step lands on x_next
+            with torch.no_grad():
+                text = student.text_encoder(traj["ids"][sel])
+            x0_hat = student.denoise(x, sigma, ToyContext(text, traj["refs"][sel] if use_ref else None))
+            part = F.mse_loss(x0_hat, x0_target) * len(sel) / batch
+            part.backward()
+            loss += part.item()
+        torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss)
+        if step % log_every == 0 or step == steps:
+            _progress("distill", step, steps, sum(losses[-log_every:]) / len(losses[-log_every:]), t0, start)
+        if step % save_every == 0 or step == steps:
+            ckpt.save({"dit": dit}, opt, step, {"torch": _encode_rng(gen)}, {"total": steps})
+    out = work / "distilled.safetensors"
+    save_toy(ToyDenoiser(dit.eval().requires_grad_(False), student.text_encoder), out, stage="distilled-4step",
+             steps=steps)
+    return out

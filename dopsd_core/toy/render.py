@@ -1,0 +1,133 @@
+"""Procedural toy images: coloured shapes on plain backgrounds, 32x32 RGB, with captions.
+
+Six shapes are seen by the base model; three more (star, heart, crescent) are never shown to it and
+are the new concepts a LoRA learns, each with its own concept token.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .text import BACKGROUNDS, COLOURS, SEEN_SHAPES
+
+HELD_OUT_SHAPES = ("star", "heart", "crescent")
+ALL_SHAPES = SEEN_SHAPES + HELD_OUT_SHAPES
+CONCEPT_TOKEN = {"star": "[V1]", "heart": "[V2]", "crescent": "[V3]"}
+
+RGB = {
+    "red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 1.0), "yellow": (0.95, 0.9, 0.1),
+    "cyan": (0.1, 0.9, 0.9), "magenta": (0.9, 0.15, 0.9), "white": (0.97, 0.97, 0.97), "orange": (1.0, 0.55, 0.05),
+    "black": (0.0, 0.0, 0.0), "gray": (0.45, 0.45, 0.45), "navy": (0.05, 0.05, 0.35), "maroon": (0.35, 0.05, 0.08),
+}
+SIZE = 32
+SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    background: str
+    cx: float  # centre, pixels
+    cy: float
+    radius: float  # pixels
+    angle: float = 0.0  # radians; small rotations only (shapes stay recognisable)
+
+    @property
+    def size_word(self) -> str:
+        return "small" if self.radius < 8.5 else "large"
+
+
+def _mask(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Inside-test on coordinates normalised so the shape's radius is 1 (y points down)."""
+    r = torch.sqrt(x**2 + y**2)
+    if shape == "circle":
+        return r <= 1.0
+    if shape == "square":
+        return torch.maximum(x.abs(), y.abs()) <= 0.8
+    if shape == "triangle":  # equilateral, pointing up, circumradius 1: apex (0, -1), base at y = 0.5
+        return (y <= 0.5) & (x.abs() <= (y + 1.0) / math.sqrt(3))
+    if shape == "cross":
+        return ((x.abs() <= 0.3) & (y.abs() <= 1.0)) | ((y.abs() <= 0.3) & (x.abs() <= 1.0))
+    if shape == "ring":
+        return (r <= 1.0) & (r >= 0.55)
+    if shape == "diamond":
+        return x.abs() + y.abs() <= 1.0
+    if shape == "star":  # five points, inner radius 0.42
+        theta = torch.atan2(x, -y)
+        sector = torch.remainder(theta, 2 * math.pi / 5) - math.pi / 5
+        inner, outer = 0.42, 1.0
+        # boundary of the star along angle `sector` in one point's wedge: line from (outer, 0) to (inner, pi/5)
+        a = math.pi / 5
+        px, py = outer, 0.0
+        qx, qy = inner * math.cos(a), inner * math.sin(a)
+        sx, sy = r * torch.cos(sector.abs()), r * torch.sin(sector.abs())
+        cross = (qx - px) * (sy - py) - (qy - py) * (sx - px)
+        return cross >= 0
+    if shape == "heart":
+        hx, hy = x * 1.15, -(y * 1.15) + 0.25
+        return (hx**2 + hy**2 - 1) ** 3 - hx**2 * hy**3 <= 0
+    if shape == "crescent":
+        return (r <= 1.0) & (torch.sqrt((x - 0.45) ** 2 + (y + 0.1) ** 2) > 0.8)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def render(scene: Scene) -> torch.Tensor:
+    """Scene -> image [3, 32, 32] in [0, 1], anti-aliased by 4x supersampling."""
+    n = SIZE * SUPERSAMPLE
+    coords = (torch.arange(n, dtype=torch.float32) + 0.5) / SUPERSAMPLE
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    x, y = (xx - scene.cx) / scene.radius, (yy - scene.cy) / scene.radius
+    if scene.angle:
+        c, s = math.cos(scene.angle), math.sin(scene.angle)
+        x, y = c * x + s * y, -s * x + c * y
+    cover = F.avg_pool2d(_mask(scene.shape, x, y).float()[None, None], SUPERSAMPLE)[0]  # [1, 32, 32]
+    fg = torch.tensor(RGB[scene.colour]).view(3, 1, 1)
+    bg = torch.tensor(RGB[scene.background]).view(3, 1, 1)
+    return bg + (fg - bg) * cover
+
+
+def random_scene(rng: random.Random, shape: str | None = None, colour: str | None = None,
+                 background: str | None = None, shapes=SEEN_SHAPES) -> Scene:
+    radius = rng.uniform(6.0, 11.0)
+    margin = radius + 1.0
+    return Scene(shape or rng.choice(shapes), colour or rng.choice(COLOURS), background or rng.choice(BACKGROUNDS),
+                 rng.uniform(margin, SIZE - margin), rng.uniform(margin, SIZE - margin), radius,
+                 rng.uniform(-0.25, 0.25))
+
+
+def caption_variants(scene: Scene, shape_word: str | None = None) -> list[str]:
+    """Several phrasings of one scene; shape_word replaces the shape name (a concept token)."""
+    w = shape_word or scene.shape
+    return [
+        f"a {scene.size_word} {scene.colour} {w} on a {scene.background} background",
+        f"a {scene.colour} {w} on a {scene.background} background",
+        f"{scene.colour} {w}, {scene.background} background",
+        f"a {scene.colour} {w}",
+    ]
+
+
+def concept_scenes(shape: str, n: int = 6, seed: int = 0) -> list[Scene]:
+    """The fixed training images of a held-out concept: n scenes of one shape in varied colours,
+    backgrounds and layouts (deterministic)."""
+    rng = random.Random(f"concept-{shape}-{seed}")
+    colours = rng.sample(COLOURS, k=min(n, len(COLOURS)))
+    return [random_scene(rng, shape, colours[i % len(colours)], BACKGROUNDS[i % len(BACKGROUNDS)]) for i in range(n)]
+
+
+def export_concept_folder(shape: str, out: Path, n: int = 6, seed: int = 0) -> list[Scene]:
+    """Write the concept's images as PNG + .txt caption variants (with its concept token): a data
+    folder that `dopsd train --data` and the ComfyUI dataset node read like any user folder."""
+    from ..plot import save_png, to_pil
+    from ..fileio import save_bytes
+    out = Path(out)
+    scenes = concept_scenes(shape, n, seed)
+    for i, sc in enumerate(scenes):
+        save_png(to_pil(render(sc).permute(1, 2, 0)), out / f"{shape}_{i:02d}.png")
+        save_bytes(("\n".join(caption_variants(sc, CONCEPT_TOKEN[shape])) + "\n").encode(), out / f"{shape}_{i:02d}.txt")
+    return scenes
