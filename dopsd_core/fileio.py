@@ -33,7 +33,14 @@ def _atomic_replace(path: Path, write) -> None:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        if v.numel() and v.data_ptr() in seen:  # safetensors refuses shared storage (e.g. bnb's qmaps)
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    tensors = out
     _atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 

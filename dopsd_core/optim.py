@@ -40,21 +40,33 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int, schedule: str) -> 
 
 
 def optimizer_state_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split optimizer.state_dict() into tensors (for safetensors) and JSON-able scalars."""
+    """Split optimizer.state_dict() into tensors (for safetensors) and JSON-able values. Nested dicts
+    (bitsandbytes keeps its 8-bit state in one) are flattened with '/' in the key."""
     sd = opt.state_dict()
     tensors, scalars = {}, {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif torch.is_tensor(value):
+            tensors[prefix] = value
+        else:
+            scalars[prefix] = value
     for idx, state in sd["state"].items():
         for name, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value
-            else:
-                scalars[f"{idx}.{name}"] = value
+            walk(f"{idx}.{name}", value)
     return tensors, {"scalars": scalars, "param_groups": sd["param_groups"]}
 
 
 def optimizer_state_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], extra: dict) -> None:
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(extra["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": extra["param_groups"]})
+        idx, path = key.split(".", 1)
+        node = state.setdefault(int(idx), {})
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in extra["param_groups"]]
+    opt.load_state_dict({"state": state, "param_groups": groups})

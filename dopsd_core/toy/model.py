@@ -94,6 +94,7 @@ class ToyDiT(nn.Module):
         super().__init__()
         cfg = cfg or ToyConfig(**fields)
         self.cfg = cfg
+        self.dtype = dtype or torch.float32  # ComfyUI's BaseModel.get_dtype() reads this
         d, patch_dim = cfg.width, cfg.channels * cfg.patch**2
         base_linear = operations.Linear if operations is not None else nn.Linear
 

@@ -1,0 +1,78 @@
+"""Image folders and the toy tokenizer."""
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from dopsd_core.data import folder_fingerprint, load_image_folder
+from dopsd_core.errors import DopsdError
+from dopsd_core.toy import text as toy_text
+
+
+def test_captions_variants_and_other_files(image_folder):
+    (image_folder / "notes.md").write_text("ignored")
+    (image_folder / "orphan.txt").write_text("a caption without an image is ignored")
+    items = load_image_folder(image_folder, 32)
+    assert [i.name for i in items] == ["img0.png", "img1.png", "img2.png"]
+    assert items[0].captions == ["a red [V] on a black background", "a [V]"]  # blank line dropped
+    assert items[0].image.shape == (3, 32, 32) and items[0].image.dtype == torch.float32
+    assert 0.0 <= items[0].image.min() and items[0].image.max() <= 1.0
+
+
+def test_modes_and_formats_become_rgb_and_are_centre_cropped(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    rgba = Image.new("RGBA", (64, 32), (255, 0, 0, 128))
+    rgba.paste((0, 0, 255, 255), (0, 0, 16, 32))  # a blue left quarter: cropped away by the centre crop
+    rgba.save(d / "a.png")
+    Image.new("L", (50, 80), 200).save(d / "b.jpg")
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(d / "c.webp")
+    for n in "abc":
+        (d / f"{n}.txt").write_text("x")
+    items = {i.name: i.image for i in load_image_folder(d, 16)}
+    assert all(im.shape == (3, 16, 16) for im in items.values())
+    assert items["a.png"][2].max() < 0.1 and items["a.png"][0].min() > 0.9  # red only, blue strip cropped
+    assert torch.allclose(items["b.jpg"][0], items["b.jpg"][1])  # grey -> equal channels
+    assert items["c.webp"][1].mean() > 0.9
+
+
+def test_bad_folders_name_problem_and_fix(tmp_path, image_folder):
+    with pytest.raises(DopsdError, match="does not exist"):
+        load_image_folder(tmp_path / "missing", 32)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images")
+    with pytest.raises(DopsdError, match="has no images"):
+        load_image_folder(empty, 32)
+    (image_folder / "img1.txt").unlink()
+    with pytest.raises(DopsdError, match=r"img1\.png has no caption file img1\.txt"):
+        load_image_folder(image_folder, 32)
+    (image_folder / "img1.txt").write_text("  \n\n")
+    with pytest.raises(DopsdError, match=r"img1\.txt is blank"):
+        load_image_folder(image_folder, 32)
+    (image_folder / "img1.txt").write_text("ok")
+    (image_folder / "img2.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DopsdError, match=r"img2\.png cannot be decoded"):
+        load_image_folder(image_folder, 32)
+
+
+def test_fingerprint_follows_content(image_folder):
+    a = folder_fingerprint(image_folder)
+    (image_folder / "img0.txt").write_text("another caption")
+    assert folder_fingerprint(image_folder) != a
+
+
+def test_tokenizer_unknown_words_warn_once_and_concept_tokens_are_distinct(caplog):
+    toy_text._warned.clear()
+    with caplog.at_level(logging.WARNING, logger="dopsd.toy"):
+        ids = toy_text.tokenize("a purple circle")
+        toy_text.tokenize("another purple square")
+    unk = toy_text.TOKEN_ID["<unk>"]
+    assert ids[:3] == [toy_text.TOKEN_ID["a"], unk, toy_text.TOKEN_ID["circle"]]
+    assert ids[3:] == [toy_text.TOKEN_ID["<pad>"]] * (toy_text.MAX_TOKENS - 3)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert sum("'purple'" in w for w in warnings) == 1 and sum("'another'" in w for w in warnings) == 1
+    concept_ids = [toy_text.tokenize(t)[0] for t in ["[V]", "[V1]", "[v2]", "[V3]", "[V8]"]]
+    assert len(set(concept_ids)) == 5 and unk not in concept_ids
+    assert len(toy_text.tokenize(" ".join(["circle"] * 20))) == toy_text.MAX_TOKENS

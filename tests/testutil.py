@@ -1,0 +1,38 @@
+"""Helpers shared by the tests (importable: pyproject sets pytest's pythonpath to tests/)."""
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from dopsd_core.toy.model import ToyConfig
+
+TINY = ToyConfig(width=32, depth=2, heads=2, context_dim=16, text_depth=1)
+
+
+def write_image_folder(folder: Path, n: int = 3, size=(40, 36)) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    colours = [(230, 30, 30), (30, 200, 60), (40, 80, 250), (240, 220, 30)]
+    for i in range(n):
+        im = Image.new("RGB", size, (0, 0, 0))
+        ImageDraw.Draw(im).ellipse([4 + 2 * i, 4, 24 + 2 * i, 24], fill=colours[i % 4])
+        im.save(folder / f"img{i}.png")
+        (folder / f"img{i}.txt").write_text("a red [V] on a black background\n\na [V]\n")
+    return folder
+
+
+def run_cli(*args, cwd=None):
+    out = subprocess.run([sys.executable, "-m", "dopsd_core", *map(str, args)], capture_output=True, text=True,
+                         cwd=cwd)
+    return out.returncode, out.stdout, out.stderr
+
+
+def records_for(den, folder):
+    from dopsd_core.data import load_image_folder
+    return den.build_records(load_image_folder(folder, den.resolution))
+
+
+def lora_tensors(den):
+    lora = den.lora()
+    return {**{f"s.{k}": v for k, v in lora.state_dict_comfy("student").items()},
+            **{f"t.{k}": v for k, v in lora.state_dict_comfy("teacher").items()}}
