@@ -176,7 +176,8 @@ def add_toy_parsers(sub) -> None:
     p.set_defaults(func=cmd_toy_data)
     p = sub.add_parser("toy-pretrain", help="toy base, stage a: rectified-flow pretraining (resumable)")
     p.add_argument("--work", required=True, help="work folder for checkpoints (resumes from it)")
-    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--steps", type=int, default=10000)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine to 10%%)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.set_defaults(func=cmd_toy_pretrain)
     p = sub.add_parser("toy-evaluator", help="train the toy evaluator (shape + colour classifier)")
@@ -270,7 +271,7 @@ def _threads(n: int) -> None:
 def cmd_toy_pretrain(args) -> int:
     from .toy.pretrain import pretrain
     _threads(args.threads)
-    print(f"pretrained model: {pretrain(Path(args.work), steps=args.steps)}")
+    print(f"pretrained model: {pretrain(Path(args.work), steps=args.steps, lr=args.lr)}")
     return 0
 
 
