@@ -116,7 +116,7 @@ class StepInfo:
 class Callbacks:
     """Hooks the CLI and the ComfyUI nodes plug into. All optional."""
     on_step: Callable[[StepInfo], None] | None = None
-    on_preview: Callable[[int, torch.Tensor, list[str]], None] | None = None  # step, images [N,H,W,3]
+    on_preview: Callable[[int, torch.Tensor, list[str]], None] | None = None  # step, preview_fn() output, prompts
     on_save: Callable[[int, Path], None] | None = None
     should_stop: Callable[[], bool] | None = None
 
@@ -163,11 +163,14 @@ def _decode_rng(text: str) -> torch.Tensor:
 class Trainer:
     def __init__(self, denoiser: Denoiser, records: list[Record], cfg: TrainConfig, run_dir: Path,
                  callbacks: Callbacks | None = None, preview_prompts: list[str] | None = None,
-                 init_lora: Path | None = None, resume: bool = False, data_dir: str | None = None):
+                 init_lora: Path | None = None, resume: bool = False, data_dir: str | None = None,
+                 preview_fn: Callable[[], torch.Tensor] | None = None):
         self.den, self.records, self.cfg = denoiser, records, cfg.validate()
         self.run_dir = Path(run_dir)
         self.cb = callbacks or Callbacks()
         self.preview_prompts = list(preview_prompts or [])
+        # previews: a caller-supplied function (e.g. ComfyUI: cached contexts, latents out) or the prompts
+        self.preview_fn = preview_fn or (self.preview if self.preview_prompts else None)
         self.data_dir = data_dir
         if not records:
             raise DopsdError("the dataset is empty; add images with captions")
@@ -327,7 +330,7 @@ class Trainer:
                 self.cb.on_step(StepInfo(self.step, c.steps, loss, self._lr, rate, (c.steps - self.step) / rate))
             if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
                 self.save()
-            if c.preview_every and self.preview_prompts and self.cb.on_preview and (
+            if c.preview_every and self.preview_fn and self.cb.on_preview and (
                     self.step % c.preview_every == 0 or self.step == c.steps):
-                self.cb.on_preview(self.step, self.preview(), self.preview_prompts)
+                self.cb.on_preview(self.step, self.preview_fn(), self.preview_prompts)
         return TrainResult(self.run_dir, self.step, self.history)

@@ -1,4 +1,5 @@
 """Helpers shared by the tests (importable: pyproject sets pytest's pythonpath to tests/)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +23,10 @@ def write_image_folder(folder: Path, n: int = 3, size=(40, 36)) -> Path:
 
 
 def run_cli(*args, cwd=None):
+    # one thread: the toy is small, and threads only contend with other processes on a small machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "dopsd_core", *map(str, args)], capture_output=True, text=True,
-                         cwd=cwd)
+                         cwd=cwd, env=env)
     return out.returncode, out.stdout, out.stderr
 
 

@@ -16,6 +16,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models_base
 
+from ..errors import DopsdError
 from ..fileio import load_tensors
 from ..toy.denoiser import BASE_WEIGHTS, SHIFT
 from ..toy.model import ToyConfig, ToyDiT
@@ -82,12 +83,15 @@ class ToyTextEncoderHandle:
 def load_toy_comfy(path: Path = BASE_WEIGHTS):
     """-> (ModelPatcher, ToyTextEncoderHandle). Weights are created outside inference mode, so they
     can be saved for backward when the toy trains inside a node."""
+    if not Path(path).is_file():
+        raise DopsdError(f"toy weights {path} are missing; reinstall the pack or run `dopsd toy-pretrain` and "
+                         "`dopsd toy-distill`")
     sd, meta = load_tensors(path)
     cfg = ToyConfig(**json.loads(meta["dopsd.toy_config"]))
     with torch.inference_mode(False):
         model = ToyModelConfig(cfg).get_model(device=torch.device("cpu"))
         dit_sd = {k[len("diffusion_model."):]: v for k, v in sd.items() if k.startswith("diffusion_model.")}
-        missing, unexpected = model.diffusion_model.load_state_dict(dit_sd, strict=True), None
+        model.diffusion_model.load_state_dict(dit_sd, strict=True)
         te = ToyTextEncoder(cfg.context_dim, cfg.text_depth)
         te.load_state_dict({k[len("text_encoder."):]: v for k, v in sd.items() if k.startswith("text_encoder.")})
         te.eval().requires_grad_(False)

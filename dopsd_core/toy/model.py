@@ -39,6 +39,21 @@ class ToyConfig:
         return asdict(self)
 
 
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table [side*side, dim] (as in DiT): unit-scale values, so positions
+    are as loud as content from the first step (a 0.02-scale learned table left a tiny DiT unable to
+    place shapes or copy a reference after thousands of steps)."""
+    quarter = dim // 4
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(quarter, dtype=torch.float32) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        args = coord[:, None] * freqs[None]
+        parts += [torch.sin(args), torch.cos(args)]
+    return torch.cat(parts, dim=1)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of sigma in [0, 1] (scaled by 1000 so low frequencies resolve it)."""
     half = dim // 2
@@ -120,6 +135,9 @@ class ToyDiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.pos.copy_(sincos_2d(self.cfg.image_size // self.cfg.patch, self.cfg.width))
+            nn.init.normal_(self.ref_type, std=0.5)
         for m in [b.adaLN for b in self.blocks] + [self.final_adaLN, self.final]:
             nn.init.normal_(m.weight, std=gate_std) if gate_std > 0 else nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)

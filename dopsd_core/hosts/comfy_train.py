@@ -1,0 +1,111 @@
+"""Dataset building and training against ComfyUI's loaded objects (used by the nodes; imports comfy lazily).
+
+The node layer only validates inputs and reports progress; everything that touches tensors is here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..data import ImageItem
+from ..denoiser import Record
+from ..errors import DopsdError
+from ..trainer import Callbacks, TrainConfig, Trainer
+from .comfy import ComfyContext, ComfyDenoiser, detect_family, lora_patches_model, make_weights_trainable
+
+
+@dataclass
+class ComfyDataset:
+    """What DOPSDDataset hands to the trainers: per image, its latent and per caption variant the
+    student and teacher contexts (already encoded; the encoders can be unloaded)."""
+    family: str
+    records: list[Record]
+    preview_contexts: list[ComfyContext] = field(default_factory=list)
+    preview_captions: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+def encode_images(items: list[ImageItem], family: str, vae=None) -> list[torch.Tensor]:
+    """Images [3, H, W] in [0, 1] -> latents [C, h, w] (the toy's VAE is the identity)."""
+    if family == "toy":
+        return [item.image * 2.0 - 1.0 for item in items]
+    if vae is None:
+        raise DopsdError(f"the {family} dataset needs a VAE: connect the model's VAE to the dataset node")
+    return [vae.encode(item.image.permute(1, 2, 0)[None])[0].float() for item in items]
+
+
+def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_context=None, vae=None,
+                  n_preview: int = 4) -> ComfyDataset:
+    """encode_text(caption) -> (cond_tensor [1, T, D], extra dict): the student's caption encoding.
+    teacher_context(caption, latent, item) -> (cond_tensor, extra): the family's in-context teacher."""
+    family = detect_family(model_patcher.model)
+    den = ComfyDenoiser(model_patcher, family)
+    latents = encode_images(items, family, vae)
+    records = []
+    with torch.inference_mode(False):
+        for item, lat in zip(items, latents):
+            lat = lat.clone()
+            student, teacher = [], []
+            for cap in item.captions:
+                cond, extra = encode_text(cap)
+                student.append(den.context(cond, extra, lat))
+                t_cond, t_extra = teacher_context(cap, lat, item) if teacher_context else default_teacher(
+                    family, cond, extra, lat)
+                teacher.append(den.context(t_cond, t_extra, lat))
+            records.append(Record(item.name, lat, list(item.captions), student, teacher))
+    previews = [r.student_ctx[0] for r in records[:n_preview]]
+    return ComfyDataset(family, records, previews, [r.captions[0] for r in records[:n_preview]])
+
+
+def default_teacher(family: str, cond, extra, latent):
+    """The toy's teacher: its caption plus the target latent as a reference image."""
+    if family == "toy":
+        return cond, {**extra, "reference_latents": [latent[None]]}
+    raise DopsdError(f"no teacher context was built for {family}; the dataset node builds it for this family")
+
+
+def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path, callbacks: Callbacks,
+          resume: bool = False, init_lora: Path | None = None):
+    """Train on the MODEL's shared diffusion model; afterwards nothing stays injected. Returns
+    (patched MODEL clone carrying the LoRA, LoRA state dict in ComfyUI layout, loss history)."""
+    import comfy.model_management as mm
+    family = detect_family(model_patcher.model)
+    if family != dataset.family:
+        raise DopsdError(f"the dataset was built for {dataset.family} but the MODEL is {family}; "
+                         "build the dataset with the same model")
+    mp = model_patcher.clone()
+    mm.load_models_gpu([mp], force_full_load=True)
+    den = ComfyDenoiser(mp, family)
+    den.latent_shape = tuple(dataset.records[0].x0.shape)
+    was_training = mm.in_training
+    with torch.inference_mode(False), torch.enable_grad():
+        make_weights_trainable(den.dm)
+        mm.in_training = True  # FLUX.2's RoPE switches to a differentiable implementation
+        try:
+            trainer = Trainer(den, dataset.records, cfg, run_dir, callbacks, init_lora=init_lora, resume=resume,
+                              preview_fn=_preview_with_contexts(den, dataset))
+            trainer.run()
+            lora_sd = {k: v.detach().clone() for k, v in den.lora().state_dict_comfy("student").items()}
+            history = list(trainer.history)
+        finally:
+            mm.in_training = was_training
+            den.release()
+    return lora_patches_model(model_patcher, lora_sd), lora_sd, history
+
+
+def _preview_with_contexts(den: ComfyDenoiser, dataset: ComfyDataset):
+    """Previews from the dataset's cached contexts (a ComfyUI model has no prompt encoder of its own)."""
+    from ..denoiser import sample
+
+    @torch.no_grad()
+    def preview():
+        ctx = den.batch_contexts(dataset.preview_contexts)
+        shape = (len(dataset.preview_contexts), *dataset.records[0].x0.shape)
+        with den.lora().use("student"):
+            return sample(den, ctx, shape, den.sigma_grid(den.preset.sample_steps), torch.Generator().manual_seed(1234),
+                          device=dataset.records[0].x0.device)
+    return preview

@@ -1,0 +1,85 @@
+"""DOPSDDataset: images + captions -> latents, student contexts, teacher contexts."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from comfy_api.latest import io
+
+from ..dopsd_core.data import ImageItem, load_image_folder
+from ..dopsd_core.errors import DopsdError
+from ..dopsd_core.hosts.comfy_train import build_dataset
+from .toy import ToyTextEncoder
+
+Dataset = io.Custom("DOPSD_DATASET")
+
+
+def _folder(path: str) -> Path:
+    import folder_paths
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else Path(folder_paths.get_input_directory()) / p
+
+
+def _items_from_images(images: torch.Tensor, template: str) -> list[ImageItem]:
+    captions = [line.strip() for line in template.splitlines() if line.strip()]
+    if not captions:
+        raise DopsdError("caption_template is blank; write at least one caption line with [V], e.g. 'a photo of [V]'")
+    return [ImageItem(f"image_{i:03d}", images[i, ..., :3].permute(2, 0, 1).float().clone(), captions)
+            for i in range(images.shape[0])]
+
+
+class DOPSDDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDDataset", display_name="D-OPSD Dataset", category="D-OPSD",
+            description="Encodes training images once: VAE latents, the student context (caption only) and the "
+                        "teacher context (caption + the image in context) for every caption variant.",
+            inputs=[
+                io.Model.Input("model", tooltip="The turbo model to train (family decides the teacher context)."),
+                io.String.Input("folder", default="", tooltip="Image folder (absolute, or relative to ComfyUI's "
+                                "input folder) with same-name .txt captions, one variant per line. Leave empty "
+                                "to use the images input."),
+                io.String.Input("caption_template", multiline=True, default="a photo of [V]",
+                                tooltip="Caption variants (one per line) for the images input; [V] is the concept."),
+                io.Int.Input("resolution", default=1024, min=32, max=4096, step=16,
+                             tooltip="Square training resolution (the toy model always uses 32)."),
+                io.Image.Input("images", optional=True, tooltip="Training images instead of a folder."),
+                io.Clip.Input("clip", optional=True, tooltip="Text encoder of the model (FLUX.2-klein, Z-Image)."),
+                io.Vae.Input("vae", optional=True, tooltip="VAE of the model (FLUX.2-klein, Z-Image)."),
+                ToyTextEncoder.Input("toy_text_encoder", optional=True,
+                                     tooltip="For the built-in toy model: its text encoder."),
+            ],
+            outputs=[Dataset.Output(display_name="DATASET")],
+        )
+
+    @classmethod
+    def execute(cls, model, folder, caption_template, resolution, images=None, clip=None, vae=None,
+                toy_text_encoder=None):
+        from ..dopsd_core.hosts.comfy import detect_family
+        family = detect_family(model.model)
+        if family == "toy":
+            resolution = 32
+        if folder.strip():
+            items = load_image_folder(_folder(folder.strip()), resolution)
+        elif images is not None:
+            items = _items_from_images(images, caption_template)
+        else:
+            raise DopsdError("no training images: set folder or connect images")
+        if family == "toy":
+            if toy_text_encoder is None:
+                raise DopsdError("the toy model's dataset needs its text encoder: connect TEXT_ENCODER from "
+                                 "D-OPSD Toy Model Loader to toy_text_encoder")
+
+            def encode_text(caption):
+                cond = toy_text_encoder.encode(caption)
+                return cond[0][0], dict(cond[0][1])
+            ds = build_dataset(model, items, encode_text)
+        else:
+            raise DopsdError(f"{family}: dataset building for this family lands with its host adapter; "
+                             "the toy model works now")
+        return io.NodeOutput(ds)
+
+
+NODES = [DOPSDDataset]

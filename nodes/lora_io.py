@@ -1,0 +1,69 @@
+"""DOPSDSaveLoRA (into ComfyUI's loras folder) and DOPSDLossPlot."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..dopsd_core.errors import DopsdError
+from ..dopsd_core.fileio import save_tensors
+from ..dopsd_core.plot import loss_plot
+
+
+def lora_path(name: str) -> Path:
+    """models/loras/<name>.safetensors; plain names only (sub-folders allowed), never outside loras/."""
+    import folder_paths
+    root = Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+    name = name.strip().removesuffix(".safetensors")
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.\- /]+", name) or name.startswith("/") or ".." in name.split("/"):
+        raise DopsdError(f"LoRA name {name!r} must be a relative name like 'dopsd/my_concept' (letters, digits, "
+                         "_ . - /), without '..'")
+    path = (root / f"{name}.safetensors").resolve()
+    if root not in path.parents:
+        raise DopsdError(f"LoRA name {name!r} escapes the loras folder")
+    return path
+
+
+class DOPSDSaveLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDSaveLoRA", display_name="D-OPSD Save LoRA", category="D-OPSD", is_output_node=True,
+            description="Writes the LoRA into models/loras (atomic), where the stock LoRA loaders list it.",
+            inputs=[io.LoraModel.Input("lora", tooltip="LORA from a D-OPSD trainer."),
+                    io.String.Input("name", default="dopsd/my_concept",
+                                    tooltip="File name under models/loras (no extension)."),
+                    io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name.")],
+            outputs=[io.String.Output(display_name="path")],
+        )
+
+    @classmethod
+    def execute(cls, lora, name, overwrite):
+        path = lora_path(name)
+        if path.exists() and not overwrite:
+            raise DopsdError(f"{path.name} already exists in loras; choose another name or turn overwrite on")
+        meta = {"dopsd.saved_by": "DOPSDSaveLoRA"}
+        save_tensors(lora, path, meta)
+        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path}"))
+
+
+class DOPSDLossPlot(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDLossPlot", display_name="D-OPSD Loss Plot", category="D-OPSD",
+            inputs=[io.LossMap.Input("loss", tooltip="LOSS from a D-OPSD trainer."),
+                    io.Boolean.Input("log_scale", default=True, tooltip="Logarithmic loss axis.")],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, loss, log_scale):
+        img = loss_plot(list(loss["loss"]), log_scale=log_scale, title="D-OPSD")
+        return io.NodeOutput(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None])
+
+
+NODES = [DOPSDSaveLoRA, DOPSDLossPlot]

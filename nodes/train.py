@@ -1,0 +1,154 @@
+"""DOPSDTrainer / DOPSDSFTTrainer: thin nodes around dopsd_core.hosts.comfy_train.train."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from comfy_api.latest import io
+
+from ..dopsd_core.errors import DopsdError, TrainingCancelled
+from ..dopsd_core.hosts.comfy import PRESETS
+from ..dopsd_core.trainer import Callbacks, TrainConfig, is_run_folder
+from .dataset import Dataset
+
+# Consumer-GPU presets: what changes from the family defaults to fit smaller cards.
+GPU_PRESETS = {
+    "family default": {},
+    "12 GB (rank 16, 8-bit AdamW, checkpointing)": {"rank": 16, "alpha": 32.0, "optimizer": "adamw8bit",
+                                                    "checkpointing": True},
+    "16-24 GB (rank 32, 8-bit AdamW, checkpointing)": {"rank": 32, "alpha": 64.0, "optimizer": "adamw8bit",
+                                                       "checkpointing": True},
+}
+
+
+def run_dir_for(run_name: str) -> Path:
+    import folder_paths
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", run_name) or ".." in run_name:
+        raise DopsdError(f"run_name {run_name!r} must be a plain name (letters, digits, _ . -), not a path")
+    return Path(folder_paths.get_output_directory()) / "dopsd" / run_name
+
+
+def common_inputs():
+    return [
+        io.Model.Input("model", tooltip="The step-distilled model to fine-tune."),
+        Dataset.Input("dataset", tooltip="From D-OPSD Dataset (built with the same model)."),
+        io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Total optimizer steps of the run."),
+        io.Combo.Input("gpu_preset", options=list(GPU_PRESETS), default="family default",
+                       tooltip="Rank/optimizer/checkpointing presets for consumer GPUs."),
+        io.Int.Input("rank", default=0, min=0, max=256, tooltip="LoRA rank; 0 = the family default."),
+        io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=1e-6,
+                       tooltip="Learning rate; 0 = the family default (klein 2e-5, Z-Image 1e-4, toy 1e-3)."),
+        io.Combo.Input("optimizer", options=["adamw", "adamw8bit"], default="adamw",
+                       tooltip="adamw8bit needs bitsandbytes (saves optimizer memory on GPUs)."),
+        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),
+        io.Int.Input("grad_accum", default=1, min=1, max=64, tooltip="Gradient accumulation steps."),
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of noise, sampling and LoRA init."),
+        io.Boolean.Input("checkpointing", default=False, tooltip="Per-block gradient checkpointing (less memory)."),
+        io.Int.Input("save_every", default=100, min=0, max=100000,
+                     tooltip="Atomic save of the run folder every N steps (0 = at the end)."),
+        io.Int.Input("preview_every", default=50, min=0, max=100000,
+                     tooltip="Few-step preview samples every N steps (0 = none)."),
+        io.String.Input("run_name", default="dopsd_run", tooltip="Run folder: output/dopsd/<run_name>."),
+        io.Boolean.Input("resume", default=False, tooltip="Continue the run folder of run_name."),
+    ]
+
+
+def make_config(method, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
+                checkpointing, save_every, preview_every, **dopsd) -> TrainConfig:
+    fam = PRESETS[dataset.family]
+    base = {"rank": fam.rank, "alpha": fam.alpha, "lr": fam.lr, "optimizer": optimizer,
+            "checkpointing": checkpointing}
+    base.update(GPU_PRESETS[gpu_preset])
+    if rank:
+        base["rank"], base["alpha"] = rank, float(rank)
+    if lr:
+        base["lr"] = lr
+    return TrainConfig(method=method, steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+                       save_every=save_every, preview_every=preview_every, **base, **dopsd).validate()
+
+
+def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig):
+    import comfy.model_management as mm
+    import comfy.utils
+    from server import PromptServer
+
+    from ..dopsd_core.hosts.comfy_train import train
+    node_id = cls.hidden.unique_id
+    run_dir = run_dir_for(run_name)
+    if resume and not is_run_folder(run_dir):
+        raise DopsdError(f"resume is on but {run_dir} is not a run folder; turn resume off to start it")
+    pbar = comfy.utils.ProgressBar(cfg.steps, node_id=node_id)
+    server = PromptServer.instance
+
+    def on_step(info):
+        pbar.update_absolute(info.step, info.total)
+        text = f"step {info.step}/{info.total}  loss {info.loss:.4g}  {info.it_per_s:.2f} it/s  ETA {info.eta_s:.0f}s"
+        server.send_progress_text(text, node_id)
+        server.send_sync("dopsd.progress", {"node": node_id, "run": run_name, "step": info.step, "total": info.total,
+                                            "loss": info.loss, "lr": info.lr, "it_per_s": info.it_per_s,
+                                            "eta_s": info.eta_s}, server.client_id)
+
+    callbacks = Callbacks(on_step=on_step, should_stop=mm.processing_interrupted)
+    try:
+        patched, lora_sd, history = train(model, dataset, cfg, run_dir, callbacks, resume=resume)
+    except TrainingCancelled:
+        mm.throw_exception_if_processing_interrupted()  # ComfyUI reports the run as interrupted
+        raise
+    return io.NodeOutput(patched, lora_sd, {"loss": history})
+
+
+class DOPSDTrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDTrainer", display_name="D-OPSD Trainer", category="D-OPSD", is_output_node=True,
+            description="Trains a LoRA by on-policy self-distillation: the model with the target image in "
+                        "context teaches the model without it, on the model's own few-step trajectory.",
+            inputs=common_inputs() + [
+                io.Int.Input("k", default=4, min=1, max=16, tooltip="Roll-out steps K (the few-step grid)."),
+                io.Combo.Input("teacher", options=["ema", "frozen"], default="ema",
+                               tooltip="Teacher weights: EMA of the student LoRA, or the frozen base."),
+                io.Float.Input("ema_decay", default=0.9999, min=0.0, max=0.999999, step=1e-5,
+                               tooltip="EMA decay of the teacher LoRA."),
+                io.Combo.Input("loss_weight", options=["x0", "velocity", "transition"], default="x0",
+                               tooltip="Per-state weight: x0 MSE (default), velocity MSE, or transition."),
+                io.Combo.Input("states", options=["all", "one"], default="all",
+                               tooltip="Supervise all K states, or one random state (cheaper)."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="LORA"),
+                     io.LossMap.Output(display_name="LOSS")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
+                checkpointing, save_every, preview_every, run_name, resume, k, teacher, ema_decay, loss_weight,
+                states):
+        cfg = make_config("dopsd", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
+                          checkpointing, save_every, preview_every, k=k, teacher=teacher, ema_decay=ema_decay,
+                          loss_weight=loss_weight, states=states)
+        return run_training(cls, model, dataset, run_name, resume, cfg)
+
+
+class DOPSDSFTTrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDSFTTrainer", display_name="D-OPSD SFT Trainer (baseline)", category="D-OPSD",
+            is_output_node=True,
+            description="The baseline: the same LoRA trained with flow matching on the images.",
+            inputs=common_inputs(),
+            outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="LORA"),
+                     io.LossMap.Output(display_name="LOSS")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
+                checkpointing, save_every, preview_every, run_name, resume):
+        cfg = make_config("sft", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
+                          checkpointing, save_every, preview_every)
+        return run_training(cls, model, dataset, run_name, resume, cfg)
+
+
+NODES = [DOPSDTrainer, DOPSDSFTTrainer]
