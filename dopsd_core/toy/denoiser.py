@@ -20,7 +20,8 @@ from .text import ToyTextEncoder
 log = logging.getLogger("dopsd.toy")
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BASE_WEIGHTS = WEIGHTS_DIR / "toy_base.safetensors"
+BASE_WEIGHTS = WEIGHTS_DIR / "toy_base.safetensors"  # the 4-step distilled turbo model
+UNDISTILLED_WEIGHTS = WEIGHTS_DIR / "toy_undistilled.safetensors"  # its many-step parent (for the check)
 SHIFT = 3.0  # flow shift of the toy: ComfyUI's `simple` scheduler at 4 steps gives 1, .9, .75, .5, 0
 LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 

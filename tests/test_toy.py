@@ -1,0 +1,95 @@
+"""The toy world: renderer, shipped weights (small-sample acceptance), demo, quick experiment, data export."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from dopsd_core.data import load_image_folder
+from dopsd_core.schedule import comfy_simple_sigmas
+from dopsd_core.toy.denoiser import BASE_WEIGHTS, UNDISTILLED_WEIGHTS, load_toy_file
+from dopsd_core.toy.evaluator import WEIGHTS as EVALUATOR, load_evaluator
+from dopsd_core.toy.metrics import ToyMetrics, concept_training_set
+from dopsd_core.toy.render import ALL_SHAPES, CONCEPT_TOKEN, HELD_OUT_SHAPES, export_concept_folder, random_scene, render
+from testutil import run_cli
+
+import random
+
+
+def test_four_step_grid_is_comfyui_simple_at_shift_3():
+    assert comfy_simple_sigmas(3.0, 4) == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-6)
+    assert comfy_simple_sigmas(3.0, 2) == pytest.approx([1.0, 0.75, 0.0], abs=1e-6)
+
+
+def test_evaluator_tells_every_shape_apart():
+    ev = load_evaluator(EVALUATOR)
+    rng = random.Random(123)
+    for shape in ALL_SHAPES:
+        imgs = torch.stack([render(random_scene(rng, shape)) for _ in range(24)])
+        shapes, _ = ev.classify(imgs)
+        assert sum(s == shape for s in shapes) >= 22, (shape, shapes)
+
+
+def test_shipped_weights_pass_small_sample_acceptance():
+    for path in (BASE_WEIGHTS, UNDISTILLED_WEIGHTS, EVALUATOR):
+        assert path.is_file(), f"{path} must be shipped with the package"
+    size = sum(p.stat().st_size for p in (BASE_WEIGHTS, UNDISTILLED_WEIGHTS, EVALUATOR))
+    assert BASE_WEIGHTS.stat().st_size <= 20e6 and size <= 40e6
+    torch.manual_seed(0)
+    base, undistilled = load_toy_file(BASE_WEIGHTS), load_toy_file(UNDISTILLED_WEIGHTS)
+    m = ToyMetrics(load_evaluator(EVALUATOR), base, n_unrelated=48)
+    distilled = m.evaluate(base)
+    assert distilled["retention"] >= 0.8, distilled  # the full-size acceptance (>= 90%) is in the README
+    undist = m.evaluate(undistilled)
+    assert undist["quality_4"] >= 1.5 * distilled["quality_4"], (undist, distilled)
+    for shape in HELD_OUT_SHAPES:
+        images, captions = concept_training_set(shape)
+        fid = m.teacher_fidelity(base, shape, images, [c[:1] for c in captions], seeds=1)
+        assert fid >= 0.66, (shape, fid)
+
+
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    rc, stdout, err = run_cli("demo", "--out", out, "--steps", "3")
+    assert rc == 0, err
+    for f in ("lora.safetensors", "loss.png", "samples.png", "metrics.json"):
+        assert (out / f).is_file(), f
+    metrics = json.loads((out / "metrics.json").read_text())
+    keys = {"concept_fidelity", "retention", "quality_4", "quality_32", "few_step_gap", "drift"}
+    assert keys <= set(metrics["base"]) and keys <= set(metrics["lora"])
+    assert metrics["base"]["drift"] == 0.0 and metrics["lora"]["drift"] > 0.0
+    w, h = Image.open(out / "samples.png").size
+    assert w > h > 0  # two rows (base, LoRA) of several samples
+    rc, _, err = run_cli("demo", "--out", out, "--steps", "3")
+    assert rc == 2 and "already holds" in err
+
+
+def test_quick_experiment_writes_a_well_formed_table(tmp_path):
+    from dopsd_core.toy.experiment import run_experiment
+    res = run_experiment(tmp_path / "exp", quick=True, log=lambda *_: None)
+    md = (tmp_path / "exp" / "results.md").read_text()
+    assert "| concept | method | concept_fidelity |" in md
+    c = HELD_OUT_SHAPES[0]
+    for method in ("sft", "dopsd"):
+        row = res["summary"][f"main/{c}/{method}"]
+        assert 0.0 <= row["concept_fidelity"]["mean"] <= 1.0 and row["retention"]["n"] == 1
+        assert f"| {c} | {method} |" in md
+    assert "continual" in res["summary"] and "Continual tuning" in md
+    assert (tmp_path / "exp" / "results.png").is_file()
+    saved = json.loads((tmp_path / "exp" / "results.json").read_text())
+    assert saved["summary"].keys() == res["summary"].keys()
+    # resumable: a second invocation finds every run cached
+    lines = []
+    run_experiment(tmp_path / "exp", quick=True, log=lines.append)
+    assert lines and all(line.endswith("cached") for line in lines)
+
+
+def test_concept_export_round_trips_through_train(tmp_path):
+    folder = tmp_path / "heart"
+    scenes = export_concept_folder("heart", folder, n=4)
+    items = load_image_folder(folder, 32)
+    assert len(items) == 4 and all(CONCEPT_TOKEN["heart"] in c for i in items for c in i.captions)
+    assert torch.allclose(items[0].image, render(scenes[0]), atol=1 / 255 + 1e-6)  # PNG is lossless up to 8 bits
+    rc, _, err = run_cli("train", "--data", folder, "--steps", "2", "--out", tmp_path / "run", "--k", "2")
+    assert rc == 0, err
+    assert (tmp_path / "run" / "lora.safetensors").is_file()
