@@ -176,17 +176,20 @@ def add_toy_parsers(sub) -> None:
     p.set_defaults(func=cmd_toy_data)
     p = sub.add_parser("toy-pretrain", help="toy base, stage a: rectified-flow pretraining (resumable)")
     p.add_argument("--work", required=True, help="work folder for checkpoints (resumes from it)")
-    p.add_argument("--steps", type=int, default=10000)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine to 10%%)")
+    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (cosine to 10%%)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.set_defaults(func=cmd_toy_pretrain)
+    p = sub.add_parser("toy-acceptance", help="acceptance numbers of the shipped toy base (JSON)")
+    p.add_argument("--out", help="also write them to this JSON file")
+    p.set_defaults(func=cmd_toy_acceptance)
     p = sub.add_parser("toy-evaluator", help="train the toy evaluator (shape + colour classifier)")
     p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.set_defaults(func=cmd_toy_evaluator)
     p = sub.add_parser("toy-distill", help="toy base, stage b: 4-step trajectory distillation (resumable)")
     p.add_argument("--work", required=True, help="the work folder of toy-pretrain")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.set_defaults(func=cmd_toy_distill)
 
@@ -272,6 +275,19 @@ def cmd_toy_pretrain(args) -> int:
     from .toy.pretrain import pretrain
     _threads(args.threads)
     print(f"pretrained model: {pretrain(Path(args.work), steps=args.steps, lr=args.lr)}")
+    return 0
+
+
+def cmd_toy_acceptance(args) -> int:
+    import json
+    from .toy.experiment import acceptance
+    _require_toy_weights()
+    res = acceptance()
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.out:
+        from .fileio import save_bytes
+        save_bytes(text.encode(), Path(args.out))
     return 0
 
 

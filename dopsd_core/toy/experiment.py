@@ -210,3 +210,19 @@ def results_figure(results: dict, width: int = 720, height: int = 300) -> Image.
                 d.text((bx, height - 35), c[:5], fill=(0, 0, 0))
         d.text((x0, height - 18), "orange: SFT  blue: D-OPSD", fill=(0, 0, 0))
     return img
+
+
+def acceptance(n_unrelated: int = 192, seeds: int = 2) -> dict:
+    """The shipped base's acceptance numbers: 4-step retention; distillation is real (undistilled
+    4-step toy-FID / distilled 4-step toy-FID); teacher concept_fidelity per held-out shape."""
+    from .denoiser import UNDISTILLED_WEIGHTS
+    base, undistilled = load_toy_file(BASE_WEIGHTS), load_toy_file(UNDISTILLED_WEIGHTS)
+    metrics = ToyMetrics(load_evaluator(), base, n_unrelated=n_unrelated)
+    dist, undist = metrics.evaluate(base), metrics.evaluate(undistilled)
+    teacher = {}
+    for shape in HELD_OUT_SHAPES:
+        images, captions = concept_training_set(shape)
+        teacher[shape] = metrics.teacher_fidelity(base, shape, images, captions, seeds=seeds)
+    return {"distilled": dist, "undistilled": undist,
+            "fid_ratio_undistilled_over_distilled_4step": undist["quality_4"] / max(dist["quality_4"], 1e-9),
+            "teacher_concept_fidelity": teacher}
