@@ -190,6 +190,7 @@ def add_toy_parsers(sub) -> None:
     p = sub.add_parser("toy-distill", help="toy base, stage b: 4-step trajectory distillation (resumable)")
     p.add_argument("--work", required=True, help="the work folder of toy-pretrain")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--trajectories", type=int, default=6000, help="teacher trajectories to distill from")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.set_defaults(func=cmd_toy_distill)
 
@@ -303,7 +304,7 @@ def cmd_toy_distill(args) -> int:
     _threads(args.threads)
     if not (Path(args.work) / "pretrained.safetensors").is_file():
         raise DopsdError(f"{args.work} has no pretrained.safetensors; run `dopsd toy-pretrain --work {args.work}` first")
-    print(f"distilled model: {distill(Path(args.work), steps=args.steps)}")
+    print(f"distilled model: {distill(Path(args.work), steps=args.steps, n_traj=args.trajectories)}")
     return 0
 
 

@@ -284,7 +284,9 @@ class Trainer:
             out = dopsd_backward(self.den, batch, self.sigmas, self.gen, teacher=c.teacher,
                                  loss_weight=c.loss_weight, states=c.states, loss_scale=scale)
         else:
-            out = sft_backward(self.den, batch, self.den.shift, self.gen, loss_scale=scale)
+            # SFT draws sigma from the model's own training distribution
+            shift = getattr(self.den, "train_shift", self.den.shift)
+            out = sft_backward(self.den, batch, shift, self.gen, loss_scale=scale)
         return out["loss"]
 
     def train_step(self) -> float:

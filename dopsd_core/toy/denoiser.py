@@ -43,7 +43,8 @@ def latent_to_image(latent: torch.Tensor) -> torch.Tensor:
 
 class ToyDenoiser:
     family = "toy"
-    shift = SHIFT
+    shift = SHIFT  # sampling shift (the grid)
+    train_shift = 1.0  # the base model's training sigma distribution, which SFT reuses (toy.pretrain)
 
     def __init__(self, dit: ToyDiT, text_encoder: ToyTextEncoder, device: str | torch.device = "cpu"):
         self.dit = dit.to(device).eval().requires_grad_(False)
