@@ -45,7 +45,7 @@ class DOPSDSaveLoRA(io.ComfyNode):
         path = lora_path(name)
         if path.exists() and not overwrite:
             raise DopsdError(f"{path.name} already exists in loras; choose another name or turn overwrite on")
-        meta = {"dopsd.saved_by": "DOPSDSaveLoRA"}
+        meta = {**getattr(lora, "metadata", {}), "dopsd.saved_by": "DOPSDSaveLoRA"}
         save_tensors(lora, path, meta)
         return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path}"))
 

@@ -173,10 +173,10 @@ class ComfyDenoiser:
 
     def sigma_grid(self, steps: int) -> list[float]:
         import comfy.samplers
-        if self.family == "flux2-klein":
-            from comfy_extras.nodes_flux import Flux2Scheduler
-            h, w = (self.latent_shape or (128, 64, 64))[-2:]
-            sig = Flux2Scheduler.execute(steps, w * 16, h * 16)[0]
+        if self.family == "flux2-klein":  # the resolution-aware schedule of ComfyUI's Flux2Scheduler node
+            from comfy_extras.nodes_flux import get_schedule
+            h, w = (self.latent_shape or (128, 64, 64))[-2:]  # latent /16: one token per latent pixel
+            sig = get_schedule(steps, round(h * w))
         else:
             sig = comfy.samplers.calculate_sigmas(self.base.model_sampling, "simple", steps)
         return [float(s) for s in sig]

@@ -16,6 +16,15 @@ from ..trainer import Callbacks, TrainConfig, Trainer
 from .comfy import ComfyContext, ComfyDenoiser, detect_family, lora_patches_model, make_weights_trainable
 
 
+class LoraStateDict(dict):
+    """A LORA_MODEL (plain dict of ComfyUI-layout tensors, as stock nodes expect) that also carries the
+    run's safetensors metadata for DOPSDSaveLoRA."""
+
+    def __init__(self, tensors: dict, metadata: dict[str, str]):
+        super().__init__(tensors)
+        self.metadata = dict(metadata)
+
+
 @dataclass
 class ComfyDataset:
     """What DOPSDDataset hands to the trainers: per image, its latent and per caption variant the
@@ -89,7 +98,8 @@ def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path,
             trainer = Trainer(den, dataset.records, cfg, run_dir, callbacks, init_lora=init_lora, resume=resume,
                               preview_fn=_preview_with_contexts(den, dataset))
             trainer.run()
-            lora_sd = {k: v.detach().clone() for k, v in den.lora().state_dict_comfy("student").items()}
+            lora_sd = LoraStateDict({k: v.detach().clone() for k, v in den.lora().state_dict_comfy("student").items()},
+                                    trainer._metadata())
             history = list(trainer.history)
         finally:
             mm.in_training = was_training

@@ -1,7 +1,7 @@
 """The built-in toy model through ComfyUI's real executor: dataset -> trainer -> save -> stock loader."""
 import json
-import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -61,6 +61,12 @@ def test_train_save_and_stock_loader_reproduce_the_trained_model(comfy):
 
     lora_file = comfy.loras_dir / f"{lora}.safetensors"
     sd = load_file(str(lora_file))
+    from safetensors import safe_open
+    with safe_open(str(lora_file), "pt") as f:
+        meta = f.metadata()
+    assert meta["dopsd.method"] == "dopsd" and meta["dopsd.model_family"] == "toy" and meta["dopsd.steps"] == "5"
+    assert json.loads(meta["dopsd.sigma_grid"]) == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-6)
+    assert meta["dopsd.k"] == "4" and meta["dopsd.rank"] == "8"
     assert sd and all(k.startswith("diffusion_model.blocks.") for k in sd)
     assert any(v.abs().sum() > 0 for k, v in sd.items() if k.endswith("lora_up.weight")), "LoRA did not train"
 
