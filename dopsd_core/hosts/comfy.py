@@ -115,6 +115,12 @@ class ComfyDenoiser:
     # --- Denoiser interface --------------------------------------------------------------------
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, ctx: ComfyContext) -> torch.Tensor:
         topts = dict(self.patcher.model_options.get("transformer_options", {}))  # DiTs mutate it: fresh copy
+        if self.family == "flux2-klein" and torch.is_grad_enabled():
+            # FLUX.2 blocks update their hidden states in place (img += ..., x += ...) after autograd saved
+            # them. Saving a copy of every activation autograd keeps (tensors that require grad) makes
+            # backward work; frozen weights are saved by reference, so the cost is the activations only.
+            with torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, _identity):
+                return self.base.apply_model(x_t, sigma, transformer_options=topts, **ctx.kwargs)
         return self.base.apply_model(x_t, sigma, transformer_options=topts, **ctx.kwargs)
 
     def lora(self) -> LoraSet:
@@ -192,6 +198,14 @@ class ComfyDenoiser:
             mc = self.base.extra_conds(**params)
             kwargs = {k: v.process_cond(batch_size=1, area=None).cond for k, v in mc.items()}
         return ComfyContext({k: _clone_tree(v) for k, v in kwargs.items()})
+
+
+def _copy_if_grad(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.requires_grad else t
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _clone_tree(v):

@@ -1,0 +1,134 @@
+"""FLUX.2-klein through ComfyUI's own model classes (a tiny random-weight Flux2 built in-process from
+comfy.supported_models.Flux2): the reference-latent teacher differs from the student, and D-OPSD
+steps train the LoRA (backward through FLUX.2 needs in_training and the in-place fix)."""
+import os
+import sys
+
+import pytest
+import torch
+
+COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+
+
+@pytest.fixture(scope="module")
+def comfy_lib():
+    if not COMFYUI_PATH:
+        pytest.skip("host tier: COMFYUI_PATH is not set")
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+    import comfy.model_management  # noqa: F401
+    return True
+
+
+def tiny_klein():
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    unet_config = {
+        "image_model": "flux2", "axes_dim": [8, 8, 8, 8], "num_heads": 2, "mlp_ratio": 3.0, "theta": 2000,
+        "out_channels": 128, "in_channels": 128, "global_modulation": True, "mlp_silu_act": True,
+        "qkv_bias": False, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
+        "txt_ids_dims": [3], "patch_size": 1, "hidden_size": 64, "context_in_dim": 96, "vec_in_dim": None,
+        "depth": 1, "depth_single_blocks": 2, "guidance_embed": False,
+    }
+    cfg = comfy.supported_models.Flux2(unet_config)
+    cfg.set_inference_dtype(torch.float32, None)
+    torch.manual_seed(0)
+    base = cfg.get_model({})
+    with torch.no_grad():
+        for p in base.diffusion_model.parameters():  # random weights, non-zero everywhere
+            p.copy_(torch.randn_like(p) * 0.05)
+    return comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
+
+
+def test_klein_family_grid_and_lora_targets(comfy_lib):
+    from dopsd_core.hosts.comfy import ComfyDenoiser, detect_family
+    mp = tiny_klein()
+    assert detect_family(mp.model) == "flux2-klein"
+    den = ComfyDenoiser(mp)
+    den.latent_shape = (128, 4, 4)
+    grid = den.sigma_grid(4)
+    assert len(grid) == 5 and grid[0] == pytest.approx(1.0) and grid[-1] == 0.0
+    assert all(a > b for a, b in zip(grid, grid[1:]))
+    lora = den.add_lora(4, 8.0)
+    expected = {f"double_blocks.0.{s}.{m}" for s in ("img_attn", "txt_attn") for m in ("qkv", "proj")}
+    expected |= {f"double_blocks.0.{s}.{m}" for s in ("img_mlp", "txt_mlp") for m in ("0", "2")}
+    expected |= {f"single_blocks.{i}.{m}" for i in range(2) for m in ("linear1", "linear2")}
+    assert set(lora.targets) == expected
+    den.release()
+    assert not any(m._forward_hooks for m in den.dm.modules())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_klein_reference_teacher_differs_and_dopsd_trains(comfy_lib, tmp_path, checkpointing):
+    import comfy.model_management as mm
+
+    from dopsd_core.denoiser import Record
+    from dopsd_core.hosts.comfy import ComfyDenoiser, make_weights_trainable
+    from dopsd_core.trainer import TrainConfig, Trainer
+    mp = tiny_klein()
+    den = ComfyDenoiser(mp)
+    latent = torch.randn(128, 4, 4)
+    den.latent_shape = tuple(latent.shape)
+    text = torch.randn(1, 8, 96)
+    student = den.context(text, {}, latent)
+    teacher = den.context(text, {"reference_latents": [latent[None]]}, latent)
+    assert "ref_latents" in teacher.kwargs and "ref_latents" not in student.kwargs
+    x = torch.randn(1, *latent.shape)
+    s = torch.tensor([0.8])
+    with torch.no_grad():
+        d = (den.denoise(x, s, teacher) - den.denoise(x, s, student)).abs().max().item()
+    assert d > 1e-4, "the reference latent must change the teacher's prediction"
+
+    records = [Record("a", latent, ["c"], [student], [teacher])]
+    was = mm.in_training
+    with torch.inference_mode(False):
+        make_weights_trainable(den.dm)
+        mm.in_training = True
+        try:
+            cfg = TrainConfig(steps=3, rank=4, alpha=4.0, lr=1e-2, k=2, teacher="frozen", checkpointing=checkpointing)
+            trainer = Trainer(den, records, cfg, tmp_path / "run")
+            hist = trainer.run().history
+        finally:
+            mm.in_training = was
+            den.release()
+    assert len(hist) == 3 and all(v > 0 for v in hist)
+    up = [p for n, p in zip(range(10**6), trainer.lora.parameters_list())][1::2]
+    assert any(u.abs().sum() > 0 for u in up), "LoRA B matrices should have moved"
+    assert not any(m._forward_hooks for m in den.dm.modules())
+
+
+def test_klein_gradients_equal_with_and_without_checkpointing(comfy_lib):
+    """Checkpointed blocks recompute FLUX.2's in-place updates; their LoRA gradients must match."""
+    import comfy.model_management as mm
+
+    from dopsd_core.hosts.comfy import ComfyDenoiser, make_weights_trainable
+    from dopsd_core.objectives import Batch, dopsd_backward
+    grads = {}
+    for ckpt in (False, True):
+        mp = tiny_klein()
+        den = ComfyDenoiser(mp)
+        latent = torch.randn(128, 4, 4, generator=torch.Generator().manual_seed(1))
+        den.latent_shape = tuple(latent.shape)
+        text = torch.randn(1, 8, 96, generator=torch.Generator().manual_seed(2))
+        with torch.inference_mode(False):
+            make_weights_trainable(den.dm)
+            was, mm.in_training = mm.in_training, True
+            try:
+                lora = den.add_lora(4, 4.0, seed=0)
+                with torch.no_grad():
+                    for p in lora.parameters_list():
+                        p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+                den.set_checkpointing(ckpt)
+                batch = Batch(latent[None], den.context(text, {}, latent),
+                              den.context(text, {"reference_latents": [latent[None]]}, latent))
+                dopsd_backward(den, batch, den.sigma_grid(2), torch.Generator().manual_seed(4), teacher="frozen")
+                grads[ckpt] = [p.grad.clone() for p in lora.parameters_list()]
+            finally:
+                mm.in_training = was
+                den.release()
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # recomputation rounding only
+    assert any(g.abs().sum() > 0 for g in grads[False])
