@@ -93,7 +93,7 @@ def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path,
     was_training = mm.in_training
     with torch.inference_mode(False), torch.enable_grad():
         make_weights_trainable(den.dm)
-        mm.in_training = True  # FLUX.2's RoPE switches to a differentiable implementation
+        mm.in_training = True  # FLUX.2 and Z-Image RoPE switch to a differentiable implementation
         try:
             trainer = Trainer(den, dataset.records, cfg, run_dir, callbacks, init_lora=init_lora, resume=resume,
                               preview_fn=_preview_with_contexts(den, dataset))
