@@ -76,9 +76,20 @@ class DOPSDDataset(io.ComfyNode):
                 cond = toy_text_encoder.encode(caption)
                 return cond[0][0], dict(cond[0][1])
             ds = build_dataset(model, items, encode_text)
+        elif family == "flux2-klein":
+            if clip is None or vae is None:
+                raise DopsdError("the FLUX.2-klein dataset needs the model's clip (Qwen3) and vae: connect both")
+            from ..dopsd_core.hosts.comfy import PRESETS
+            from ..dopsd_core.hosts.comfy_train import klein_teacher
+
+            def encode_text(caption):
+                cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+                return cond[0][0], dict(cond[0][1])
+            ds = build_dataset(model, items, encode_text, klein_teacher(encode_text, PRESETS[family].teacher_suffix),
+                               vae=vae)
         else:
-            raise DopsdError(f"{family}: dataset building for this family lands with its host adapter; "
-                             "the toy model works now")
+            raise DopsdError("Z-Image-Turbo's teacher is the Qwen3-VL feature (METHOD.md); its encoder node is "
+                             "not in this version yet. FLUX.2-klein and the toy model work.")
         return io.NodeOutput(ds)
 
 

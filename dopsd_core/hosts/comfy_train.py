@@ -70,6 +70,15 @@ def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_co
     return ComfyDataset(family, records, previews, [r.captions[0] for r in records[:n_preview]])
 
 
+def klein_teacher(encode_text, suffix: str):
+    """FLUX.2-klein's teacher: the caption plus the released suffix, with the target's latent as a
+    reference latent (klein's own multi-reference path, method `index`)."""
+    def teacher(caption: str, latent: torch.Tensor, item):
+        cond, extra = encode_text(caption.rstrip() + suffix)
+        return cond, {**extra, "reference_latents": [latent[None]]}
+    return teacher
+
+
 def default_teacher(family: str, cond, extra, latent):
     """The toy's teacher: its caption plus the target latent as a reference image."""
     if family == "toy":

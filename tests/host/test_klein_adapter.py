@@ -132,3 +132,30 @@ def test_klein_gradients_equal_with_and_without_checkpointing(comfy_lib):
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)  # recomputation rounding only
     assert any(g.abs().sum() > 0 for g in grads[False])
+
+
+def test_klein_dataset_build_uses_suffix_and_reference_latent(comfy_lib):
+    from dopsd_core.data import ImageItem
+    from dopsd_core.hosts.comfy import PRESETS
+    from dopsd_core.hosts.comfy_train import build_dataset, klein_teacher
+    mp = tiny_klein()
+    seen = []
+
+    def encode_text(caption):  # stands in for the Qwen3 CLIP: deterministic per caption
+        seen.append(caption)
+        g = torch.Generator().manual_seed(len(caption))
+        return torch.randn(1, 8, 96, generator=g), {}
+
+    class IdentityVae:  # latents of the right klein shape [128, h, w] from an image [1, H, W, 3]
+        def encode(self, pixels):
+            return pixels.mean(-1, keepdim=True).permute(0, 3, 1, 2)[:, :, ::16, ::16].repeat(1, 128, 1, 1)
+
+    items = [ImageItem("a", torch.rand(3, 64, 64), ["a photo of [V]", "[V] on a table"])]
+    ds = build_dataset(mp, items, encode_text, klein_teacher(encode_text, PRESETS["flux2-klein"].teacher_suffix),
+                       vae=IdentityVae())
+    assert ds.family == "flux2-klein" and len(ds.records) == 1
+    rec = ds.records[0]
+    assert rec.x0.shape == (128, 4, 4) and len(rec.student_ctx) == len(rec.teacher_ctx) == 2
+    assert any(c.endswith("consistent with the reference image.") and c.startswith("a photo of [V]") for c in seen)
+    assert "ref_latents" in rec.teacher_ctx[0].kwargs and "ref_latents" not in rec.student_ctx[0].kwargs
+    assert not rec.x0.is_inference() and not rec.teacher_ctx[0].kwargs["c_crossattn"].is_inference()
