@@ -276,6 +276,9 @@ class Trainer:
             xs.append(r.x0)
             cs.append(r.student_ctx[v])
             ct.append(r.teacher_ctx[v])
+        if len({tuple(x.shape) for x in xs}) > 1:
+            raise DopsdError("the dataset has images of different sizes, which cannot share a batch; "
+                             "use batch size 1 (with gradient accumulation) or one resolution")
         return Batch(torch.stack(xs), self.den.batch_contexts(cs), self.den.batch_contexts(ct))
 
     def _micro_step(self, batch: Batch, scale: float) -> float:

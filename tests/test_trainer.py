@@ -244,3 +244,11 @@ def test_previews_and_callbacks(tiny_records, tmp_path):
     assert all(i.it_per_s > 0 and i.eta_s >= 0 and i.lr > 0 for i in infos)
     assert [s for s, _ in previews] == [2, 4]
     assert previews[0][1].shape == (2, 32, 32, 3) and 0 <= previews[0][1].min() and previews[0][1].max() <= 1
+
+
+def test_mixed_image_sizes_need_batch_size_one(tiny_records, tmp_path):
+    den, records = tiny_records()
+    records[1].x0 = records[1].x0[:, :16, :16]
+    t = Trainer(den, records, TrainConfig(steps=5, **{**CFG, "batch_size": 3}), tmp_path / "mixed")
+    with pytest.raises(DopsdError, match="different sizes"):
+        t.run()
