@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..dopsd_core.data import ImageItem, load_image_folder
 from ..dopsd_core.errors import DopsdError
-from ..dopsd_core.hosts.comfy_train import build_dataset
+from ..dopsd_core.hosts.comfy_train import build_dataset, dataset_cache_key, load_dataset, save_dataset
 from .toy import ToyTextEncoder
 
 Dataset = io.Custom("DOPSD_DATASET")
@@ -19,6 +19,28 @@ def _folder(path: str) -> Path:
     import folder_paths
     p = Path(path).expanduser()
     return p if p.is_absolute() else Path(folder_paths.get_input_directory()) / p
+
+
+def _encoder_id(encoder) -> str:
+    """A cheap identity of a text encoder: a sample of its weights (a CLIP or the toy's handle)."""
+    import hashlib
+    module = getattr(encoder, "encoder", None) or getattr(encoder, "cond_stage_model", None)
+    if module is None:
+        return type(encoder).__name__
+    h = hashlib.sha256()
+    for i, (name, t) in enumerate(module.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        if i % 16 == 0:
+            h.update(t.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_path(model, family, items, encoder) -> Path:
+    import folder_paths
+
+    from ..dopsd_core.hosts.comfy import ComfyDenoiser
+    key = dataset_cache_key(family, ComfyDenoiser(model, family).fingerprint(), _encoder_id(encoder), items)
+    return Path(folder_paths.get_output_directory()) / "dopsd" / "cache" / f"{key}.safetensors"
 
 
 def _items_from_images(images: torch.Tensor, template: str) -> list[ImageItem]:
@@ -55,6 +77,17 @@ class DOPSDDataset(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, folder="", **kwargs):
+        """Re-run when the folder's images or captions change (ComfyUI caches by input values otherwise)."""
+        from ..dopsd_core.data import folder_fingerprint
+        if not folder or not folder.strip():
+            return ""
+        try:
+            return folder_fingerprint(_folder(folder.strip()))
+        except DopsdError as e:  # execute() reports it
+            return str(e)
+
+    @classmethod
     def execute(cls, model, folder, caption_template, resolution, images=None, clip=None, vae=None,
                 toy_text_encoder=None):
         from ..dopsd_core.hosts.comfy import detect_family
@@ -67,6 +100,9 @@ class DOPSDDataset(io.ComfyNode):
             items = _items_from_images(images, caption_template)
         else:
             raise DopsdError("no training images: set folder or connect images")
+        cache = _cache_path(model, family, items, clip if family != "toy" else toy_text_encoder)
+        if cache.is_file():
+            return io.NodeOutput(load_dataset(cache))
         if family == "toy":
             if toy_text_encoder is None:
                 raise DopsdError("the toy model's dataset needs its text encoder: connect TEXT_ENCODER from "
@@ -90,6 +126,11 @@ class DOPSDDataset(io.ComfyNode):
         else:
             raise DopsdError("Z-Image-Turbo's teacher is the Qwen3-VL feature (METHOD.md); its encoder node is "
                              "not in this version yet. FLUX.2-klein and the toy model work.")
+        save_dataset(ds, cache)
+        if family != "toy":  # the contexts are cached: free the text encoder and VAE for training
+            import comfy.model_management as mm
+            mm.unload_all_models()
+            mm.soft_empty_cache()
         return io.NodeOutput(ds)
 
 

@@ -128,3 +128,68 @@ def _preview_with_contexts(den: ComfyDenoiser, dataset: ComfyDataset):
             return sample(den, ctx, shape, den.sigma_grid(den.preset.sample_steps), torch.Generator().manual_seed(1234),
                           device=dataset.records[0].x0.device)
     return preview
+
+
+# --- dataset cache on disk ---------------------------------------------------------------------------
+def dataset_cache_key(family: str, model_id: str, encoder_id: str, items: list[ImageItem], extra: str = "") -> str:
+    """Content key: the images' pixels, their captions, the model and the encoders that made the contexts."""
+    import hashlib
+    h = hashlib.sha256(f"{family}|{model_id}|{encoder_id}|{extra}".encode())
+    for item in items:
+        h.update(item.name.encode())
+        h.update("\n".join(item.captions).encode())
+        h.update(item.image.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def save_dataset(ds: ComfyDataset, path: Path) -> None:
+    """Records as safetensors (tensors) + metadata JSON (names, captions, structure): no pickle."""
+    import json
+
+    from ..fileio import save_tensors
+    tensors, layout = {}, []
+
+    def put(prefix: str, kwargs: dict) -> dict:
+        spec = {}
+        for k, v in kwargs.items():
+            if torch.is_tensor(v):
+                tensors[f"{prefix}.{k}"] = v
+                spec[k] = "tensor"
+            elif isinstance(v, list) and all(torch.is_tensor(t) for t in v):
+                for j, t in enumerate(v):
+                    tensors[f"{prefix}.{k}.{j}"] = t
+                spec[k] = ["list", len(v)]
+            else:
+                spec[k] = ["const", v]
+        return spec
+    for i, r in enumerate(ds.records):
+        tensors[f"{i}.x0"] = r.x0
+        layout.append({"name": r.name, "captions": r.captions,
+                       "student": [put(f"{i}.s{v}", c.kwargs) for v, c in enumerate(r.student_ctx)],
+                       "teacher": [put(f"{i}.t{v}", c.kwargs) for v, c in enumerate(r.teacher_ctx)]})
+    meta = {"family": ds.family, "layout": layout, "preview_captions": ds.preview_captions}
+    save_tensors(tensors, path, {"dopsd.dataset": json.dumps(meta)})
+
+
+def load_dataset(path: Path) -> ComfyDataset:
+    import json
+
+    from ..fileio import load_tensors
+    tensors, meta = load_tensors(path)
+    meta = json.loads(meta["dopsd.dataset"])
+
+    def get(prefix: str, spec: dict) -> ComfyContext:
+        kwargs = {}
+        for k, kind in spec.items():
+            if kind == "tensor":
+                kwargs[k] = tensors[f"{prefix}.{k}"]
+            elif kind[0] == "list":
+                kwargs[k] = [tensors[f"{prefix}.{k}.{j}"] for j in range(kind[1])]
+            else:
+                kwargs[k] = kind[1]
+        return ComfyContext(kwargs)
+    records = [Record(r["name"], tensors[f"{i}.x0"], r["captions"],
+                      [get(f"{i}.s{v}", s) for v, s in enumerate(r["student"])],
+                      [get(f"{i}.t{v}", s) for v, s in enumerate(r["teacher"])]) for i, r in enumerate(meta["layout"])]
+    n = len(meta["preview_captions"])
+    return ComfyDataset(meta["family"], records, [r.student_ctx[0] for r in records[:n]], meta["preview_captions"])

@@ -87,3 +87,23 @@ def test_train_save_and_stock_loader_reproduce_the_trained_model(comfy):
     entry = comfy.run(graph(*base))
     assert entry["status"]["status_str"] == "success", node_error_text(entry)
     assert (latest_latent(comfy, f"{run}_base") - stock).abs().max().item() > 1e-4
+
+
+def test_dataset_is_cached_on_disk_by_content(comfy):
+    data = comfy.input_dir / "toy_heart_cache"
+    export_concept_folder("heart", data, n=2)
+    cache_dir = comfy.output_dir / "dopsd" / "cache"
+    before = set(cache_dir.glob("*.safetensors")) if cache_dir.exists() else set()
+    g = graph((1, "DOPSDToyModelLoader", {}),
+              (2, "DOPSDDataset", {"model": ["1", 0], "folder": data.name, "caption_template": "a [V]",
+                                   "resolution": 32, "toy_text_encoder": ["1", 1]}),
+              (3, "DOPSDTeacherPreview", {"model": ["1", 0], "dataset": ["2", 0], "steps": 4, "seed": 0}),
+              (4, "SaveLatent", {"samples": ["3", 0], "filename_prefix": f"latents/{fresh_name('cache')}"}))
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "success", node_error_text(entry)
+    new = set(cache_dir.glob("*.safetensors")) - before
+    assert len(new) == 1
+    (data / "heart_00.txt").write_text("a changed caption with [V2]\n")  # new content -> a new cache entry
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "success", node_error_text(entry)
+    assert len(set(cache_dir.glob("*.safetensors")) - before) == 2
