@@ -67,6 +67,16 @@ def make_config(method, dataset, steps, gpu_preset, rank, lr, optimizer, batch_s
                        save_every=save_every, preview_every=preview_every, **base, **dopsd).validate()
 
 
+def _previewer(model):
+    """ComfyUI's latent-to-RGB previewer for the model's latent format (None if it has no factors)."""
+    from latent_preview import Latent2RGBPreviewer
+    fmt = model.model.latent_format
+    if getattr(fmt, "latent_rgb_factors", None) is None:
+        return None
+    return Latent2RGBPreviewer(fmt.latent_rgb_factors, fmt.latent_rgb_factors_bias,
+                               getattr(fmt, "latent_rgb_factors_reshape", None))
+
+
 def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig):
     import comfy.model_management as mm
     import comfy.utils
@@ -88,7 +98,24 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig):
                                             "loss": info.loss, "lr": info.lr, "it_per_s": info.it_per_s,
                                             "eta_s": info.eta_s}, server.client_id)
 
-    callbacks = Callbacks(on_step=on_step, should_stop=mm.processing_interrupted)
+    previewer = _previewer(model)
+
+    def on_preview(step, latents, _prompts):
+        """Few-step student samples: into the run folder and onto the node's progress preview."""
+        if previewer is None:
+            return
+        from ..dopsd_core.plot import save_png
+        tiles = [previewer.decode_latent_to_preview(lat[None].float().cpu()) for lat in latents]
+        w, h = tiles[0].size
+        scale = max(1, 128 // max(w, h))
+        from PIL import Image
+        grid = Image.new("RGB", (len(tiles) * w * scale, h * scale))
+        for i, tile in enumerate(tiles):
+            grid.paste(tile.resize((w * scale, h * scale), Image.NEAREST), (i * w * scale, 0))
+        save_png(grid, run_dir / "previews" / f"step_{step:06d}.png")
+        pbar.update_absolute(step, cfg.steps, ("JPEG", grid, 512))
+
+    callbacks = Callbacks(on_step=on_step, on_preview=on_preview, should_stop=mm.processing_interrupted)
     try:
         patched, lora_sd, history = train(model, dataset, cfg, run_dir, callbacks, resume=resume)
     except TrainingCancelled:

@@ -19,7 +19,7 @@ def toy_graph_nodes(data_folder: str, run_name: str, lora_name: str, steps: int 
                              "resolution": 32, "toy_text_encoder": ["1", 1]}),
         (3, "DOPSDTrainer", {"model": ["1", 0], "dataset": ["2", 0], "steps": steps, "gpu_preset": "family default",
                              "rank": 8, "lr": 1e-3, "optimizer": "adamw", "batch_size": 2, "grad_accum": 1,
-                             "seed": 0, "checkpointing": False, "save_every": 2, "preview_every": 0,
+                             "seed": 0, "checkpointing": False, "save_every": 2, "preview_every": 2,
                              "run_name": run_name, "resume": False, "k": 4, "teacher": "ema",
                              "ema_decay": 0.9999, "loss_weight": "x0", "states": "all"}),
         (4, "DOPSDSaveLoRA", {"lora": ["3", 1], "name": lora_name, "overwrite": False}),
@@ -73,6 +73,8 @@ def test_train_save_and_stock_loader_reproduce_the_trained_model(comfy):
     run_dir = comfy.output_dir / "dopsd" / run
     state = json.loads((run_dir / "state" / "state.json").read_text())
     assert state["step"] == 5 and len(state["history"]) == 5 and state["model_family"] == "toy"
+    previews = sorted(p.name for p in (run_dir / "previews").glob("*.png"))
+    assert previews == ["step_000002.png", "step_000004.png", "step_000005.png"]
 
     entry = comfy.run(graph(*stock_loader_nodes(f"{lora}.safetensors", f"{run}_stock")))
     assert entry["status"]["status_str"] == "success", node_error_text(entry)
