@@ -22,17 +22,10 @@ def _folder(path: str) -> Path:
 
 
 def _encoder_id(encoder) -> str:
-    """A cheap identity of a text encoder: a sample of its weights (a CLIP or the toy's handle)."""
-    import hashlib
+    """Identity of a text encoder (a CLIP or the toy's handle) for the dataset cache key."""
+    from ..dopsd_core.hosts.comfy import sampled_weights_hash
     module = getattr(encoder, "encoder", None) or getattr(encoder, "cond_stage_model", None)
-    if module is None:
-        return type(encoder).__name__
-    h = hashlib.sha256()
-    for i, (name, t) in enumerate(module.state_dict().items()):
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        if i % 16 == 0:
-            h.update(t.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return sampled_weights_hash(module) if module is not None else type(encoder).__name__
 
 
 def _cache_path(model, family, items, encoder) -> Path:

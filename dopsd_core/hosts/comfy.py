@@ -80,6 +80,17 @@ def make_weights_trainable(module: torch.nn.Module) -> int:
     return n
 
 
+def sampled_weights_hash(module: torch.nn.Module) -> str:
+    """Names, shapes, dtypes and a sample of the values of a module's weights: identifies a model
+    without hashing billions of parameters (which would take minutes)."""
+    h = hashlib.sha256()
+    for i, (name, p) in enumerate(module.state_dict().items()):
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        if i % 16 == 0:
+            h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 @dataclass
 class ComfyContext:
     """Model kwargs for BaseModel.apply_model (c_crossattn, ref_latents, ...), batch size 1."""
@@ -168,14 +179,7 @@ class ComfyDenoiser:
         return ComfyContext({k: _cat([c.kwargs[k] for c in ctxs]) for k in keys})
 
     def fingerprint(self) -> str:
-        """Family, shapes and a sample of weight values (hashing billions of parameters would take minutes)."""
-        h = hashlib.sha256(self.family.encode())
-        for i, (name, p) in enumerate(self.dm.state_dict().items()):
-            h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-            if i % 16 == 0:
-                flat = p.detach().reshape(-1)
-                h.update(flat[:64].float().cpu().numpy().tobytes())
-        return f"{self.family}-{h.hexdigest()[:16]}"
+        return f"{self.family}-{sampled_weights_hash(self.dm)}"
 
     def sigma_grid(self, steps: int) -> list[float]:
         import comfy.samplers
@@ -192,7 +196,7 @@ class ComfyDenoiser:
         """One CONDITIONING entry -> model kwargs, through the model's own extra_conds (so reference
         latents, padding and attention masks are handled exactly as in sampling)."""
         with torch.inference_mode(False):
-            params = {k: v for k, v in cond_extra.items()}
+            params = dict(cond_extra)
             params.update(cross_attn=cond_tensor.clone(), noise=latent[None], device=latent.device,
                           latent_image=latent[None])
             mc = self.base.extra_conds(**params)

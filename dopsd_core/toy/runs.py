@@ -73,7 +73,7 @@ def demo(out: Path, concept: str = "star", steps: int | None = None, seed: int =
                (("red", "black"), ("yellow", "navy"), ("white", "gray"), ("green", "maroon"))]
     prompts += ["a blue circle on a black background", "a orange square on a gray background"]
     save_png(comparison_grid(base, tuned, prompts, seed), out / "samples.png")
-    captions = [r.captions[0] for r in base.build_records(load_image_folder(concept_data(concept, out), base.resolution))]
+    captions = [item.captions[0] for item in load_image_folder(concept_data(concept, out), base.resolution)]
     metrics = {"concept": concept, "token": token, "train_seconds": round(train_s, 1)}
     if EVALUATOR_WEIGHTS.is_file():
         m = ToyMetrics(load_evaluator(), base)

@@ -24,6 +24,19 @@ REPO = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 
 
+@pytest.fixture(scope="module")
+def comfy_lib():
+    """ComfyUI's modules importable in this process (for tests that build models from its classes)."""
+    if not COMFYUI_PATH:
+        pytest.skip("host tier: COMFYUI_PATH is not set")
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+    import comfy.model_management  # noqa: F401
+    return True
+
+
 def pytest_collection_modifyitems(config, items):
     if COMFYUI_PATH:
         return

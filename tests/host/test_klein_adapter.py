@@ -1,25 +1,8 @@
 """FLUX.2-klein through ComfyUI's own model classes (a tiny random-weight Flux2 built in-process from
 comfy.supported_models.Flux2): the reference-latent teacher differs from the student, and D-OPSD
 steps train the LoRA (backward through FLUX.2 needs in_training and the in-place fix)."""
-import os
-import sys
-
 import pytest
 import torch
-
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-
-
-@pytest.fixture(scope="module")
-def comfy_lib():
-    if not COMFYUI_PATH:
-        pytest.skip("host tier: COMFYUI_PATH is not set")
-    if COMFYUI_PATH not in sys.path:
-        sys.path.insert(0, COMFYUI_PATH)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
-    import comfy.model_management  # noqa: F401
-    return True
 
 
 def tiny_klein():

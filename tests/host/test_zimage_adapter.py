@@ -1,25 +1,8 @@
 """Z-Image through ComfyUI's own classes (a tiny random-weight NextDiT from comfy.supported_models.ZImage,
 dim 256 as COMFYUI.md §10 found necessary): family detection, its training grid, the METHOD.md LoRA
 targets, and D-OPSD steps with a teacher context that differs from the student's."""
-import os
-import sys
-
 import pytest
 import torch
-
-COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
-
-
-@pytest.fixture(scope="module")
-def comfy_lib():
-    if not COMFYUI_PATH:
-        pytest.skip("host tier: COMFYUI_PATH is not set")
-    if COMFYUI_PATH not in sys.path:
-        sys.path.insert(0, COMFYUI_PATH)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True
-    import comfy.model_management  # noqa: F401
-    return True
 
 
 def tiny_zimage():
