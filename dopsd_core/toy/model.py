@@ -1,7 +1,7 @@
 """ToyDiT: a miniature single-stream flow-matching DiT with the interface of a real turbo model.
 
-Sequence = [text tokens | image tokens | optional reference-image tokens]; the timestep enters through
-adaLN modulation; the output is the velocity v = eps - x0 on the image tokens. The "VAE" is the
+Sequence = [text tokens | image tokens | optional reference-image tokens]; the timestep and the mean of
+the text tokens enter through adaLN modulation; the output is the velocity v = eps - x0 on the image tokens. The "VAE" is the
 identity: a latent is the RGB image scaled to [-1, 1], patchified 4x4 inside the model.
 
 forward(x, timesteps, context, ref_latents=None, **kwargs) matches the calling convention of
@@ -24,12 +24,13 @@ class ToyConfig:
     image_size: int = 32
     channels: int = 3
     patch: int = 4
-    width: int = 128
-    depth: int = 4
-    heads: int = 4
+    width: int = 160
+    depth: int = 5
+    heads: int = 5
     mlp_ratio: int = 4
     context_dim: int = 64  # text-encoder output width
     text_depth: int = 2
+    pooled_text: bool = True  # caption summary in the adaLN vector (as DiT's class label, SD3's pooled text)
 
     @property
     def tokens(self) -> int:
@@ -120,6 +121,9 @@ class ToyDiT(nn.Module):
         self.ref_type = nn.Parameter(torch.randn(d, device=device, dtype=dtype) * 0.02)  # marks reference tokens
         self.txt_in = linear(cfg.context_dim, d)
         self.t_embedder = nn.Sequential(linear(d, d), nn.SiLU(), linear(d, d))
+        # Attention alone taught shape words very slowly (blobs after 12k steps): a pooled caption in the
+        # modulation reaches every image token at every block, so "square" vs "circle" acts at once.
+        self.txt_pool = nn.Sequential(linear(cfg.context_dim, d), nn.SiLU(), linear(d, d)) if cfg.pooled_text else None
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, linear) for _ in range(cfg.depth))
         self.final_norm = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = linear(d, 2 * d)
@@ -165,6 +169,8 @@ class ToyDiT(nn.Module):
             parts.append(self.img_in(self.patchify(ref_latents.to(x.dtype))) + self.pos + self.ref_type)
         h = torch.cat(parts, dim=1)
         c = self.t_embedder(timestep_embedding(timesteps.reshape(-1).expand(x.shape[0]), self.cfg.width).to(h.dtype))
+        if self.txt_pool is not None:
+            c = c + self.txt_pool(context.mean(dim=1))
         n_txt = context.shape[1]
         for block in self.blocks:
             if self.gradient_checkpointing and torch.is_grad_enabled():
