@@ -11,6 +11,7 @@ from ..dopsd_core.data import ImageItem, load_image_folder
 from ..dopsd_core.errors import DopsdError
 from ..dopsd_core.hosts.comfy_train import build_dataset, dataset_cache_key, load_dataset, save_dataset
 from .toy import ToyTextEncoder
+from .vlm import VLM
 
 Dataset = io.Custom("DOPSD_DATASET")
 
@@ -28,11 +29,11 @@ def _encoder_id(encoder) -> str:
     return sampled_weights_hash(module) if module is not None else type(encoder).__name__
 
 
-def _cache_path(model, family, items, encoder) -> Path:
+def _cache_path(model, family, items, encoder, extra: str = "") -> Path:
     import folder_paths
 
     from ..dopsd_core.hosts.comfy import ComfyDenoiser
-    key = dataset_cache_key(family, ComfyDenoiser(model, family).fingerprint(), _encoder_id(encoder), items)
+    key = dataset_cache_key(family, ComfyDenoiser(model, family).fingerprint(), _encoder_id(encoder), items, extra)
     return Path(folder_paths.get_output_directory()) / "dopsd" / "cache" / f"{key}.safetensors"
 
 
@@ -42,6 +43,17 @@ def _items_from_images(images: torch.Tensor, template: str) -> list[ImageItem]:
         raise DopsdError("caption_template is blank; write at least one caption line with [V], e.g. 'a photo of [V]'")
     return [ImageItem(f"image_{i:03d}", images[i, ..., :3].permute(2, 0, 1).float().clone(), captions)
             for i in range(images.shape[0])]
+
+
+def _vlm_id(vlm) -> str:
+    from ..dopsd_core.hosts.zimage_vl import vlm_fingerprint
+    return f"{vlm_fingerprint(vlm.folder)}|{vlm.text_encoder_file or 'clip'}|{vlm.dtype}"
+
+
+def _vlm_dtype(name: str, device) -> torch.dtype | None:
+    if name == "auto":
+        return None  # bf16 on GPU, fp32 on CPU
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 class DOPSDDataset(io.ComfyNode):
@@ -65,6 +77,9 @@ class DOPSDDataset(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="VAE of the model (FLUX.2-klein, Z-Image)."),
                 ToyTextEncoder.Input("toy_text_encoder", optional=True,
                                      tooltip="For the built-in toy model: its text encoder."),
+                VLM.Input("vlm", optional=True,
+                          tooltip="For Z-Image-Turbo: D-OPSD Qwen3-VL Loader (the teacher sees the target image "
+                                  "through Qwen3-VL spliced with this clip's Qwen3-4B weights)."),
             ],
             outputs=[Dataset.Output(display_name="DATASET")],
         )
@@ -82,7 +97,7 @@ class DOPSDDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, folder, caption_template, resolution, images=None, clip=None, vae=None,
-                toy_text_encoder=None):
+                toy_text_encoder=None, vlm=None):
         from ..dopsd_core.hosts.comfy import detect_family
         family = detect_family(model.model)
         if family == "toy":
@@ -93,7 +108,15 @@ class DOPSDDataset(io.ComfyNode):
             items = _items_from_images(images, caption_template)
         else:
             raise DopsdError("no training images: set folder or connect images")
-        cache = _cache_path(model, family, items, clip if family != "toy" else toy_text_encoder)
+        if family == "z-image":  # refuse before any encoding work
+            if clip is None or vae is None:
+                raise DopsdError("the Z-Image dataset needs the model's clip (qwen_3_4b) and vae: connect both")
+            if vlm is None:
+                raise DopsdError("Z-Image-Turbo's teacher is the Qwen3-VL splice: add a 'D-OPSD Qwen3-VL Loader' "
+                                 "node with a Qwen3-VL-4B-Instruct folder from models/dopsd_vlm and connect it "
+                                 "to vlm")
+        cache = _cache_path(model, family, items, clip if family != "toy" else toy_text_encoder,
+                            _vlm_id(vlm) if family == "z-image" else "")
         if cache.is_file():
             return io.NodeOutput(load_dataset(cache))
         if family == "toy":
@@ -116,9 +139,22 @@ class DOPSDDataset(io.ComfyNode):
                 return cond[0][0], dict(cond[0][1])
             ds = build_dataset(model, items, encode_text, klein_teacher(encode_text, PRESETS[family].teacher_suffix),
                                vae=vae)
-        else:
-            raise DopsdError("Z-Image-Turbo's teacher is the Qwen3-VL feature (METHOD.md); its encoder node is "
-                             "not in this version yet. FLUX.2-klein and the toy model work.")
+        else:  # z-image: the Qwen3-VL splice (dopsd_core.hosts.zimage_vl)
+            import comfy.model_management as mm
+
+            from ..dopsd_core.hosts.zimage_vl import build_zimage_dataset
+
+            def encode_text(caption):
+                cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+                return cond[0][0], dict(cond[0][1])
+
+            def free_memory():  # the CLIP's weights stay readable on the offload device for the splice
+                mm.unload_all_models()
+                mm.soft_empty_cache()
+            device = mm.get_torch_device()
+            ds, _report = build_zimage_dataset(model, items, encode_text, vae, vlm.folder,
+                                               vlm.text_encoder_file or clip, device=device,
+                                               dtype=_vlm_dtype(vlm.dtype, device), free_memory=free_memory)
         save_dataset(ds, cache)
         if family != "toy":  # the contexts are cached: free the text encoder and VAE for training
             import comfy.model_management as mm
