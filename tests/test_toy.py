@@ -98,3 +98,25 @@ def test_concept_export_round_trips_through_train(tmp_path):
     rc, _, err = run_cli("train", "--data", folder, "--steps", "2", "--out", tmp_path / "run", "--k", "2")
     assert rc == 0, err
     assert (tmp_path / "run" / "lora.safetensors").is_file()
+
+
+def test_base_training_stages_run_resume_and_chain(tmp_path):
+    """toy-pretrain then toy-distill on a tiny config: checkpoints resume (a finished stage does no
+    more steps and writes the same model) and the distilled model differs from its parent."""
+    from dopsd_core.fileio import load_tensors
+    from dopsd_core.toy.model import ToyConfig
+    from dopsd_core.toy.pretrain import distill, pretrain, probe
+    cfg = ToyConfig(width=32, depth=1, heads=2, context_dim=16, text_depth=1)
+    first = pretrain(tmp_path, steps=3, batch=4, warmup=1, save_every=2, probe_every=0, cfg=cfg)
+    sd_first, _ = load_tensors(first)
+    again = pretrain(tmp_path, steps=3, batch=4, warmup=1, save_every=2, probe_every=0, cfg=cfg)
+    sd_again, _ = load_tensors(again)
+    assert all(torch.equal(sd_first[k], sd_again[k]) for k in sd_first)
+    out = distill(tmp_path, steps=2, batch=4, n_traj=8, save_every=1, probe_every=0)
+    assert (tmp_path / "trajectories.safetensors").is_file()
+    parent, child = load_toy_file(first), load_toy_file(out)
+    assert child.cfg == cfg
+    diff = [not torch.equal(a, b) for a, b in zip(parent.dit.state_dict().values(), child.dit.state_dict().values())]
+    assert any(diff)
+    res = probe(child, n=6, steps=2)
+    assert set(res) == {"shape_acc", "joint_acc", "ref_copy_acc"} and all(0.0 <= v <= 1.0 for v in res.values())

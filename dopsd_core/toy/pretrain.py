@@ -126,12 +126,12 @@ def _ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
 
 def pretrain(work: Path, steps: int = 8000, batch: int = 32, ref_frac: float = 0.35, lr: float = 6e-4,
              warmup: int = 500, ema_decay: float = 0.999, save_every: int = 250, log_every: int = 50,
-             probe_every: int = 1000, seed: int = 0, cfg: ToyConfig = ToyConfig()) -> Path:
+             probe_every: int = 1000, seed: int = 0, cfg: ToyConfig = ToyConfig(), device: str = "cpu") -> Path:
     """Stage a. Returns the path of the EMA model (work/pretrained.safetensors)."""
     work = Path(work)
     ckpt = _Checkpoint(work / "pretrain_ckpt")
     torch.manual_seed(seed)
-    dit, te = ToyDiT(cfg), ToyTextEncoder(cfg.context_dim, cfg.text_depth)
+    dit, te = ToyDiT(cfg).to(device), ToyTextEncoder(cfg.context_dim, cfg.text_depth).to(device)
     ema_dit, ema_te = copy.deepcopy(dit).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     params = list(dit.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -153,7 +153,9 @@ def pretrain(work: Path, steps: int = 8000, batch: int = 32, ref_frac: float = 0
         for n, ref_prob in ((batch - n_ref, 0.0), (n_ref, 1.0)):
             x0, ids, ref = _collate([make_example(rng, ref_prob) for _ in range(n)])
             sigma = train_sigmas(n, gen)
-            eps = torch.randn(x0.shape, generator=gen)
+            eps = torch.randn(x0.shape, generator=gen)  # drawn on the CPU: the run is the same on any device
+            x0, ids, sigma, eps = x0.to(device), ids.to(device), sigma.to(device), eps.to(device)
+            ref = None if ref is None else ref.to(device)
             s4 = sigma.view(-1, 1, 1, 1)
             x_t = (1 - s4) * x0 + s4 * eps
             v = dit(x_t, sigma, te(ids), ref_latents=ref)
@@ -173,9 +175,9 @@ def pretrain(work: Path, steps: int = 8000, batch: int = 32, ref_frac: float = 0
             ckpt.save(modules, opt, step, {"python": _list(rng.getstate()), "torch": _encode_rng(gen)},
                       {"total": steps})
         if probe_every and step % probe_every == 0:
-            print(f"[pretrain] probe at {step}: {json.dumps(probe(ToyDenoiser(ema_dit, ema_te)))}", flush=True)
+            print(f"[pretrain] probe at {step}: {json.dumps(probe(_cpu_copy(ema_dit, ema_te)))}", flush=True)
     out = work / "pretrained.safetensors"
-    save_toy(ToyDenoiser(ema_dit, ema_te), out, stage="pretrained", steps=steps)
+    save_toy(_cpu_copy(ema_dit, ema_te), out, stage="pretrained", steps=steps)
     return out
 
 
@@ -198,6 +200,10 @@ def probe(den: ToyDenoiser, n: int = 48, steps: int = 16) -> dict:
     got, _ = ev.classify(generate(den, caps, steps, seed=8, refs=refs))
     copy_acc = sum(g == sc.shape for g, sc in zip(got, scenes)) / len(scenes)
     return {"shape_acc": round(shape_acc, 3), "joint_acc": round(joint_acc, 3), "ref_copy_acc": round(copy_acc, 3)}
+
+
+def _cpu_copy(dit: ToyDiT, te: ToyTextEncoder) -> ToyDenoiser:
+    return ToyDenoiser(copy.deepcopy(dit).cpu(), copy.deepcopy(te).cpu())
 
 
 def _list(state):  # random.getstate() -> JSON-able
@@ -225,15 +231,16 @@ def make_trajectories(teacher: ToyDenoiser, n: int, ref_frac: float, seed: int, 
         with_ref = start >= n - n_ref
         ex = [make_example(rng, 1.0 if with_ref else 0.0) for _ in range(m)]
         _, ids, ref = _collate(ex)
-        ctx = ToyContext(teacher.text_encoder(ids), ref)
-        x = torch.randn((m, 3, 32, 32), generator=gen)
+        dev = teacher.device
+        ctx = ToyContext(teacher.text_encoder(ids.to(dev)), None if ref is None else ref.to(dev))
+        x = torch.randn((m, 3, 32, 32), generator=gen).to(dev)
         kept = [x]
         for i in range(fine_steps):
-            s = torch.full((m,), fine[i])
+            s = torch.full((m,), fine[i], device=dev)
             x = euler_step(x, teacher.denoise(x, s, ctx), fine[i], fine[i + 1])
             if (i + 1) % stride == 0:
                 kept.append(x)
-        states.append(torch.stack(kept, 1))
+        states.append(torch.stack(kept, 1).cpu())
         ids_all.append(ids)
         refs.append(ref if ref is not None else torch.zeros(m, 3, 32, 32))
         has_ref.append(torch.full((m,), with_ref))
@@ -243,10 +250,11 @@ def make_trajectories(teacher: ToyDenoiser, n: int, ref_frac: float, seed: int, 
 
 
 def distill(work: Path, steps: int = 2000, batch: int = 32, n_traj: int = 6000, ref_frac: float = 0.35,
-            lr: float = 1e-4, save_every: int = 250, log_every: int = 50, seed: int = 1) -> Path:
+            lr: float = 1e-4, save_every: int = 250, log_every: int = 50, probe_every: int = 500,
+            seed: int = 1, device: str = "cpu") -> Path:
     """Stage b. Returns the path of the distilled 4-step model (work/distilled.safetensors)."""
     work = Path(work)
-    teacher = load_toy_file(work / "pretrained.safetensors")
+    teacher = load_toy_file(work / "pretrained.safetensors", device)
     traj_file = work / "trajectories.safetensors"
     if traj_file.is_file():
         traj, _ = load_tensors(traj_file)
@@ -254,7 +262,7 @@ def distill(work: Path, steps: int = 2000, batch: int = 32, n_traj: int = 6000, 
         traj = make_trajectories(teacher, n_traj, ref_frac, seed)
         save_tensors(traj, traj_file)
     coarse = comfy_simple_sigmas(SHIFT, 4)
-    student = load_toy_file(work / "pretrained.safetensors")
+    student = load_toy_file(work / "pretrained.safetensors", device)
     dit = student.dit.requires_grad_(True).train()  # the text encoder stays as pretrained
     opt = torch.optim.AdamW(dit.parameters(), lr=lr, weight_decay=0.0)
     ckpt = _Checkpoint(work / "distill_ckpt")
@@ -274,15 +282,17 @@ def distill(work: Path, steps: int = 2000, batch: int = 32, n_traj: int = 6000, 
             if len(sel) == 0:
                 continue
             k = torch.randint(4, (len(sel),), generator=gen)
-            x = traj["states"][sel, k]
-            x_next = traj["states"][sel, k + 1]
+            x = traj["states"][sel, k].to(device)
+            x_next = traj["states"][sel, k + 1].to(device)
             sigma = torch.tensor([coarse[i] for i in k.tolist()])
             sigma_next = torch.tensor([coarse[i + 1] for i in k.tolist()])
+            sigma, sigma_next = sigma.to(device), sigma_next.to(device)
             ratio = (sigma_next / sigma).view(-1, 1, 1, 1)
             x0_target = (x_next - ratio * x) / (1 - ratio)  # the x0 whose Euler step lands on x_next
             with torch.no_grad():
-                text = student.text_encoder(traj["ids"][sel])
-            x0_hat = student.denoise(x, sigma, ToyContext(text, traj["refs"][sel] if use_ref else None))
+                text = student.text_encoder(traj["ids"][sel].to(device))
+            ref = traj["refs"][sel].to(device) if use_ref else None
+            x0_hat = student.denoise(x, sigma, ToyContext(text, ref))
             part = F.mse_loss(x0_hat, x0_target) * len(sel) / batch
             part.backward()
             loss += part.item()
@@ -295,7 +305,12 @@ def distill(work: Path, steps: int = 2000, batch: int = 32, n_traj: int = 6000, 
             _progress("distill", step, steps, sum(losses[-log_every:]) / len(losses[-log_every:]), t0, start)
         if step % save_every == 0 or step == steps:
             ckpt.save({"dit": dit}, opt, step, {"torch": _encode_rng(gen)}, {"total": steps})
+        if probe_every and step % probe_every == 0:
+            dit.eval()
+            print(f"[distill] 4-step probe at {step}: {json.dumps(probe(_cpu_copy(dit, student.text_encoder), steps=4))}",
+                  flush=True)
+            dit.train().requires_grad_(True)
     out = work / "distilled.safetensors"
-    save_toy(ToyDenoiser(dit.eval().requires_grad_(False), student.text_encoder), out, stage="distilled-4step",
+    save_toy(_cpu_copy(dit.eval().requires_grad_(False), student.text_encoder), out, stage="distilled-4step",
              steps=steps)
     return out
