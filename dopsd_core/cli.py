@@ -76,13 +76,15 @@ def add_train_parser(sub) -> None:
     p.add_argument("--save-every", type=int, help="save the run folder every N steps (default: at the end)")
     p.add_argument("--preview-every", type=int, help="write preview samples every N steps (default: never)")
     p.add_argument("--checkpointing", action="store_true", default=None, help="per-block gradient checkpointing")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the denoiser (20-35 s compile per graph; pays off only on long runs)")
     p.add_argument("--seed", type=int, help=f"(default {d.seed})")
     p.set_defaults(func=cmd_train)
 
 
 CONFIG_FLAGS = ("method", "steps", "rank", "alpha", "lr", "optimizer", "schedule", "warmup", "k", "teacher",
                 "ema_decay", "loss_weight", "states", "batch_size", "grad_accum", "save_every", "preview_every",
-                "checkpointing", "seed")
+                "checkpointing", "compile", "seed")
 
 
 def cmd_train(args) -> int:
@@ -179,6 +181,7 @@ def add_toy_parsers(sub) -> None:
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (cosine to 10%%)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu; same run on any device)")
     p.set_defaults(func=cmd_toy_pretrain)
     p = sub.add_parser("toy-acceptance", help="acceptance numbers of the shipped toy base (JSON)")
     p.add_argument("--out", help="also write them to this JSON file")
@@ -192,6 +195,7 @@ def add_toy_parsers(sub) -> None:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--trajectories", type=int, default=6000, help="teacher trajectories to distill from")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.set_defaults(func=cmd_toy_distill)
 
 
@@ -275,7 +279,7 @@ def _threads(n: int) -> None:
 def cmd_toy_pretrain(args) -> int:
     from .toy.pretrain import pretrain
     _threads(args.threads)
-    print(f"pretrained model: {pretrain(Path(args.work), steps=args.steps, lr=args.lr)}")
+    print(f"pretrained model: {pretrain(Path(args.work), steps=args.steps, lr=args.lr, device=args.device)}")
     return 0
 
 
@@ -304,7 +308,7 @@ def cmd_toy_distill(args) -> int:
     _threads(args.threads)
     if not (Path(args.work) / "pretrained.safetensors").is_file():
         raise DopsdError(f"{args.work} has no pretrained.safetensors; run `dopsd toy-pretrain --work {args.work}` first")
-    print(f"distilled model: {distill(Path(args.work), steps=args.steps, n_traj=args.trajectories)}")
+    print(f"distilled model: {distill(Path(args.work), steps=args.steps, n_traj=args.trajectories, device=args.device)}")
     return 0
 
 

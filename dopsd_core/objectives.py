@@ -54,23 +54,31 @@ def dopsd_backward(denoiser: Denoiser, batch: Batch, sigmas: list[float], genera
     device = batch.x0.device
     supervised = list(range(K)) if states == "all" else [int(torch.randint(K, (1,), generator=generator))]
     x = torch.randn(batch.x0.shape, generator=generator).to(device) * sigmas[0]  # x_{sigma_0 = 1} = eps
-    per_state = {}
-    for k in range(supervised[-1] + 1):
+    if supervised[0] > 0:
+        # one-state mode: the student's own prefix with no autograd bookkeeping at all (inference_mode),
+        # then one plain copy of the state so autograd may use it
+        with torch.inference_mode(), lora.use("student"):
+            for k in range(supervised[0]):
+                s = torch.full((B,), sigmas[k], device=device)
+                x = euler_step(x, denoiser.denoise(x, s, batch.student_ctx), sigmas[k], sigmas[k + 1])
+        x = x.clone()
+    losses = []  # 0-d tensors: one host sync after the roll-out instead of one per state
+    for k in supervised:
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         s = torch.full((B,), sigma, device=device)
-        if k not in supervised:  # one-state mode: the student's own prefix, no graph
-            with torch.no_grad(), lora.use("student"):
-                x = euler_step(x, denoiser.denoise(x, s, batch.student_ctx), sigma, sigma_next)
-            continue
-        with torch.no_grad(), lora.use(teacher_mode):
+        with torch.inference_mode(), lora.use(teacher_mode):
             x0_teacher = denoiser.denoise(x, s, batch.teacher_ctx)
+        x0_teacher = x0_teacher.clone()  # inference tensors cannot be saved by autograd (mse_loss keeps its target)
         with lora.use("student"):
             x0_student = denoiser.denoise(x, s, batch.student_ctx)
             loss_k = step_weight(loss_weight, sigma, sigma_next) * F.mse_loss(x0_student.float(), x0_teacher.float())
             (loss_k * (loss_scale / len(supervised))).backward()
-        per_state[k] = loss_k.item()
+        losses.append(loss_k.detach())
+        del x0_teacher
         x = euler_step(x, x0_student.detach(), sigma, sigma_next)
-    return {"loss": sum(per_state.values()) / len(per_state), "per_state": per_state}
+    values = torch.stack(losses).tolist()
+    per_state = dict(zip(supervised, values))
+    return {"loss": sum(values) / len(values), "per_state": per_state}
 
 
 def sft_backward(denoiser: Denoiser, batch: Batch, shift: float, generator: torch.Generator, *,

@@ -57,11 +57,12 @@ class TrainConfig:
     states: str = "all"
     seed: int = 0
     checkpointing: bool = False
+    compile: bool = False  # torch.compile the denoiser's forward (numerics equal up to float rounding)
     save_every: int = 0  # 0: save only at the end
     preview_every: int = 0  # 0: no previews
 
     # Fields a resumed run may change; everything else must match the run folder.
-    RESUMABLE_CHANGES = ("steps", "save_every", "preview_every", "checkpointing")
+    RESUMABLE_CHANGES = ("steps", "save_every", "preview_every", "checkpointing", "compile")
 
     def validate(self) -> "TrainConfig":
         def bad(msg):
@@ -160,6 +161,19 @@ def _decode_rng(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
+class CompiledDenoiser:
+    """The same denoiser with `denoise` run through torch.compile; every other attribute is the
+    wrapped one's. Dynamo guards on the LoRA mode and the grad mode, so student, teacher and
+    no-grad passes each get their own graph (compiled once, on first use)."""
+
+    def __init__(self, denoiser: Denoiser):
+        self._inner = denoiser
+        self.denoise = torch.compile(denoiser.denoise)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
 class Trainer:
     def __init__(self, denoiser: Denoiser, records: list[Record], cfg: TrainConfig, run_dir: Path,
                  callbacks: Callbacks | None = None, preview_prompts: list[str] | None = None,
@@ -182,6 +196,7 @@ class Trainer:
         self.params = self.lora.parameters_list()
         self.opt = build_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay)
         denoiser.set_checkpointing(cfg.checkpointing)
+        self.step_den = CompiledDenoiser(denoiser) if cfg.compile else denoiser  # what the objectives call
         self.step, self.history, self.last_saved = 0, [], None
         self.init_lora = str(init_lora) if init_lora else None
         if resume:
@@ -284,12 +299,12 @@ class Trainer:
     def _micro_step(self, batch: Batch, scale: float) -> float:
         c = self.cfg
         if c.method == "dopsd":
-            out = dopsd_backward(self.den, batch, self.sigmas, self.gen, teacher=c.teacher,
+            out = dopsd_backward(self.step_den, batch, self.sigmas, self.gen, teacher=c.teacher,
                                  loss_weight=c.loss_weight, states=c.states, loss_scale=scale)
         else:
             # SFT draws sigma from the model's own training distribution
             shift = getattr(self.den, "train_shift", self.den.shift)
-            out = sft_backward(self.den, batch, shift, self.gen, loss_scale=scale)
+            out = sft_backward(self.step_den, batch, shift, self.gen, loss_scale=scale)
         return out["loss"]
 
     def train_step(self) -> float:

@@ -1,0 +1,93 @@
+"""bench/step_cost.py: --json is one well-formed object on a tiny toy config, and the real-shape models
+have the real parameter counts (computed on the meta device, nothing is allocated)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "step_cost.py"
+
+
+def run_bench(*args: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(BENCH), *args, "--json"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1, res.stdout  # exactly one JSON object on stdout
+    return json.loads(lines[0])
+
+
+@pytest.mark.parametrize("states", ["all", "one"])
+def test_step_cost_json_is_well_formed(states):
+    r = run_bench("--batch", "2", "--k", "2", "--states", states, "--iters", "1", "--warmup", "0", "--threads", "1")
+    for key in ("time_ratio", "memory_ratio", "bound_ratio"):
+        assert isinstance(r[key], float) and 0.0 < r[key] < 100.0, (key, r[key])
+        assert r["spread"][key]["runs"] == [r[key]]
+    assert r["time_ratio"] == pytest.approx(r["dopsd_step_s"] / r["sft_step_s"])
+    assert r["memory_ratio"] == pytest.approx(r["peak_mib"]["dopsd"] / r["peak_mib"]["sft"])
+    assert set(r["activation_share"]) == {"sft", "dopsd"}
+    assert all(0.0 <= v < 1.0 for v in r["activation_share"].values())
+    # the bound is n x (teacher forward + student forward/backward), n = supervised states
+    n = 2 if states == "all" else 1
+    assert r["bound_s"] == pytest.approx(n * (r["teacher_fwd_s"] + r["student_fwd_bwd_s"]))
+    expected = {"memory_ratio", "bound_ratio"} if states == "all" else {"memory_ratio", "one_state_time_ratio"}
+    assert set(r["targets"]) == expected
+    assert all(isinstance(t["met"], bool) for t in r["targets"].values())
+    assert r["all_targets_met"] == all(t["met"] for t in r["targets"].values())
+    assert r["one_state_vs_sft"] == (r["time_ratio"] if states == "one" else None)
+    cfg = r["config"]
+    assert (cfg["model"], cfg["k"], cfg["states"], cfg["batch"], cfg["impl"]) == ("toy", 2, states, 2, "toy")
+    assert r["device"] == "cpu" and r["versions"]["torch"]
+
+
+def test_real_shape_models_have_the_real_sizes():
+    r = run_bench("--model", "klein4b", "--estimate", "--dtype", "fp8", "--rank", "64")
+    assert r["computed_not_measured"] is True
+    m = r["models"]["klein4b"]
+    assert 3.7e9 < m["counts"]["base_params"] < 4.1e9  # FLUX.2-klein-4B
+    assert m["counts"]["lora_modules"] == 5 * 8 + 20 * 2  # METHOD.md targets: 5 double, 20 single blocks
+    # fp8 base: about one byte per weight (norm-free Linears only)
+    assert m["gib"]["base_weight_bytes"] == pytest.approx(m["counts"]["base_params"] / 2**30, rel=0.01)
+    both = run_bench("--model", "zimage", "--estimate", "--dtype", "bf16", "--rank", "16")["models"]["zimage"]
+    assert 5.9e9 < both["counts"]["base_params"] < 6.4e9  # Z-Image-Turbo (6B)
+    assert both["counts"]["lora_modules"] == 34 * 5
+    assert both["gib"]["adamw8bit_state_bytes"] < both["gib"]["adamw_state_bytes"]
+
+
+@pytest.mark.parametrize("name", ["klein4b", "zimage"])
+@pytest.mark.parametrize("dtype,ckpt", [("fp32", False), ("bf16", True), ("fp8", True)])
+def test_same_shape_modules_train_with_dopsd(name, dtype, ckpt, tmp_path, monkeypatch):
+    """The bench's own modules at a tiny width (same code path as the full-size ones): D-OPSD steps run
+    in every base dtype, with checkpointing, on the family's LoRA targets, and change the LoRA."""
+    import torch
+    sys.path.insert(0, str(BENCH.parent))
+    import shapes
+    from dopsd_core.denoiser import Record
+    from dopsd_core.trainer import TrainConfig, Trainer
+    s = shapes.SPECS[name]
+    tiny = shapes.Spec(**{**s.__dict__, "hidden": 64, "heads": 2, "context_dim": 32, "mlp_hidden": 96,
+                          "depth": 1, "depth_single": 1})
+    monkeypatch.setitem(shapes.SPECS, name, tiny)
+    model = shapes.build_model(name, dtype)
+    if dtype == "fp8":
+        assert model.layers[0].attention.qkv.weight.dtype == torch.float8_e4m3fn if name == "zimage" else \
+            model.double_blocks[0].img_attn.qkv.weight.dtype == torch.float8_e4m3fn
+    den = shapes.ShapesDenoiser(name, model, 64, torch.float32 if dtype == "fp32" else torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(den.latent_shape, generator=g)
+    text = torch.randn(1, 8, tiny.context_dim, generator=g)
+    rec = Record("a", x0, ["c"], [shapes.BenchContext(text)], [shapes.teacher_context(tiny, text, x0, g)])
+    tr = Trainer(den, [rec], TrainConfig(steps=2, rank=4, alpha=4.0, lr=1e-2, k=2, checkpointing=ckpt),
+                 tmp_path / "run")
+    before = {k: v.clone() for k, v in tr.lora.state_dict_comfy().items()}
+    hist = tr.run().history
+    assert len(hist) == 2 and all(v > 0 and v == v for v in hist)
+    after = tr.lora.state_dict_comfy()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("lora_up.weight"))
+    prefixes = ("double_blocks.0.", "single_blocks.0.") if name == "klein4b" else \
+        ("layers.0.", "noise_refiner.0.", "context_refiner.0.")
+    assert {t.split(".")[0] + "." + t.split(".")[1] + "." for t in tr.lora.targets} == set(prefixes)
