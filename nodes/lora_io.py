@@ -13,10 +13,14 @@ from ..dopsd_core.fileio import save_tensors
 from ..dopsd_core.plot import loss_plot
 
 
+def loras_root() -> Path:
+    import folder_paths
+    return Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+
+
 def lora_path(name: str) -> Path:
     """models/loras/<name>.safetensors; plain names only (sub-folders allowed), never outside loras/."""
-    import folder_paths
-    root = Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+    root = loras_root()
     name = name.strip().removesuffix(".safetensors")
     if not name or not re.fullmatch(r"[A-Za-z0-9_.\- /]+", name) or name.startswith("/") or ".." in name.split("/"):
         raise DopsdError(f"LoRA name {name!r} must be a relative name like 'dopsd/my_concept' (letters, digits, "
@@ -37,7 +41,12 @@ class DOPSDSaveLoRA(io.ComfyNode):
                     io.String.Input("name", default="dopsd/my_concept",
                                     tooltip="File name under models/loras (no extension)."),
                     io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name.")],
-            outputs=[io.String.Output(display_name="path")],
+            outputs=[io.String.Output(display_name="path"),
+                     # "*" (any): ComfyUI's validation accepts it into a stock loader's list-typed lora_name,
+                     # a COMBO output is refused there (received_type COMBO vs the options list)
+                     io.AnyType.Output(display_name="lora_name",
+                                       tooltip="The file's name as the stock LoRA loaders list it: connect it to "
+                                               "LoraLoaderModelOnly's lora_name to load it in the same run.")],
         )
 
     @classmethod
@@ -47,7 +56,8 @@ class DOPSDSaveLoRA(io.ComfyNode):
             raise DopsdError(f"{path.name} already exists in loras; choose another name or turn overwrite on")
         meta = {**getattr(lora, "metadata", {}), "dopsd.saved_by": "DOPSDSaveLoRA"}
         save_tensors(lora, path, meta)
-        return io.NodeOutput(str(path), ui=ui.PreviewText(f"saved {path}"))
+        listed = path.relative_to(Path(loras_root())).as_posix()
+        return io.NodeOutput(str(path), listed, ui=ui.PreviewText(f"saved {path}"))
 
 
 class DOPSDLossPlot(io.ComfyNode):

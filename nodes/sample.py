@@ -34,7 +34,8 @@ class DOPSDFewStepSampler(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The prompt (a [V] prompt shows the concept)."),
                 io.Int.Input("steps", default=0, min=0, max=100, tooltip="Sampling steps; 0 = the family default."),
                 io.Int.Input("batch_size", default=4, min=1, max=64, tooltip="Samples per model."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the initial noise."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             control_after_generate=io.ControlAfterGenerate.fixed, tooltip="Seed of the initial noise."),
                 io.Int.Input("width", default=1024, min=16, max=4096, step=16, tooltip="Image width (toy: 32)."),
                 io.Int.Input("height", default=1024, min=16, max=4096, step=16, tooltip="Image height (toy: 32)."),
                 io.Model.Input("model_after", optional=True, tooltip="The trained model (after)."),
@@ -69,7 +70,8 @@ class DOPSDTeacherPreview(io.ComfyNode):
             inputs=[io.Model.Input("model", tooltip="The base model."),
                     Dataset.Input("dataset", tooltip="From D-OPSD Dataset."),
                     io.Int.Input("steps", default=0, min=0, max=100, tooltip="Sampling steps; 0 = family default."),
-                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of the initial noise.")],
+                    io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             control_after_generate=io.ControlAfterGenerate.fixed, tooltip="Seed of the initial noise.")],
             outputs=[io.Latent.Output(display_name="LATENT")],
         )
 

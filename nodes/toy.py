@@ -1,6 +1,9 @@
 """Nodes for the built-in toy model: a real ComfyUI MODEL, its text encoder, and latent <-> image."""
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 from comfy_api.latest import io
 
@@ -15,7 +18,8 @@ class DOPSDToyModelLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DOPSDToyModelLoader", display_name="D-OPSD Toy Model Loader", category="D-OPSD/toy",
-            description="Loads the built-in 4-step toy turbo model (32x32 RGB shapes). Runs on CPU.",
+            description="Loads the built-in 4-step toy turbo model (32x32 RGB shapes). Runs on CPU. Without the "
+                        "trained toy weights it is a seeded random-weight model (samples are noise).",
             inputs=[],
             outputs=[io.Model.Output(display_name="MODEL"),
                      ToyTextEncoder.Output(display_name="TEXT_ENCODER")],
@@ -23,8 +27,24 @@ class DOPSDToyModelLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls):
-        model, te = load_toy_comfy(BASE_WEIGHTS)
-        return io.NodeOutput(model, te)
+        return io.NodeOutput(*load_toy_comfy(toy_weights()))
+
+
+def toy_weights() -> Path:
+    """The shipped trained toy weights; until they ship, a seeded random-weight toy written once to
+    ComfyUI's temp folder (the whole graph runs and trains; its samples are noise)."""
+    if BASE_WEIGHTS.is_file():
+        return BASE_WEIGHTS
+    import folder_paths
+
+    from ..dopsd_core.toy.denoiser import random_toy, save_toy
+    path = Path(folder_paths.get_temp_directory()) / "dopsd" / "toy_random_seed0.safetensors"
+    if not path.is_file():
+        logging.warning("D-OPSD: no trained toy weights at %s; using a seeded random-weight toy model "
+                        "(samples are noise)", BASE_WEIGHTS)
+        with torch.inference_mode(False):
+            save_toy(random_toy(seed=0), path, note="random weights (trained toy weights not installed)")
+    return path
 
 
 class DOPSDToyTextEncode(io.ComfyNode):
@@ -78,4 +98,25 @@ class DOPSDToyDecode(io.ComfyNode):
         return io.NodeOutput(img.permute(0, 2, 3, 1).contiguous())
 
 
-NODES = [DOPSDToyModelLoader, DOPSDToyTextEncode, DOPSDToyEmptyLatent, DOPSDToyDecode]
+class DOPSDToyConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from ..dopsd_core.toy.render import CONCEPT_TOKEN, HELD_OUT_SHAPES
+        return io.Schema(
+            node_id="DOPSDToyConcept", display_name="D-OPSD Toy Concept Images", category="D-OPSD/toy",
+            description="The training images of a shape the toy base model never saw (star = [V1], heart = [V2], "
+                        "crescent = [V3]): the same renders `dopsd toy-data` exports, so no files are needed.",
+            inputs=[io.Combo.Input("shape", options=list(HELD_OUT_SHAPES), default=HELD_OUT_SHAPES[0],
+                                   tooltip="Held-out shape: " + ", ".join(f"{s} {t}" for s, t in CONCEPT_TOKEN.items())),
+                    io.Int.Input("count", default=6, min=1, max=8, tooltip="Number of example images (4-8).")],
+            outputs=[io.Image.Output(display_name="IMAGE"), io.String.Output(display_name="token")],
+        )
+
+    @classmethod
+    def execute(cls, shape, count):
+        from ..dopsd_core.toy.render import CONCEPT_TOKEN, concept_scenes, render
+        images = torch.stack([render(s) for s in concept_scenes(shape, count)])  # [N, 3, 32, 32] in [0, 1]
+        return io.NodeOutput(images.permute(0, 2, 3, 1).contiguous(), CONCEPT_TOKEN[shape])
+
+
+NODES = [DOPSDToyModelLoader, DOPSDToyTextEncode, DOPSDToyEmptyLatent, DOPSDToyDecode, DOPSDToyConcept]

@@ -1,7 +1,6 @@
 """DOPSDTrainer / DOPSDSFTTrainer: thin nodes around dopsd_core.hosts.comfy_train.train."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from comfy_api.latest import io
@@ -10,6 +9,7 @@ from ..dopsd_core.errors import DopsdError, TrainingCancelled
 from ..dopsd_core.hosts.comfy import PRESETS
 from ..dopsd_core.trainer import Callbacks, TrainConfig, is_run_folder
 from .dataset import Dataset
+from .live import RUN_NAME
 
 # Consumer-GPU presets: what changes from the family defaults to fit smaller cards.
 GPU_PRESETS = {
@@ -23,7 +23,7 @@ GPU_PRESETS = {
 
 def run_dir_for(run_name: str) -> Path:
     import folder_paths
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", run_name) or ".." in run_name:
+    if not RUN_NAME.fullmatch(run_name):
         raise DopsdError(f"run_name {run_name!r} must be a plain name (letters, digits, _ . -), not a path")
     return Path(folder_paths.get_output_directory()) / "dopsd" / run_name
 
@@ -42,7 +42,8 @@ def common_inputs():
                        tooltip="adamw8bit needs bitsandbytes (saves optimizer memory on GPUs)."),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),
         io.Int.Input("grad_accum", default=1, min=1, max=64, tooltip="Gradient accumulation steps."),
-        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed of noise, sampling and LoRA init."),
+        io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                     tooltip="Seed of noise, sampling and LoRA init (part of the run's config: fixed)."),
         io.Boolean.Input("checkpointing", default=False, tooltip="Per-block gradient checkpointing (less memory)."),
         io.Int.Input("save_every", default=100, min=0, max=100000,
                      tooltip="Atomic save of the run folder every N steps (0 = at the end)."),
@@ -83,6 +84,7 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig):
     from server import PromptServer
 
     from ..dopsd_core.hosts.comfy_train import train
+    from . import live
     node_id = cls.hidden.unique_id
     run_dir = run_dir_for(run_name)
     if resume and not is_run_folder(run_dir):
@@ -94,9 +96,7 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig):
         pbar.update_absolute(info.step, info.total)
         text = f"step {info.step}/{info.total}  loss {info.loss:.4g}  {info.it_per_s:.2f} it/s  ETA {info.eta_s:.0f}s"
         server.send_progress_text(text, node_id)
-        server.send_sync("dopsd.progress", {"node": node_id, "run": run_name, "step": info.step, "total": info.total,
-                                            "loss": info.loss, "lr": info.lr, "it_per_s": info.it_per_s,
-                                            "eta_s": info.eta_s}, server.client_id)
+        live.run_step(node_id, run_id, info.step, info.total, info.loss, info.lr, info.it_per_s, info.eta_s)
 
     previewer = _previewer(model)
 
@@ -112,15 +112,23 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig):
         grid = Image.new("RGB", (len(tiles) * w * scale, h * scale))
         for i, tile in enumerate(tiles):
             grid.paste(tile.resize((w * scale, h * scale), Image.NEAREST), (i * w * scale, 0))
-        save_png(grid, run_dir / "previews" / f"step_{step:06d}.png")
+        png = run_dir / "previews" / f"step_{step:06d}.png"
+        save_png(grid, png)
         pbar.update_absolute(step, cfg.steps, ("JPEG", grid, 512))
+        live.run_preview(node_id, run_id, step, png)
 
     callbacks = Callbacks(on_step=on_step, on_preview=on_preview, should_stop=mm.processing_interrupted)
+    run_id = live.run_started(node_id, run_name, cfg.method, cfg.steps)
+    status = "error"
     try:
         patched, lora_sd, history = train(model, dataset, cfg, run_dir, callbacks, resume=resume)
+        status = "finished"
     except TrainingCancelled:
+        status = "cancelled"
         mm.throw_exception_if_processing_interrupted()  # ComfyUI reports the run as interrupted
         raise
+    finally:
+        live.run_finished(node_id, run_id, status)
     return io.NodeOutput(patched, lora_sd, {"loss": history})
 
 

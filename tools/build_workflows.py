@@ -1,0 +1,400 @@
+"""Writes workflows/*.json (ComfyUI's UI / LiteGraph format) from the compact graphs below.
+
+Node inputs, outputs and the order of widget values come from a running ComfyUI's /object_info, so
+the files match what the frontend builds for those nodes:
+
+    python tools/build_workflows.py http://127.0.0.1:8188     (or a saved object_info.json)
+
+Edit the graphs here (or in ComfyUI and export), then check with tests/test_workflows.py (CI) and
+tests/host/test_browser.py (real ComfyUI + frontend).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+FRONTEND_ONLY = {"MarkdownNote": ["text"], "Note": ["text"]}  # virtual nodes of the frontend
+
+# Model files: names as in ComfyUI's own templates (comfyui-workflow-templates).
+KLEIN_UNET = "flux-2-klein-4b.safetensors"
+KLEIN_TE = "qwen_3_4b.safetensors"
+KLEIN_VAE = "flux2-vae.safetensors"
+ZIMAGE_UNET = "z_image_turbo_bf16.safetensors"
+ZIMAGE_TE = "qwen_3_4b.safetensors"
+ZIMAGE_VAE = "ae.safetensors"
+HF = "https://huggingface.co/Comfy-Org"
+MODEL_URLS = {
+    KLEIN_UNET: (f"{HF}/flux2-klein/resolve/main/split_files/diffusion_models/{KLEIN_UNET}", "diffusion_models"),
+    KLEIN_VAE: (f"{HF}/flux2-dev/resolve/main/split_files/vae/{KLEIN_VAE}", "vae"),
+    ZIMAGE_UNET: (f"{HF}/z_image_turbo/resolve/main/split_files/diffusion_models/{ZIMAGE_UNET}", "diffusion_models"),
+    ZIMAGE_TE: (f"{HF}/z_image_turbo/resolve/main/split_files/text_encoders/{ZIMAGE_TE}", "text_encoders"),
+    ZIMAGE_VAE: (f"{HF}/z_image_turbo/resolve/main/split_files/vae/{ZIMAGE_VAE}", "vae"),
+}
+
+TOY_TRAIN = {"steps": 300, "gpu_preset": "family default", "rank": 0, "lr": 0.0, "optimizer": "adamw",
+             "batch_size": 2, "grad_accum": 1, "seed": 0, "checkpointing": False, "save_every": 100,
+             "preview_every": 25, "resume": False}
+DOPSD_ONLY = {"k": 4, "teacher": "ema", "ema_decay": 0.9999, "loss_weight": "x0", "states": "all"}
+TOY_SAMPLE = {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+
+
+class Graph:
+    def __init__(self, info: dict):
+        self.info, self.nodes, self.links, self.groups = info, [], [], []
+
+    def node(self, type_, pos, size=(300, 120), title=None, mode=0, **widgets):
+        nid = len(self.nodes) + 1
+        self.nodes.append({"id": nid, "type": type_, "pos": list(pos), "size": list(size), "title": title,
+                           "mode": mode, "widgets": widgets, "in": {}})
+        return nid
+
+    def link(self, src: int, slot: int, dst: int, input_name: str):
+        self.nodes[dst - 1]["in"][input_name] = (src, slot)
+
+    def group(self, title, bounding, color="#3f789e"):
+        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": list(bounding), "color": color,
+                            "font_size": 22, "flags": {}})
+
+    def note(self, pos, size, title, text):
+        return self.node("MarkdownNote", pos, size, title=title, text=text)
+
+    def to_json(self) -> dict:
+        out_nodes, links = [], []
+        outputs = {}  # (node id, slot) -> links
+        for n in self.nodes:
+            spec = self.info.get(n["type"])
+            widgets_values, inputs, outs = [], [], []
+            if spec is None:
+                names = FRONTEND_ONLY[n["type"]]
+                widgets_values = [n["widgets"][k] for k in names]
+            else:
+                order = spec.get("input_order", {})
+                for section in ("required", "optional"):
+                    for name in order.get(section, []):
+                        kind, opts = spec["input"][section][name][0], (spec["input"][section][name] + [{}])[1]
+                        is_widget = isinstance(kind, list) or kind in WIDGET_TYPES
+                        if is_widget and name not in n["in"]:
+                            if name not in n["widgets"]:
+                                raise KeyError(f"{n['type']}: no value for widget {name!r}")
+                            widgets_values.append(n["widgets"][name])
+                            if _has_seed_control(kind, name, opts):
+                                widgets_values.append("fixed")
+                        elif not is_widget or name in n["in"]:
+                            entry = {"name": name, "type": "COMBO" if isinstance(kind, list) else kind, "link": None}
+                            if is_widget:
+                                entry["widget"] = {"name": name}
+                                widgets_values.append(n["widgets"][name])
+                                if _has_seed_control(kind, name, opts):
+                                    widgets_values.append("fixed")
+                            inputs.append(entry)
+                unknown = set(n["widgets"]) - {k for s in order.values() for k in s}
+                if unknown:
+                    raise KeyError(f"{n['type']}: unknown widgets {sorted(unknown)}")
+                for slot, (typ, name) in enumerate(zip(spec["output"], spec["output_name"])):
+                    links_here = []
+                    outputs[(n["id"], slot)] = links_here
+                    outs.append({"name": name, "type": typ, "links": links_here, "slot_index": slot})
+            node = {"id": n["id"], "type": n["type"], "pos": n["pos"], "size": n["size"], "flags": {},
+                    "order": 0, "mode": n["mode"], "inputs": inputs, "outputs": outs,
+                    "properties": {"Node name for S&R": n["type"]}, "widgets_values": widgets_values}
+            if n["title"]:
+                node["title"] = n["title"]
+            models = [w for w in n["widgets"].values() if isinstance(w, str) and w in MODEL_URLS]
+            if models:
+                node["properties"]["models"] = [{"name": m, "url": MODEL_URLS[m][0], "directory": MODEL_URLS[m][1]}
+                                                for m in models]
+            out_nodes.append(node)
+        for n, node in zip(self.nodes, out_nodes):
+            for entry in node["inputs"]:
+                if entry["name"] in n["in"]:
+                    src, slot = n["in"][entry["name"]]
+                    lid = len(links) + 1
+                    typ = out_nodes[src - 1]["outputs"][slot]["type"]
+                    links.append([lid, src, slot, n["id"], node["inputs"].index(entry), typ])
+                    entry["link"] = lid
+                    outputs[(src, slot)].append(lid)
+        for order, node in enumerate(_topological(out_nodes, links)):
+            node["order"] = order
+        return {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, json.dumps([n["type"] for n in out_nodes]))),
+                "revision": 0, "last_node_id": len(out_nodes), "last_link_id": len(links), "nodes": out_nodes,
+                "links": links, "groups": self.groups, "config": {},
+                "extra": {"ds": {"scale": 0.6, "offset": [520, 60]}}, "version": 0.4}
+
+
+def _has_seed_control(kind, name, opts) -> bool:
+    """The frontend adds a 'control after generate' widget (its value follows the seed's in
+    widgets_values) when the input asks for one, and by default to INT inputs named seed/noise_seed."""
+    flag = opts.get("control_after_generate")
+    return bool(flag) if flag is not None else (kind == "INT" and name in ("seed", "noise_seed"))
+
+
+def _topological(nodes, links):
+    deps = {n["id"]: {l[1] for l in links if l[3] == n["id"]} for n in nodes}
+    done, out = set(), []
+    while len(out) < len(nodes):
+        for n in nodes:
+            if n["id"] not in done and deps[n["id"]] <= done:
+                done.add(n["id"])
+                out.append(n)
+    return out
+
+
+def _toy_common(g: Graph, x0=0):
+    loader = g.node("DOPSDToyModelLoader", (x0, 80), (300, 80))
+    concept = g.node("DOPSDToyConcept", (x0, 220), (300, 110), shape="star", count=6)
+    shown = g.node("PreviewImage", (x0, 380), (300, 260), title="Training images (the star, never seen by the model)")
+    g.link(concept, 0, shown, "images")
+    data = g.node("DOPSDDataset", (x0 + 340, 80), (320, 300), folder="",
+                  caption_template="a [V1]\na [V1] on a background\na photo of a [V1]", resolution=32)
+    g.link(loader, 0, data, "model")
+    g.link(concept, 0, data, "images")
+    g.link(loader, 1, data, "toy_text_encoder")
+    prompt = g.node("DOPSDToyTextEncode", (x0 + 340, 430), (320, 120), text="a red [V1] on a black background")
+    g.link(loader, 1, prompt, "text_encoder")
+    empty = g.node("DOPSDToyEmptyLatent", (x0 + 340, 600), (320, 80), batch_size=4)
+    return loader, data, prompt, empty
+
+
+def _toy_sampler(g: Graph, model, prompt, empty, pos, title, mode=0):
+    x, y = pos
+    ks = g.node("KSampler", (x, y), (300, 262), title=title, mode=mode, **TOY_SAMPLE)
+    g.link(model[0], model[1], ks, "model")
+    g.link(prompt, 0, ks, "positive")
+    g.link(prompt, 0, ks, "negative")
+    g.link(empty, 0, ks, "latent_image")
+    dec = g.node("DOPSDToyDecode", (x, y + 300), (300, 80), mode=mode, scale=4)
+    g.link(ks, 0, dec, "samples")
+    return dec
+
+
+def toy_demo(info) -> dict:
+    g = Graph(info)
+    g.note((-420, 80), (380, 620), "Read me: D-OPSD on the built-in toy model (CPU)", (
+        "## D-OPSD on the toy model\n\n"
+        "Runs on a laptop CPU: **no model files are needed**. The toy is a 4-step turbo model of 32x32 "
+        "coloured shapes that has never seen a star; D-OPSD teaches it the star as `[V1]` in 300 steps "
+        "(a few minutes on 2 cores).\n\n"
+        "1. Press **Queue** (Run).\n"
+        "2. Watch the **D-OPSD Trainer** node: loss curve (raw + smoothed, `log` toggle), step/total, "
+        "it/s, ETA and the latest 4-step preview of the student.\n"
+        "3. *D-OPSD Save LoRA* writes `ComfyUI/models/loras/dopsd/toy_star.safetensors`; the stock "
+        "*LoraLoaderModelOnly* loads that file (its lora_name comes from the save node) and the stock "
+        "*KSampler* samples it: compare *Before* (base) and *After* on the same noise, 4 steps, cfg 1.\n\n"
+        "The run folder (resumable: turn *resume* on and raise *steps*) is `ComfyUI/output/dopsd/toy_star/`.\n\n"
+        "Until the trained toy weights ship, the loader uses a seeded random-weight toy: everything runs, "
+        "the samples are noise."))
+    loader, data, prompt, empty = _toy_common(g)
+    trainer = g.node("DOPSDTrainer", (720, 80), (380, 660), run_name="toy_star", **TOY_TRAIN, **DOPSD_ONLY)
+    g.link(loader, 0, trainer, "model")
+    g.link(data, 0, trainer, "dataset")
+    save = g.node("DOPSDSaveLoRA", (1140, 80), (320, 130), name="dopsd/toy_star", overwrite=True)
+    g.link(trainer, 1, save, "lora")
+    plot = g.node("DOPSDLossPlot", (1140, 250), (320, 80), log_scale=True)
+    g.link(trainer, 2, plot, "loss")
+    plot_view = g.node("PreviewImage", (1140, 370), (320, 280), title="Loss")
+    g.link(plot, 0, plot_view, "images")
+    before = _toy_sampler(g, (loader, 0), prompt, empty, (1500, 80), "Before: base model, 4 steps")
+    bv = g.node("PreviewImage", (1500, 480), (300, 280), title="Before")
+    g.link(before, 0, bv, "images")
+    # the saved file through the stock loader: lora_name comes from the save node, so it loads in this run
+    lora = g.node("LoraLoaderModelOnly", (1840, 880), (320, 110), lora_name="dopsd/toy_star.safetensors",
+                  strength_model=1.0)
+    g.link(loader, 0, lora, "model")
+    g.link(save, 1, lora, "lora_name")
+    after = _toy_sampler(g, (lora, 0), prompt, empty, (1840, 80), "After: saved LoRA, stock loader, 4 steps")
+    av = g.node("PreviewImage", (1840, 480), (300, 280), title="After")
+    g.link(after, 0, av, "images")
+    g.group("1. Data", (-10, 0, 690, 720))
+    g.group("2. Train and save", (700, 0, 780, 1080), "#8a6d3b")
+    g.group("3. Before / after: stock KSampler, same noise", (1490, 0, 680, 1020), "#3f789e")
+    return g.to_json()
+
+
+def sft_vs_dopsd(info) -> dict:
+    g = Graph(info)
+    g.note((-420, 80), (380, 560), "Read me: SFT vs D-OPSD on the toy model (CPU)", (
+        "## SFT vs D-OPSD, side by side\n\n"
+        "The same data, LoRA rank, steps and seed; two objectives:\n\n"
+        "* **D-OPSD Trainer**: the model with the target image in context teaches the model without it, "
+        "on the model's own 4-step trajectory.\n"
+        "* **D-OPSD SFT Trainer**: ordinary flow matching on the images (the baseline).\n\n"
+        "Both trainers draw their own live loss curve. The grid (right) has one row per model on the same "
+        "noise, 4 steps, cfg 1: **base**, **D-OPSD**, **SFT**. SFT re-teaches instantaneous velocities, so "
+        "at 4 steps it tends to blur; D-OPSD stays on its few-step path.\n\n"
+        "CPU only, no model files (about 5 minutes on 2 cores). Until the trained toy weights ship, the toy "
+        "is a seeded random-weight model: the graph runs, the samples are noise."))
+    loader, data, prompt, empty = _toy_common(g)
+    dopsd = g.node("DOPSDTrainer", (720, 80), (380, 660), title="D-OPSD Trainer", run_name="toy_star_dopsd",
+                   **TOY_TRAIN, **DOPSD_ONLY)
+    sft = g.node("DOPSDSFTTrainer", (1140, 80), (380, 600), title="SFT Trainer (baseline)",
+                 run_name="toy_star_sft", **TOY_TRAIN)
+    for t in (dopsd, sft):
+        g.link(loader, 0, t, "model")
+        g.link(data, 0, t, "dataset")
+    rows = []
+    for i, (model, title) in enumerate([((loader, 0), "base"), ((dopsd, 0), "D-OPSD"), ((sft, 0), "SFT")]):
+        rows.append(_toy_sampler(g, model, prompt, empty, (1560 + 340 * i, 80), f"{title}: 4 steps"))
+    b1 = g.node("ImageBatch", (1560, 500), (300, 80))
+    g.link(rows[0], 0, b1, "image1")
+    g.link(rows[1], 0, b1, "image2")
+    b2 = g.node("ImageBatch", (1900, 500), (300, 80))
+    g.link(b1, 0, b2, "image1")
+    g.link(rows[2], 0, b2, "image2")
+    single = g.node("RebatchImages", (1560, 620), (300, 80), batch_size=1)  # ImageGrid takes a list of images
+    g.link(b2, 0, single, "images")
+    grid = g.node("ImageGrid", (1560, 740), (300, 170), columns=4, cell_width=128, cell_height=128, padding=4)
+    g.link(single, 0, grid, "images")
+    save = g.node("SaveImage", (1900, 620), (640, 560), title="Rows: base / D-OPSD / SFT (same noise)",
+                  filename_prefix="dopsd/sft_vs_dopsd_grid")
+    g.link(grid, 0, save, "images")
+    plots = []
+    for t, y in ((dopsd, 800), (sft, 760)):
+        p = g.node("DOPSDLossPlot", (720 if t == dopsd else 1140, y), (320, 80), log_scale=True)
+        g.link(t, 2, p, "loss")
+        v = g.node("PreviewImage", (720 if t == dopsd else 1140, y + 120), (320, 260),
+                   title="D-OPSD loss" if t == dopsd else "SFT loss")
+        g.link(p, 0, v, "images")
+        plots.append(v)
+    g.group("1. Data", (-10, 0, 690, 720))
+    g.group("2. Two trainers, same settings", (700, 0, 840, 1200), "#8a6d3b")
+    g.group("3. Before/after grid", (1540, 0, 1020, 1200), "#3f789e")
+    return g.to_json()
+
+
+def _real_family(info, family: str) -> dict:
+    g = Graph(info)
+    klein = family == "klein"
+    unet, te, vae = (KLEIN_UNET, KLEIN_TE, KLEIN_VAE) if klein else (ZIMAGE_UNET, ZIMAGE_TE, ZIMAGE_VAE)
+    name = "FLUX.2-klein 4B" if klein else "Z-Image-Turbo"
+    tag = "klein" if klein else "zimage"
+    files = (f"| file | folder |\n|---|---|\n| `{unet}` | `ComfyUI/models/diffusion_models/` |\n"
+             f"| `{te}` | `ComfyUI/models/text_encoders/` |\n| `{vae}` | `ComfyUI/models/vae/` |\n")
+    if not klein:
+        files += "| `Qwen3-VL-4B-Instruct/` (Hugging Face folder) | `ComfyUI/models/dopsd_vlm/` |\n"
+    teacher = ("the caption + a fixed suffix with the **target image as a reference latent** (klein's own "
+               "edit path)" if klein else
+               "the target image + caption through **Qwen3-VL-4B-Instruct** whose language model is replaced "
+               "by Z-Image's Qwen3-4B (the *D-OPSD Qwen3-VL Loader* node)")
+    g.note((-460, 80), (420, 760), f"Read me: {name} D-OPSD", (
+        f"## Train a {name} LoRA with D-OPSD\n\n"
+        "**Model files** (the names of ComfyUI's own templates):\n\n" + files +
+        "\n**Your images**: a folder of 4-20 images of the concept, each with a same-name `.txt` caption "
+        "(one variant per line, write the concept as a rare token such as `[V]` or `sks`), in "
+        f"`ComfyUI/input/my_concept/` (or set *folder* to an absolute path).\n\n"
+        f"**Teacher**: {teacher}.\n\n"
+        "1. Check the teacher first: *D-OPSD Teacher Preview* (group 2) should already show your concept.\n"
+        "2. Queue. The trainer node draws the loss curve, it/s, ETA and 4-step previews live.\n"
+        "3. The LoRA lands in `ComfyUI/models/loras/dopsd/`; the run folder `output/dopsd/<run_name>` "
+        "resumes (turn *resume* on).\n\n"
+        f"Defaults: lr {'2e-5' if klein else '1e-4'}, rank 64 / alpha 128, K = 4. On 12-24 GB cards pick "
+        "a *gpu_preset* (rank 16-32, 8-bit AdamW, checkpointing)."))
+    unet_n = g.node("UNETLoader", (0, 80), (320, 100), unet_name=unet, weight_dtype="default")
+    clip_n = g.node("CLIPLoader", (0, 220), (320, 120), clip_name=te, type="flux2" if klein else "lumina2",
+                    device="default")
+    vae_n = g.node("VAELoader", (0, 380), (320, 80), vae_name=vae)
+    data = g.node("DOPSDDataset", (360, 80), (340, 320), folder="my_concept", caption_template="a photo of [V]",
+                  resolution=1024)
+    g.link(unet_n, 0, data, "model")
+    g.link(clip_n, 0, data, "clip")
+    g.link(vae_n, 0, data, "vae")
+    if not klein:
+        vl = g.node("DOPSDQwen3VLLoader", (0, 500), (320, 130), vlm_folder="Qwen3-VL-4B-Instruct",
+                    text_encoder="(the clip input of D-OPSD Dataset)", dtype="auto")
+        g.link(vl, 0, data, "vlm")
+    train = {**TOY_TRAIN, "steps": 500, "batch_size": 1, "save_every": 100, "preview_every": 50}
+    trainer = g.node("DOPSDTrainer", (740, 80), (380, 660), run_name=f"{tag}_my_concept", **train, **DOPSD_ONLY)
+    g.link(unet_n, 0, trainer, "model")
+    g.link(data, 0, trainer, "dataset")
+    save = g.node("DOPSDSaveLoRA", (1160, 80), (320, 130), name=f"dopsd/{tag}_my_concept", overwrite=False)
+    g.link(trainer, 1, save, "lora")
+    plot = g.node("DOPSDLossPlot", (1160, 250), (320, 80), log_scale=True)
+    g.link(trainer, 2, plot, "loss")
+    pv = g.node("PreviewImage", (1160, 370), (320, 280), title="Loss")
+    g.link(plot, 0, pv, "images")
+    tp = g.node("DOPSDTeacherPreview", (360, 460), (340, 130), steps=0, seed=0)
+    g.link(unet_n, 0, tp, "model")
+    g.link(data, 0, tp, "dataset")
+    tdec = g.node("VAEDecode", (360, 630), (340, 50))
+    g.link(tp, 0, tdec, "samples")
+    g.link(vae_n, 0, tdec, "vae")
+    tview = g.node("PreviewImage", (360, 720), (340, 300), title="Teacher (caption + target image)")
+    g.link(tdec, 0, tview, "images")
+    # before/after with stock nodes on the same noise
+    pos = g.node("CLIPTextEncode", (1520, 80), (360, 140), text="a photo of [V] on a beach")
+    g.link(clip_n, 0, pos, "clip")
+    neg = g.node("ConditioningZeroOut", (1520, 260), (360, 50))
+    g.link(pos, 0, neg, "conditioning")
+    if klein:
+        latent = g.node("EmptyFlux2LatentImage", (1520, 350), (360, 110), width=1024, height=1024, batch_size=1)
+        samplers = []
+        for i, (model, title) in enumerate([((unet_n, 0), "Before"), ((trainer, 0), "After")]):
+            x = 1920 + 380 * i
+            guider = g.node("CFGGuider", (x, 80), (340, 100), cfg=1.0)
+            g.link(model[0], model[1], guider, "model")
+            g.link(pos, 0, guider, "positive")
+            g.link(neg, 0, guider, "negative")
+            sched = g.node("Flux2Scheduler", (x, 220), (340, 110), steps=4, width=1024, height=1024)
+            noise = g.node("RandomNoise", (x, 370), (340, 90), noise_seed=0)
+            select = g.node("KSamplerSelect", (x, 500), (340, 60), sampler_name="euler")
+            sca = g.node("SamplerCustomAdvanced", (x, 600), (340, 110), title=f"{title}: 4 steps")
+            g.link(noise, 0, sca, "noise")
+            g.link(guider, 0, sca, "guider")
+            g.link(select, 0, sca, "sampler")
+            g.link(sched, 0, sca, "sigmas")
+            g.link(latent, 0, sca, "latent_image")
+            samplers.append((sca, title, x))
+    else:
+        latent = g.node("EmptySD3LatentImage", (1520, 350), (360, 110), width=1024, height=1024, batch_size=1)
+        samplers = []
+        for i, (model, title) in enumerate([((unet_n, 0), "Before"), ((trainer, 0), "After")]):
+            x = 1920 + 380 * i
+            shift = g.node("ModelSamplingAuraFlow", (x, 80), (340, 60), shift=3.0)
+            g.link(model[0], model[1], shift, "model")
+            ks = g.node("KSampler", (x, 180), (340, 262), title=f"{title}: 8 steps", seed=0, steps=8, cfg=1.0,
+                        sampler_name="res_multistep", scheduler="simple", denoise=1.0)
+            g.link(shift, 0, ks, "model")
+            g.link(pos, 0, ks, "positive")
+            g.link(neg, 0, ks, "negative")
+            g.link(latent, 0, ks, "latent_image")
+            samplers.append((ks, title, x))
+    for sampler, title, x in samplers:
+        dec = g.node("VAEDecode", (x, 760), (340, 50))
+        g.link(sampler, 0, dec, "samples")
+        g.link(vae_n, 0, dec, "vae")
+        view = g.node("PreviewImage", (x, 850), (340, 380), title=title)
+        g.link(dec, 0, view, "images")
+    g.group("1. Models and data", (-10, 0, 720, 660 if not klein else 480))
+    g.group("2. Check the teacher", (350, 420 if klein else 680, 360, 640), "#3f789e")
+    g.group("3. Train and save", (730, 0, 760, 1080), "#8a6d3b")
+    g.group("4. Before / after (stock sampler, same noise)", (1510, 0, 1180, 1250), "#3f789e")
+    return g.to_json()
+
+
+WORKFLOWS = {
+    "dopsd_toy_cpu_demo.json": toy_demo,
+    "dopsd_toy_sft_vs_dopsd.json": sft_vs_dopsd,
+    "dopsd_flux2_klein.json": lambda info: _real_family(info, "klein"),
+    "dopsd_z_image_turbo.json": lambda info: _real_family(info, "zimage"),
+}
+
+
+def main(url: str) -> None:
+    if Path(url).is_file():  # a saved /object_info
+        info = json.loads(Path(url).read_text())
+    else:
+        with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=60) as r:
+            info = json.loads(r.read())
+    out = ROOT / "workflows"
+    out.mkdir(exist_ok=True)
+    for name, build in WORKFLOWS.items():
+        (out / name).write_text(json.dumps(build(info), indent=1, ensure_ascii=False) + "\n")
+        print("wrote", out / name)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8188")
