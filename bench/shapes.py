@@ -33,6 +33,13 @@ from dopsd_core.lora import LoraSet, find_targets
 from dopsd_core.schedule import comfy_simple_sigmas
 
 
+def run_block(checkpointing: bool, block, *args):
+    """One block, with per-block gradient checkpointing when asked and gradients are on."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 @dataclass(frozen=True)
 class Spec:
     family: str  # dopsd family name (LoRA target preset)
@@ -176,9 +183,7 @@ class Flux2Like(nn.Module):
         self.checkpointing = False
 
     def _run(self, block, *args):
-        if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(self.checkpointing, block, *args)
 
     def forward(self, x, sigma, text, ref=None):
         B, C, H, W = x.shape
@@ -242,9 +247,7 @@ class NextDiTLike(nn.Module):
         self.checkpointing = False
 
     def _run(self, block, *args):
-        if self.checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return run_block(self.checkpointing, block, *args)
 
     def forward(self, x, sigma, text, ref=None):
         B, C, H, W = x.shape
