@@ -192,8 +192,10 @@ def add_toy_parsers(sub) -> None:
     p.set_defaults(func=cmd_toy_evaluator)
     p = sub.add_parser("toy-distill", help="toy base, stage b: 4-step trajectory distillation (resumable)")
     p.add_argument("--work", required=True, help="the work folder of toy-pretrain")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--trajectories", type=int, default=6000, help="teacher trajectories to distill from")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--trajectories", type=int, default=3000, help="teacher trajectories to distill from")
+    p.add_argument("--guidance", type=float, default=3.0,
+                   help="classifier-free guidance of the teacher trajectories; the 4-step student samples without it")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
     p.set_defaults(func=cmd_toy_distill)
@@ -306,9 +308,12 @@ def cmd_toy_evaluator(args) -> int:
 def cmd_toy_distill(args) -> int:
     from .toy.pretrain import distill
     _threads(args.threads)
+    if args.guidance <= 0:
+        raise DopsdError("--guidance must be > 0 (1 = no guidance)")
     if not (Path(args.work) / "pretrained.safetensors").is_file():
         raise DopsdError(f"{args.work} has no pretrained.safetensors; run `dopsd toy-pretrain --work {args.work}` first")
-    print(f"distilled model: {distill(Path(args.work), steps=args.steps, n_traj=args.trajectories, device=args.device)}")
+    print(f"distilled model: {distill(Path(args.work), steps=args.steps, n_traj=args.trajectories,
+                                            guidance=args.guidance, device=args.device)}")
     return 0
 
 

@@ -214,15 +214,22 @@ def results_figure(results: dict, width: int = 720, height: int = 300) -> Image.
 
 def acceptance(n_unrelated: int = 192, seeds: int = 2) -> dict:
     """The shipped base's acceptance numbers: 4-step retention; distillation is real (undistilled
-    4-step toy-FID / distilled 4-step toy-FID); teacher concept_fidelity per held-out shape."""
+    4-step toy-FID / distilled 4-step toy-FID, the undistilled model sampled both without guidance
+    and with the guidance its distillation used); teacher concept_fidelity per held-out shape."""
+    from ..fileio import load_tensors
     from .denoiser import UNDISTILLED_WEIGHTS
+    from .pretrain import Guided
     base, undistilled = load_toy_file(BASE_WEIGHTS), load_toy_file(UNDISTILLED_WEIGHTS)
+    guidance = float(load_tensors(BASE_WEIGHTS)[1].get("dopsd.guidance", "1.0"))
     metrics = ToyMetrics(load_evaluator(), base, n_unrelated=n_unrelated)
     dist, undist = metrics.evaluate(base), metrics.evaluate(undistilled)
+    undist_guided = metrics.evaluate(Guided(undistilled, guidance))
     teacher = {}
     for shape in HELD_OUT_SHAPES:
         images, captions = concept_training_set(shape)
         teacher[shape] = metrics.teacher_fidelity(base, shape, images, captions, seeds=seeds)
-    return {"distilled": dist, "undistilled": undist,
+    return {"distilled": dist, "undistilled": undist, f"undistilled_guidance_{guidance:g}": undist_guided,
             "fid_ratio_undistilled_over_distilled_4step": undist["quality_4"] / max(dist["quality_4"], 1e-9),
+            "fid_ratio_guided_undistilled_over_distilled_4step":
+                undist_guided["quality_4"] / max(dist["quality_4"], 1e-9),
             "teacher_concept_fidelity": teacher}

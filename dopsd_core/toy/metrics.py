@@ -41,9 +41,13 @@ def concept_prompts(shape: str, train_captions: list[str], n_new: int = 24, seed
 
 @torch.no_grad()
 def generate(den: ToyDenoiser, prompts: list[str], steps: int, seed: int = 0, refs: torch.Tensor | None = None,
-             chunk: int = 96) -> torch.Tensor:
+             chunk: int = 96, guidance: float = 1.0) -> torch.Tensor:
     """steps-step samples, one per prompt -> images [N, 3, 32, 32] in [0, 1]. refs: optional reference
-    latents [N, 3, 32, 32] (the teacher context)."""
+    latents [N, 3, 32, 32] (the teacher context). guidance != 1: classifier-free guidance (the
+    undistilled base; the distilled turbo model samples without it)."""
+    if guidance != 1.0:
+        from .pretrain import Guided
+        den = Guided(den, guidance)
     gen = torch.Generator().manual_seed(seed)
     sigmas = den.sigma_grid(steps)
     out = []

@@ -75,7 +75,29 @@ def _mask(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return (hx**2 + hy**2 - 1) ** 3 - hx**2 * hy**3 <= 0
     if shape == "crescent":
         return (r <= 1.0) & (torch.sqrt((x - 0.45) ** 2 + (y + 0.1) ** 2) > 0.8)
+    if shape.startswith("blob:"):
+        return _blob_mask(int(shape[5:]), x, y, r)
     raise ValueError(f"unknown shape {shape!r}")
+
+
+def _blob_mask(seed: int, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """A random outline: star-convex (4-11 vertices, radii 0.2-1, radius linear in angle between them),
+    half of them with a random disc cut out (concave bites, holes; at most half the area). Blobs are never named in captions:
+    the base model sees them only as copy references, so that it learns to reproduce whatever outline
+    the reference shows instead of picking the nearest seen shape."""
+    rng = random.Random(seed)
+    n = rng.randint(4, 11)
+    radii = torch.tensor([rng.uniform(0.2, 1.0) for _ in range(n)] * 2)
+    theta = torch.remainder(torch.atan2(x, -y) + rng.uniform(0, 2 * math.pi), 2 * math.pi) * n / (2 * math.pi)
+    i = theta.floor().long().clamp(max=n - 1)
+    frac = theta - i
+    inside = r <= radii[i] * (1 - frac) + radii[i + 1] * frac
+    if rng.random() < 0.5:
+        bx, by, br = rng.uniform(-0.8, 0.8), rng.uniform(-0.8, 0.8), rng.uniform(0.3, 0.8)
+        bitten = inside & ((x - bx) ** 2 + (y - by) ** 2 > br**2)
+        if bitten.sum() >= 0.5 * inside.sum():  # a bite, not the whole outline
+            inside = bitten
+    return inside
 
 
 def render(scene: Scene) -> torch.Tensor:
@@ -102,6 +124,10 @@ def random_scene(rng: random.Random, shape: str | None = None, colour: str | Non
     cx, cy = (SIZE / 2 + rng.uniform(-JITTER, JITTER) for _ in range(2))
     return Scene(shape or rng.choice(shapes), colour or rng.choice(COLOURS), background or rng.choice(BACKGROUNDS),
                  cx, cy, radius, rng.uniform(-0.25, 0.25))
+
+
+def random_blob_scene(rng: random.Random) -> Scene:
+    return random_scene(rng, shape=f"blob:{rng.randrange(1 << 30)}")
 
 
 def caption_variants(scene: Scene, shape_word: str | None = None) -> list[str]:
