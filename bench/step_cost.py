@@ -222,11 +222,23 @@ def primitives(den, trainer, args, device) -> dict:
     return res
 
 
+def arm_env() -> dict:
+    """Environment of an arm process. On CPU, peak RSS should count live tensors, not freed ones:
+    glibc raises its mmap threshold each time a large mmapped block is freed, after which activation
+    buffers come from the heap and their freed pages stay resident (fragmentation measured as memory).
+    A fixed threshold (setting it turns the adjustment off) keeps every large buffer mmapped and returns
+    it to the OS on free. Both arms get the same setting; an explicit user value wins."""
+    env = dict(os.environ)
+    if os.environ.get("DOPSD_BENCH_GLIBC_DEFAULTS") != "1":
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
+    return env
+
+
 def run_pair(args) -> dict:
     arms = {}
     for arm in ("sft", "dopsd"):
         cmd = [sys.executable, __file__, "--arm", arm] + [a for a in sys.argv[1:] if a != "--json"]
-        res = subprocess.run(cmd, capture_output=True, text=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=arm_env())
         if res.returncode != 0:
             raise SystemExit(f"{arm} arm failed:\n{res.stderr[-4000:]}")
         arms[arm] = json.loads(res.stdout.strip().splitlines()[-1])

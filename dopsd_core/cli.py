@@ -312,8 +312,9 @@ def cmd_toy_distill(args) -> int:
         raise DopsdError("--guidance must be > 0 (1 = no guidance)")
     if not (Path(args.work) / "pretrained.safetensors").is_file():
         raise DopsdError(f"{args.work} has no pretrained.safetensors; run `dopsd toy-pretrain --work {args.work}` first")
-    print(f"distilled model: {distill(Path(args.work), steps=args.steps, n_traj=args.trajectories,
-                                            guidance=args.guidance, device=args.device)}")
+    out = distill(Path(args.work), steps=args.steps, n_traj=args.trajectories, guidance=args.guidance,
+                  device=args.device)
+    print(f"distilled model: {out}")
     return 0
 
 
