@@ -182,6 +182,10 @@ def add_toy_parsers(sub) -> None:
     p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (cosine to 10%%)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu; same run on any device)")
+    p.add_argument("--warmup", type=int, default=500, help="linear warm-up steps")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--prediction", choices=["x0", "v"], default="x0", help="what the model's last layer predicts")
+    p.add_argument("--init", help="start from another run's checkpoint folder (fresh optimizer, step 0)")
     p.set_defaults(func=cmd_toy_pretrain)
     p = sub.add_parser("toy-acceptance", help="acceptance numbers of the shipped toy base (JSON)")
     p.add_argument("--out", help="also write them to this JSON file")
@@ -207,6 +211,7 @@ def add_demo_parsers(sub) -> None:
     p.add_argument("--concept", default="star", choices=["star", "heart", "crescent"])
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the toy budget)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-prompts", type=int, default=192, help="unrelated prompts the metrics sample (default 192)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("experiment", help="D-OPSD vs SFT on the toy model: main table, ablations, continual")
     p.add_argument("--out", required=True, help="results folder (finished runs are cached and skipped)")
@@ -246,7 +251,9 @@ def cmd_demo(args) -> int:
 
     def progress(info):
         bar.setdefault("bar", ProgressBar(info.total)).update(info)
-    m = demo(out, args.concept, args.steps, args.seed, progress=progress)
+    if args.eval_prompts < 1:
+        raise DopsdError("--eval-prompts must be >= 1")
+    m = demo(out, args.concept, args.steps, args.seed, progress=progress, eval_prompts=args.eval_prompts)
     print(json.dumps({k: m[k] for k in ("base", "lora") if k in m}, indent=1))
     print(f"wrote {out / 'lora.safetensors'}, {out / 'loss.png'}, {out / 'samples.png'}, {out / 'metrics.json'}")
     return 0
@@ -281,7 +288,11 @@ def _threads(n: int) -> None:
 def cmd_toy_pretrain(args) -> int:
     from .toy.pretrain import pretrain
     _threads(args.threads)
-    print(f"pretrained model: {pretrain(Path(args.work), steps=args.steps, lr=args.lr, device=args.device)}")
+    from .toy.model import ToyConfig
+    out = pretrain(Path(args.work), steps=args.steps, lr=args.lr, warmup=args.warmup, ema_decay=args.ema_decay,
+                   cfg=ToyConfig(prediction=args.prediction), device=args.device,
+                   init=Path(args.init) if args.init else None)
+    print(f"pretrained model: {out}")
     return 0
 
 

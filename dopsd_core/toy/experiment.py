@@ -67,7 +67,7 @@ def run_experiment(out: Path, quick: bool = False, log=print) -> dict:
     out = Path(out)
     t_start = time.perf_counter()
     base = load_toy_file(BASE_WEIGHTS)
-    metrics = ToyMetrics(load_evaluator(), base, n_unrelated=48 if quick else 192)
+    metrics = ToyMetrics(load_evaluator(), base, n_unrelated=12 if quick else 192)
     captions = {c: [caps[0] for caps in concept_training_set(c)[1]] for c in HELD_OUT_SHAPES}
     base_file = out / "base" / "result.json"
     if not base_file.is_file():

@@ -31,6 +31,11 @@ class ToyConfig:
     context_dim: int = 64  # text-encoder output width
     text_depth: int = 2
     pooled_text: bool = True  # caption summary in the adaLN vector (as DiT's class label, SD3's pooled text)
+    # What the last layer predicts. "x0": the clean image (forward still returns v, as ComfyUI's flow
+    # models do). A tiny DiT predicting v must carry the noise through its residual stream and left
+    # speckle in its samples (runs 1-5); predicting the clean image avoids that (Li & He 2025, "Back to
+    # Basics: Let Denoising Generative Models Denoise").
+    prediction: str = "v"
 
     @property
     def tokens(self) -> int:
@@ -38,6 +43,9 @@ class ToyConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+X0_SIGMA_MIN = 0.05
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -178,5 +186,8 @@ class ToyDiT(nn.Module):
             else:
                 h = block(h, c)
         shift, scale = self.final_adaLN(F.silu(c))[:, None].chunk(2, dim=-1)
-        out = self.final(self.final_norm(h[:, n_txt:n_txt + n_img]) * (1 + scale) + shift)
-        return self.unpatchify(out)
+        out = self.unpatchify(self.final(self.final_norm(h[:, n_txt:n_txt + n_img]) * (1 + scale) + shift))
+        if self.cfg.prediction == "x0":  # v = (x_t - x0) / sigma, sigma clipped so that v stays finite near 0
+            sigma = timesteps.reshape(-1, 1, 1, 1).to(out.dtype).clamp(min=X0_SIGMA_MIN)
+            return (x - out) / sigma
+        return out

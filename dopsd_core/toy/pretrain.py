@@ -162,8 +162,11 @@ def _ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
 
 def pretrain(work: Path, steps: int = 8000, batch: int = 32, ref_frac: float = 0.4, lr: float = 6e-4,
              warmup: int = 500, ema_decay: float = 0.999, save_every: int = 250, log_every: int = 50,
-             probe_every: int = 1000, seed: int = 0, cfg: ToyConfig = ToyConfig(), device: str = "cpu") -> Path:
-    """Stage a. Returns the path of the EMA model (work/pretrained.safetensors)."""
+             probe_every: int = 1000, seed: int = 0, cfg: ToyConfig = ToyConfig(), device: str = "cpu",
+             init: Path | None = None) -> Path:
+    """Stage a. Returns the path of the EMA model (work/pretrained.safetensors). init: another run's
+    checkpoint folder whose live weights start this run (fresh optimizer, step 0), e.g. to change
+    cfg.prediction without starting from random weights."""
     work = Path(work)
     ckpt = _Checkpoint(work / "pretrain_ckpt")
     torch.manual_seed(seed)
@@ -173,6 +176,12 @@ def pretrain(work: Path, steps: int = 8000, batch: int = 32, ref_frac: float = 0
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     modules = {"dit": dit, "te": te, "ema_dit": ema_dit, "ema_te": ema_te}
     step, rng, gen = 0, random.Random(seed), torch.Generator().manual_seed(seed)
+    if init is not None and not ckpt.exists():
+        sd, _ = load_tensors(Path(init) / "weights.safetensors")
+        for name, m in (("dit", dit), ("te", te), ("ema_dit", ema_dit), ("ema_te", ema_te)):
+            src = name.removeprefix("ema_")  # the EMA starts from the live weights
+            m.load_state_dict({k[len(src) + 1:]: v for k, v in sd.items() if k.startswith(src + ".")})
+        print(f"[pretrain] starting from the weights of {init}", flush=True)
     if ckpt.exists():
         progress = ckpt.load(modules, opt)
         step = progress["step"]

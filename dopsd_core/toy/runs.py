@@ -59,7 +59,8 @@ def comparison_grid(base: ToyDenoiser, tuned: ToyDenoiser, prompts: list[str], s
     return image_grid(rows, scale=4)
 
 
-def demo(out: Path, concept: str = "star", steps: int | None = None, seed: int = 0, progress=None) -> dict:
+def demo(out: Path, concept: str = "star", steps: int | None = None, seed: int = 0, progress=None,
+         eval_prompts: int = 192) -> dict:
     """Train a D-OPSD LoRA for one held-out concept; write lora.safetensors, loss.png, samples.png,
     metrics.json (base vs LoRA)."""
     out = Path(out)
@@ -76,7 +77,7 @@ def demo(out: Path, concept: str = "star", steps: int | None = None, seed: int =
     captions = [item.captions[0] for item in load_image_folder(concept_data(concept, out), base.resolution)]
     metrics = {"concept": concept, "token": token, "train_seconds": round(train_s, 1)}
     if EVALUATOR_WEIGHTS.is_file():
-        m = ToyMetrics(load_evaluator(), base)
+        m = ToyMetrics(load_evaluator(), base, n_unrelated=eval_prompts)
         metrics["base"] = m.evaluate(base, concept, captions)
         metrics["lora"] = m.evaluate(tuned, concept, captions)
     else:
