@@ -91,3 +91,20 @@ def test_same_shape_modules_train_with_dopsd(name, dtype, ckpt, tmp_path, monkey
     prefixes = ("double_blocks.0.", "single_blocks.0.") if name == "klein4b" else \
         ("layers.0.", "noise_refiner.0.", "context_refiner.0.")
     assert {t.split(".")[0] + "." + t.split(".")[1] + "." for t in tr.lora.targets} == set(prefixes)
+
+
+def test_arm_processes_get_a_fixed_mmap_threshold_unless_asked_not_to(monkeypatch):
+    """Peak RSS must count live tensors: each arm runs with glibc's dynamic mmap threshold turned off
+    (docs/benchmarks.md, session 4); an explicit user value or DOPSD_BENCH_GLIBC_DEFAULTS=1 wins."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("step_cost", BENCH)
+    step_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_cost)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("DOPSD_BENCH_GLIBC_DEFAULTS", raising=False)
+    assert step_cost.arm_env()["MALLOC_MMAP_THRESHOLD_"] == "131072"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert step_cost.arm_env()["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setenv("DOPSD_BENCH_GLIBC_DEFAULTS", "1")
+    assert "MALLOC_MMAP_THRESHOLD_" not in step_cost.arm_env()
