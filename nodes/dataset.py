@@ -29,6 +29,13 @@ def _encoder_id(encoder) -> str:
     return sampled_weights_hash(module) if module is not None else type(encoder).__name__
 
 
+def _vae_id(vae) -> str:
+    """Identity of a VAE (its weights, sampled) for the dataset cache key."""
+    from ..dopsd_core.hosts.comfy import sampled_weights_hash
+    module = getattr(vae, "first_stage_model", None)
+    return sampled_weights_hash(module) if module is not None else type(vae).__name__
+
+
 def _cache_path(model, family, items, encoder, extra: str = "") -> Path:
     import folder_paths
 
@@ -108,15 +115,21 @@ class DOPSDDataset(io.ComfyNode):
             items = _items_from_images(images, caption_template)
         else:
             raise DopsdError("no training images: set folder or connect images")
-        if family == "z-image":  # refuse before any encoding work
+        # refuse before any encoding work, and before the cache lookup (a cached dataset must not hide a
+        # missing input)
+        if family == "z-image":
             if clip is None or vae is None:
                 raise DopsdError("the Z-Image dataset needs the model's clip (qwen_3_4b) and vae: connect both")
             if vlm is None:
                 raise DopsdError("Z-Image-Turbo's teacher is the Qwen3-VL splice: add a 'D-OPSD Qwen3-VL Loader' "
                                  "node with a Qwen3-VL-4B-Instruct folder from models/dopsd_vlm and connect it "
                                  "to vlm")
-        cache = _cache_path(model, family, items, clip if family != "toy" else toy_text_encoder,
-                            _vlm_id(vlm) if family == "z-image" else "")
+        elif family == "flux2-klein" and (clip is None or vae is None):
+            raise DopsdError("the FLUX.2-klein dataset needs the model's clip (Qwen3) and vae: connect both")
+        extra = "" if family == "toy" else f"vae={_vae_id(vae)}"  # the latents depend on the VAE too
+        if family == "z-image":
+            extra += f"|{_vlm_id(vlm)}"
+        cache = _cache_path(model, family, items, clip if family != "toy" else toy_text_encoder, extra)
         if cache.is_file():
             return io.NodeOutput(load_dataset(cache))
         if family == "toy":
@@ -129,8 +142,6 @@ class DOPSDDataset(io.ComfyNode):
                 return cond[0][0], dict(cond[0][1])
             ds = build_dataset(model, items, encode_text)
         elif family == "flux2-klein":
-            if clip is None or vae is None:
-                raise DopsdError("the FLUX.2-klein dataset needs the model's clip (Qwen3) and vae: connect both")
             from ..dopsd_core.hosts.comfy import PRESETS
             from ..dopsd_core.hosts.comfy_train import klein_teacher
 

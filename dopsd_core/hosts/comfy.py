@@ -7,6 +7,7 @@ duration of training only, and hands the result back through ComfyUI's own patch
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -151,14 +152,21 @@ class ComfyDenoiser:
             self._restore_blocks()
             return
         rx = re.compile(self.preset.blocks)
+        # FLUX.2 blocks add into their own inputs in place (img += ..., txt += ..., x += ...). The
+        # checkpoint keeps references to the inputs, so its recomputation in backward would start from
+        # the already-updated tensors (wrong values; on weights loaded under inference mode it even
+        # fails outright: the input then requires grad in recomputation only). Each (re)run gets its
+        # own copies of the tensor arguments instead: one activation-sized copy per block.
+        copy_inputs = self.family == "flux2-klein"
         for name, mod in self.dm.named_modules():
             if rx.fullmatch(name) and name not in self._ckpt_saved:
                 original = mod.forward
                 self._ckpt_saved[name] = original
+                run = functools.partial(_run_on_copies, original) if copy_inputs else original
 
-                def wrapped(*args, _f=original, **kwargs):
+                def wrapped(*args, _f=original, _run=run, **kwargs):
                     if torch.is_grad_enabled():
-                        return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+                        return checkpoint(_run, *args, use_reentrant=False, **kwargs)
                     return _f(*args, **kwargs)
                 mod.forward = wrapped
 
@@ -202,6 +210,13 @@ class ComfyDenoiser:
             mc = self.base.extra_conds(**params)
             kwargs = {k: v.process_cond(batch_size=1, area=None).cond for k, v in mc.items()}
         return ComfyContext({k: _clone_tree(v) for k, v in kwargs.items()})
+
+
+def _run_on_copies(f: Callable, *args, **kwargs):
+    """f on copies of its tensor arguments (so in-place updates inside f leave the caller's intact)."""
+    args = [a.clone() if torch.is_tensor(a) else a for a in args]
+    kwargs = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    return f(*args, **kwargs)
 
 
 def _copy_if_grad(t: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,14 @@ Without COMFYUI_PATH every test here is skipped with that reason (CI has no Comf
 
 The server gets its own --base-directory (a temp folder whose custom_nodes/ holds one link to this
 checkout), so the pack is loaded exactly once whether or not it is also linked into the ComfyUI
-checkout, and nothing is written into the ComfyUI checkout.
+checkout, and nothing is written into the ComfyUI checkout. A second link there loads the test-only
+node pack tests/host/testing_nodes (tiny Z-Image MODEL, tiny Qwen3 CLIPs, tiny Flux VAEs), and
+models/diffusion_models/ gets tiny FLUX.2-klein and FLUX.1 DiTs in the released key layout, which the
+stock UNETLoader recognises at that size.
+
+The server runs with OMP_NUM_THREADS=1 unless the environment sets it: the host tier's models are
+tiny, and on a busy machine (niced tests next to other jobs) torch's intra-op thread pool waits on
+its barriers for CPU time at every op, which made a tiny text encoder ~20x slower than one thread.
 """
 from __future__ import annotations
 
@@ -19,9 +26,18 @@ from pathlib import Path
 import pytest
 
 from host.hostutil import Comfy, _free_port
+from host.testing_nodes import tiny_models
 
 REPO = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
+
+
+def _import_comfy() -> None:
+    if COMFYUI_PATH not in sys.path:
+        sys.path.insert(0, COMFYUI_PATH)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
+    import comfy.model_management  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +45,7 @@ def comfy_lib():
     """ComfyUI's modules importable in this process (for tests that build models from its classes)."""
     if not COMFYUI_PATH:
         pytest.skip("host tier: COMFYUI_PATH is not set")
-    if COMFYUI_PATH not in sys.path:
-        sys.path.insert(0, COMFYUI_PATH)
-    import comfy.cli_args
-    comfy.cli_args.args.cpu = True  # before comfy.model_management is imported
-    import comfy.model_management  # noqa: F401
+    _import_comfy()
     return True
 
 
@@ -54,14 +66,21 @@ def comfy(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / "ComfyUI-D-OPSD").symlink_to(REPO, target_is_directory=True)
-    for sub in ("input", "output", "models/loras", "user"):
+    (base / "custom_nodes" / "dopsd_testing_nodes").symlink_to(Path(__file__).parent / "testing_nodes",
+                                                               target_is_directory=True)
+    for sub in ("input", "output", "models/loras", "models/diffusion_models", "user"):
         (base / sub).mkdir(parents=True, exist_ok=True)
+    _import_comfy()  # the DiT files are written from ComfyUI's own model classes
+    dm_dir = base / "models" / "diffusion_models"
+    tiny_models.write_dit(tiny_models.tiny_klein(), dm_dir / tiny_models.KLEIN_FILE)
+    tiny_models.write_dit(tiny_models.tiny_flux1(), dm_dir / tiny_models.FLUX1_FILE)
     port = _free_port()
     log = base / "comfyui.log"
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
          str(base), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
-        cwd=COMFYUI_PATH, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        cwd=COMFYUI_PATH, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     server = Comfy(base, port, proc, log)
     deadline = time.time() + float(os.environ.get("COMFYUI_START_TIMEOUT", "420"))  # slow on a busy 2-core box
     while True:

@@ -81,5 +81,13 @@ def graph(*nodes) -> dict:
     return {str(i): {"class_type": c, "inputs": inp} for i, c, inp in nodes}
 
 
+def latest_latent(comfy: Comfy, prefix: str):
+    """The tensor of the newest file SaveLatent wrote with filename_prefix latents/<prefix>."""
+    from safetensors.torch import load_file
+    files = sorted((comfy.output_dir / "latents").glob(f"{prefix}_*.latent"))
+    assert files, f"no latent saved for {prefix}"
+    return load_file(str(files[-1]))["latent_tensor"]
+
+
 def fresh_name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"

@@ -263,7 +263,8 @@ def test_two_trainers_in_one_graph_each_draw_their_own_run(comfy, browser, artif
     page.page.screenshot(path=str(artifacts / "sft_vs_dopsd_finished.png"))
     runs = {v["run"] for v in views}
     assert runs == {f"toy_star_dopsd_{tag}", f"toy_star_sft_{tag}"}
-    assert all(v["points"] == 12 and v["preview"] > 0 and v["curvePixels"] > 20 for v in views), views
+    assert all(v["points"] == 12 and v["preview"] > 0 and v["curvePixels"] > 20 for v in views), \
+        [{k: v[k] for k in ("node", "points", "preview", "curvePixels")} for v in views]
     server = {r["run"]: r for r in comfy.get("/dopsd/runs")["runs"]}
     for v in views:  # each view shows its own trainer's run, as the server recorded it
         assert server[v["run"]]["node"] == v["node"]

@@ -1,29 +1,11 @@
 """FLUX.2-klein through ComfyUI's own model classes (a tiny random-weight Flux2 built in-process from
-comfy.supported_models.Flux2): the reference-latent teacher differs from the student, and D-OPSD
-steps train the LoRA (backward through FLUX.2 needs in_training and the in-place fix)."""
+comfy.supported_models.Flux2 by host.testing_nodes.tiny_models): the reference-latent teacher differs
+from the student, and D-OPSD steps train the LoRA (backward through FLUX.2 needs in_training and the
+in-place fix)."""
 import pytest
 import torch
 
-
-def tiny_klein():
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    unet_config = {
-        "image_model": "flux2", "axes_dim": [8, 8, 8, 8], "num_heads": 2, "mlp_ratio": 3.0, "theta": 2000,
-        "out_channels": 128, "in_channels": 128, "global_modulation": True, "mlp_silu_act": True,
-        "qkv_bias": False, "ops_bias": False, "default_ref_method": "index", "ref_index_scale": 10.0,
-        "txt_ids_dims": [3], "patch_size": 1, "hidden_size": 64, "context_in_dim": 96, "vec_in_dim": None,
-        "depth": 1, "depth_single_blocks": 2, "guidance_embed": False,
-    }
-    cfg = comfy.supported_models.Flux2(unet_config)
-    cfg.set_inference_dtype(torch.float32, None)
-    torch.manual_seed(0)
-    base = cfg.get_model({})
-    with torch.no_grad():
-        for p in base.diffusion_model.parameters():  # random weights, non-zero everywhere
-            p.copy_(torch.randn_like(p) * 0.05)
-    return comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
+from host.testing_nodes.tiny_models import tiny_klein
 
 
 def test_klein_family_grid_and_lora_targets(comfy_lib):
@@ -83,15 +65,21 @@ def test_klein_reference_teacher_differs_and_dopsd_trains(comfy_lib, tmp_path, c
     assert not any(m._forward_hooks for m in den.dm.modules())
 
 
-def test_klein_gradients_equal_with_and_without_checkpointing(comfy_lib):
-    """Checkpointed blocks recompute FLUX.2's in-place updates; their LoRA gradients must match."""
+@pytest.mark.parametrize("built_in_inference_mode", [False, True])
+def test_klein_gradients_equal_with_and_without_checkpointing(comfy_lib, built_in_inference_mode):
+    """Checkpointed blocks recompute FLUX.2's in-place updates (the blocks add into their own inputs);
+    their LoRA gradients must match. Also for weights made under inference mode, as every loader node
+    makes them (there the recomputation used to fail on the mutated inputs)."""
+    import contextlib
+
     import comfy.model_management as mm
 
     from dopsd_core.hosts.comfy import ComfyDenoiser, make_weights_trainable
     from dopsd_core.objectives import Batch, dopsd_backward
     grads = {}
     for ckpt in (False, True):
-        mp = tiny_klein()
+        with torch.inference_mode() if built_in_inference_mode else contextlib.nullcontext():
+            mp = tiny_klein()
         den = ComfyDenoiser(mp)
         latent = torch.randn(128, 4, 4, generator=torch.Generator().manual_seed(1))
         den.latent_shape = tuple(latent.shape)

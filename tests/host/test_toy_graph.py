@@ -2,10 +2,9 @@
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from host.hostutil import fresh_name, graph, node_error_text
+from host.hostutil import fresh_name, graph, latest_latent, node_error_text
 
 from dopsd_core.toy.render import export_concept_folder
 
@@ -43,12 +42,6 @@ def stock_loader_nodes(lora_file: str, prefix: str):
                          "latent_image": ["6", 0], "denoise": 1.0}),
         (8, "SaveLatent", {"samples": ["7", 0], "filename_prefix": f"latents/{prefix}"}),
     ]
-
-
-def latest_latent(comfy, prefix: str) -> torch.Tensor:
-    files = sorted((comfy.output_dir / "latents").glob(f"{prefix}_*.latent"))
-    assert files, f"no latent saved for {prefix}"
-    return load_file(str(files[-1]))["latent_tensor"]
 
 
 def test_train_save_and_stock_loader_reproduce_the_trained_model(comfy):

@@ -4,24 +4,7 @@ targets, and D-OPSD steps with a teacher context that differs from the student's
 import pytest
 import torch
 
-
-def tiny_zimage():
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    unet_config = {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 256, "cap_feat_dim": 64,
-                   "n_layers": 1, "n_refiner_layers": 1, "qk_norm": True, "n_heads": 2, "n_kv_heads": 2,
-                   "axes_dims": [32, 48, 48], "axes_lens": [64, 32, 32], "rope_theta": 256.0,
-                   "ffn_dim_multiplier": 8.0 / 3.0, "z_image_modulation": True, "time_scale": 1000.0,
-                   "pad_tokens_multiple": 32}
-    cfg = comfy.supported_models.ZImage(unet_config)
-    cfg.set_inference_dtype(torch.float32, None)
-    torch.manual_seed(0)
-    base = cfg.get_model({})
-    with torch.no_grad():
-        for p in base.diffusion_model.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
-    return comfy.model_patcher.ModelPatcher(base, mm.get_torch_device(), mm.unet_offload_device())
+from host.testing_nodes.tiny_models import tiny_zimage
 
 
 def test_zimage_family_grid_targets_and_training(comfy_lib, tmp_path):

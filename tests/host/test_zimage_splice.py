@@ -3,8 +3,8 @@
 A tiny Z-Image text encoder is built through ComfyUI's own classes (comfy.sd.CLIP with
 comfy.text_encoders.z_image's model and tokenizer, sizes shrunk through model_options), a tiny
 random Qwen3-VL folder in Hugging Face layout is written to tmp (tokenizer files taken from the
-ComfyUI checkout at test time), and a tiny NextDiT from comfy.supported_models.ZImage
-(tests/host/test_zimage_adapter.py) is trained on the spliced teacher contexts.
+ComfyUI checkout at test time), and a tiny NextDiT from comfy.supported_models.ZImage is trained on
+the spliced teacher contexts (all three from host.testing_nodes.tiny_models).
 """
 import json
 import shutil
@@ -14,64 +14,21 @@ import pytest
 import torch
 
 from host.hostutil import graph, node_error_text
-from host.test_zimage_adapter import tiny_zimage
+from host.testing_nodes.tiny_models import ZIMAGE_TE, tiny_text_encoder, tiny_zimage, write_tiny_qwen3vl
 
-HIDDEN = 64
-TE_CFG = {"hidden_size": HIDDEN, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 2,
-          "num_key_value_heads": 1}  # Qwen3_4BConfig keeps vocab 151936, head_dim 128, rope_theta 1e6
+HIDDEN = ZIMAGE_TE["hidden_size"]
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(comfy_lib):
-    import comfy.sd
-    import comfy.text_encoders.z_image as zi
-
-    class Target:
-        params = {}
-        clip = zi.te()
-        tokenizer = zi.ZImageTokenizer
-    clip = comfy.sd.CLIP(Target(), model_options={"qwen3_4b_model_config": TE_CFG, "dtype": torch.float32})
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, p in clip.cond_stage_model.named_parameters():
-            noise = torch.randn(p.shape, generator=g) * 0.05
-            p.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
-    return clip
+    return tiny_text_encoder("z-image")
 
 
 @pytest.fixture(scope="module")
 def vlm_folder(comfy_lib, tmp_path_factory):
-    """Qwen3-VL in the hub layout, text config sized like TE_CFG (same rope theta, so that text-only input
-    must reproduce ComfyUI's Qwen3 encoder exactly once spliced)."""
-    import os
-
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from dopsd_core.hosts.zimage_vl import DEFAULT_CHAT_TEMPLATE
-    folder = tmp_path_factory.mktemp("vlm") / "Qwen3-VL-tiny"
-    cfg = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
-           "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-           "vision_end_token_id": 151653, "tie_word_embeddings": True,
-           "text_config": {"model_type": "qwen3_vl_text", "vocab_size": 151936, "hidden_size": HIDDEN,
-                           "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 2,
-                           "num_key_value_heads": 1, "head_dim": 128, "rms_norm_eps": 1e-6,
-                           "max_position_embeddings": 4096, "rope_theta": 1000000.0, "tie_word_embeddings": True,
-                           "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20],
-                                            "mrope_interleaved": True}},
-           "vision_config": {"model_type": "qwen3_vl", "depth": 1, "hidden_size": 32, "intermediate_size": 64,
-                             "num_heads": 2, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                             "out_hidden_size": HIDDEN, "num_position_embeddings": 64,
-                             "deepstack_visual_indexes": [0]}}
-    torch.manual_seed(0)
-    Qwen3VLForConditionalGeneration(Qwen3VLConfig(**cfg)).save_pretrained(folder, safe_serialization=True)
-    (folder / "config.json").write_text(json.dumps(cfg))
-    tok_dir = Path(os.environ["COMFYUI_PATH"]) / "comfy" / "text_encoders" / "qwen25_tokenizer"
-    for f in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(tok_dir / f, folder / f)
-    Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2).save_pretrained(folder)
-    (folder / "chat_template.json").write_text(json.dumps({"chat_template": DEFAULT_CHAT_TEMPLATE}))
-    return folder
+    """Qwen3-VL in the hub layout, text config sized like the tiny Z-Image text encoder (same rope theta,
+    so that text-only input must reproduce ComfyUI's Qwen3 encoder exactly once spliced)."""
+    return write_tiny_qwen3vl(tmp_path_factory.mktemp("vlm") / "Qwen3-VL-tiny")
 
 
 def test_text_only_splice_reproduces_comfyuis_zimage_text_encoder(tiny_clip, vlm_folder):
