@@ -184,7 +184,8 @@ def add_toy_parsers(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu; same run on any device)")
     p.add_argument("--warmup", type=int, default=500, help="linear warm-up steps")
     p.add_argument("--ema-decay", type=float, default=0.999)
-    p.add_argument("--prediction", choices=["x0", "v"], default="x0", help="what the model's last layer predicts")
+    p.add_argument("--prediction", choices=["v", "x0"], default="v",
+                   help="what the model's last layer predicts (v: the shipped base and toy_work's checkpoint)")
     p.add_argument("--init", help="start from another run's checkpoint folder (fresh optimizer, step 0)")
     p.set_defaults(func=cmd_toy_pretrain)
     p = sub.add_parser("toy-acceptance", help="acceptance numbers of the shipped toy base (JSON)")

@@ -22,18 +22,20 @@ def _folder(path: str) -> Path:
     return p if p.is_absolute() else Path(folder_paths.get_input_directory()) / p
 
 
-def _encoder_id(encoder) -> str:
-    """Identity of a text encoder (a CLIP or the toy's handle) for the dataset cache key."""
+def _weights_id(obj, *attrs: str) -> str:
+    """Identity of a text encoder or VAE for the dataset cache key: a sampled hash of the weights of
+    its first module found under `attrs`, else its type name (the toy's handles)."""
     from ..dopsd_core.hosts.comfy import sampled_weights_hash
-    module = getattr(encoder, "encoder", None) or getattr(encoder, "cond_stage_model", None)
-    return sampled_weights_hash(module) if module is not None else type(encoder).__name__
+    module = next((m for m in (getattr(obj, a, None) for a in attrs) if m is not None), None)
+    return sampled_weights_hash(module) if module is not None else type(obj).__name__
+
+
+def _encoder_id(encoder) -> str:
+    return _weights_id(encoder, "encoder", "cond_stage_model")
 
 
 def _vae_id(vae) -> str:
-    """Identity of a VAE (its weights, sampled) for the dataset cache key."""
-    from ..dopsd_core.hosts.comfy import sampled_weights_hash
-    module = getattr(vae, "first_stage_model", None)
-    return sampled_weights_hash(module) if module is not None else type(vae).__name__
+    return _weights_id(vae, "first_stage_model")
 
 
 def _cache_path(model, family, items, encoder, extra: str = "") -> Path:

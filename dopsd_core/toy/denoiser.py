@@ -23,6 +23,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 BASE_WEIGHTS = WEIGHTS_DIR / "toy_base.safetensors"  # the 4-step distilled turbo model
 UNDISTILLED_WEIGHTS = WEIGHTS_DIR / "toy_undistilled.safetensors"  # its many-step parent (for the check)
 SHIFT = 3.0  # flow shift of the toy: ComfyUI's `simple` scheduler at 4 steps gives 1, .9, .75, .5, 0
+EMPTY_CAPTION = ""  # the unconditional prompt of classifier-free guidance (trained by toy.pretrain)
 LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 
@@ -118,6 +119,25 @@ class ToyDenoiser:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """latent [B, C, H, W] -> images [B, H, W, 3] in [0, 1] (ComfyUI IMAGE layout)."""
         return latent_to_image(latent).permute(0, 2, 3, 1).cpu()
+
+
+class Guided:
+    """A toy denoiser sampled with classifier-free guidance on x0 (linear in v as well):
+    x0_u + w (x0_c - x0_u); the unconditional context is the empty caption without a reference."""
+
+    def __init__(self, den: ToyDenoiser, guidance: float):
+        self.den, self.guidance = den, guidance
+        self.empty = den.text_encoder.encode([EMPTY_CAPTION])  # [1, L, D]
+
+    def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, ctx: ToyContext) -> torch.Tensor:
+        x0_c = self.den.denoise(x_t, sigma, ctx)
+        if self.guidance == 1.0:
+            return x0_c
+        x0_u = self.den.denoise(x_t, sigma, ToyContext(self.empty.expand(x_t.shape[0], -1, -1)))
+        return x0_u + self.guidance * (x0_c - x0_u)
+
+    def __getattr__(self, name):  # everything else (grid, text encoder, shapes) is the wrapped model's
+        return getattr(self.den, name)
 
 
 def random_toy(cfg: ToyConfig = ToyConfig(), seed: int = 0, gate_std: float = 0.02,

@@ -217,8 +217,7 @@ def acceptance(n_unrelated: int = 192, seeds: int = 2) -> dict:
     4-step toy-FID / distilled 4-step toy-FID, the undistilled model sampled both without guidance
     and with the guidance its distillation used); teacher concept_fidelity per held-out shape."""
     from ..fileio import load_tensors
-    from .denoiser import UNDISTILLED_WEIGHTS
-    from .pretrain import Guided
+    from .denoiser import UNDISTILLED_WEIGHTS, Guided
     base, undistilled = load_toy_file(BASE_WEIGHTS), load_toy_file(UNDISTILLED_WEIGHTS)
     guidance = float(load_tensors(BASE_WEIGHTS)[1].get("dopsd.guidance", "1.0"))
     metrics = ToyMetrics(load_evaluator(), base, n_unrelated=n_unrelated)

@@ -14,7 +14,7 @@ import random
 import torch
 
 from ..denoiser import sample
-from .denoiser import ToyContext, ToyDenoiser, image_to_latent, latent_to_image
+from .denoiser import Guided, ToyContext, ToyDenoiser, image_to_latent, latent_to_image
 from .evaluator import Evaluator, frechet_distance
 from .render import CONCEPT_TOKEN, caption_variants, random_scene, render
 from .text import BACKGROUNDS, COLOURS, SEEN_SHAPES
@@ -46,7 +46,6 @@ def generate(den: ToyDenoiser, prompts: list[str], steps: int, seed: int = 0, re
     latents [N, 3, 32, 32] (the teacher context). guidance != 1: classifier-free guidance (the
     undistilled base; the distilled turbo model samples without it)."""
     if guidance != 1.0:
-        from .pretrain import Guided
         den = Guided(den, guidance)
     gen = torch.Generator().manual_seed(seed)
     sigmas = den.sigma_grid(steps)

@@ -34,7 +34,8 @@ from ..fileio import load_tensors, save_json, save_tensors
 from ..optim import optimizer_state_from_tensors, optimizer_state_to_tensors
 from ..trainer import _decode_rng, _encode_rng
 from ..schedule import comfy_simple_sigmas, logit_normal_sigmas
-from .denoiser import SHIFT, ToyContext, ToyDenoiser, image_to_latent, load_toy_file, save_toy
+from .denoiser import (EMPTY_CAPTION, SHIFT, Guided, ToyContext, ToyDenoiser, image_to_latent, load_toy_file,
+                       save_toy)
 from .model import ToyConfig, ToyDiT
 from .render import Scene, caption_variants, random_blob_scene, random_scene, render
 from .text import CONCEPT_TOKENS, ToyTextEncoder, tokenize
@@ -63,7 +64,6 @@ BLOB_PROB = 0.4
 # guidance needs. The many-step base is sampled with guidance and distillation bakes it into the 4-step
 # student, which then samples without it (as the real turbo models are guidance-distilled).
 DROP_PROB = 0.1
-EMPTY_CAPTION = ""
 PROBE_GUIDANCE = 3.0
 EMPTY_TOKENS = tokenize(EMPTY_CAPTION)
 
@@ -90,25 +90,6 @@ def make_example(rng: random.Random, ref_prob: float) -> Example:
     word = None if named else rng.choice(CONCEPT_TOKENS)
     return Example(image_to_latent(render(scene)), tokenize(rng.choice(caption_variants(scene, word))),
                    image_to_latent(render(ref_scene)))
-
-
-class Guided:
-    """A toy denoiser sampled with classifier-free guidance on x0 (linear in v as well):
-    x0_u + w (x0_c - x0_u); the unconditional context is the empty caption without a reference."""
-
-    def __init__(self, den: ToyDenoiser, guidance: float):
-        self.den, self.guidance = den, guidance
-        self.empty = den.text_encoder.encode([EMPTY_CAPTION])  # [1, L, D]
-
-    def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, ctx: ToyContext) -> torch.Tensor:
-        x0_c = self.den.denoise(x_t, sigma, ctx)
-        if self.guidance == 1.0:
-            return x0_c
-        x0_u = self.den.denoise(x_t, sigma, ToyContext(self.empty.expand(x_t.shape[0], -1, -1)))
-        return x0_u + self.guidance * (x0_c - x0_u)
-
-    def __getattr__(self, name):  # everything else (grid, text encoder, shapes) is the wrapped model's
-        return getattr(self.den, name)
 
 
 def _collate(examples: list[Example]):
