@@ -45,7 +45,7 @@ def latent_to_image(latent: torch.Tensor) -> torch.Tensor:
 class ToyDenoiser:
     family = "toy"
     shift = SHIFT  # sampling shift (the grid)
-    train_shift = 1.0  # the base model's training sigma distribution, which SFT reuses (toy.pretrain)
+    train_shift = 3.0  # logit-normal shift of the base's training sigmas, which SFT reuses (toy.pretrain.TRAIN_SHIFT)
 
     def __init__(self, dit: ToyDiT, text_encoder: ToyTextEncoder, device: str | torch.device = "cpu"):
         self.dit = dit.to(device).eval().requires_grad_(False)
