@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from ..errors import DopsdError
 from ..fileio import save_bytes, save_json
 from ..plot import save_png
 from .denoiser import BASE_WEIGHTS, load_toy_file
@@ -67,6 +68,13 @@ def run_experiment(out: Path, quick: bool = False, log=print) -> dict:
     out = Path(out)
     t_start = time.perf_counter()
     base = load_toy_file(BASE_WEIGHTS)
+    # Cached runs are only valid for the base they were trained on, with the same plan
+    stamp = {"base": base.fingerprint(), "quick": quick}
+    stamp_file = out / "base" / "stamp.json"
+    if stamp_file.is_file() and json.loads(stamp_file.read_text()) != stamp:
+        raise DopsdError(f"{out} holds results of another toy base or plan ({stamp_file}); "
+                         "use a new --out folder (or delete that one) to run the experiment on this base")
+    save_json(stamp, stamp_file)
     metrics = ToyMetrics(load_evaluator(), base, n_unrelated=12 if quick else 192)
     captions = {c: [caps[0] for caps in concept_training_set(c)[1]] for c in HELD_OUT_SHAPES}
     base_file = out / "base" / "result.json"
