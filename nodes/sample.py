@@ -18,8 +18,9 @@ def _sample(model, contexts, latent_shape, steps, seed):
     den.latent_shape = tuple(latent_shape)
     ctx = den.batch_contexts(contexts)
     device = mm.get_torch_device()
-    return sample(den, ctx, (len(contexts), *latent_shape), den.sigma_grid(steps),
-                  torch.Generator().manual_seed(seed), device=device).cpu()
+    x0 = sample(den, ctx, (len(contexts), *latent_shape), den.sigma_grid(steps),
+                torch.Generator().manual_seed(seed), device=device)
+    return model.model.process_latent_out(x0).cpu()  # back to the VAE's space, as KSampler returns it
 
 
 class DOPSDFewStepSampler(io.ComfyNode):

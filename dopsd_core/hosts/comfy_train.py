@@ -57,7 +57,10 @@ def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_co
     records = []
     with torch.inference_mode(False):
         for item, lat in zip(items, latents):
-            lat = lat.clone()
+            lat = lat.clone()  # the VAE's latent: what reference latents take (extra_conds processes them)
+            # The record's x0 (SFT's target, D-OPSD's shapes) lives where the model denoises: after the
+            # latent format's scale and shift, as KSampler's process_latent_in (Z-Image: Flux's 0.3611/0.1159).
+            x0 = den.base.process_latent_in(lat[None])[0].float()
             student, teacher = [], []
             for cap in item.captions:
                 cond, extra = encode_text(cap)
@@ -65,7 +68,7 @@ def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_co
                 t_cond, t_extra = teacher_context(cap, lat, item) if teacher_context else default_teacher(
                     family, cond, extra, lat)
                 teacher.append(den.context(t_cond, t_extra, lat))
-            records.append(Record(item.name, lat, list(item.captions), student, teacher))
+            records.append(Record(item.name, x0, list(item.captions), student, teacher))
     previews = [r.student_ctx[0] for r in records[:n_preview]]
     return ComfyDataset(family, records, previews, [r.captions[0] for r in records[:n_preview]])
 
@@ -131,10 +134,13 @@ def _preview_with_contexts(den: ComfyDenoiser, dataset: ComfyDataset):
 
 
 # --- dataset cache on disk ---------------------------------------------------------------------------
+CACHE_FORMAT = 2  # 2: record x0 in the model's latent space (1 kept the VAE's, wrong for Z-Image SFT)
+
+
 def dataset_cache_key(family: str, model_id: str, encoder_id: str, items: list[ImageItem], extra: str = "") -> str:
     """Content key: the images' pixels, their captions, the model and the encoders that made the contexts."""
     import hashlib
-    h = hashlib.sha256(f"{family}|{model_id}|{encoder_id}|{extra}".encode())
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{family}|{model_id}|{encoder_id}|{extra}".encode())
     for item in items:
         h.update(item.name.encode())
         h.update("\n".join(item.captions).encode())

@@ -258,8 +258,9 @@ def test_two_trainers_in_one_graph_each_draw_their_own_run(comfy, browser, artif
     page.load(workflow)
     page.page.wait_for_timeout(1000)
     page.click_run()
-    views = _wait(page, lambda v: len(v) == 2 and all(x["status"] == "finished" for x in v), 600,
-                  "both trainers to finish")
+    # the preview image decodes asynchronously after the last event (under load it lagged "finished")
+    views = _wait(page, lambda v: len(v) == 2 and all(x["status"] == "finished" and x["preview"] > 0 for x in v),
+                  600, "both trainers to finish and show a preview")
     page.page.screenshot(path=str(artifacts / "sft_vs_dopsd_finished.png"))
     runs = {v["run"] for v in views}
     assert runs == {f"toy_star_dopsd_{tag}", f"toy_star_sft_{tag}"}

@@ -208,6 +208,24 @@ def test_teacher_context_differs_from_the_student(comfy, data_folder, family, re
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_few_step_sampler_reproduces_the_stock_sampler(comfy, family):
+    """D-OPSD Few-Step Sampler (4 steps, seed 7, batch 2) gives the latent of the family's stock
+    sampling with the same seed, in the space VAEDecode expects (Z-Image's latent format has a scale
+    and shift, so a model-space latent would differ by far more than the tolerance)."""
+    tag = fresh_name(f"{family}_sampler")
+    nodes = loaders(family) + sampler_nodes(family, ["1", 0], f"{tag}_stock") + [
+        (30, "DOPSDFewStepSampler", {"model": ["1", 0], "positive": ["20", 0], "steps": 4, "batch_size": 2,
+                                     "seed": 7, "width": RES, "height": RES}),
+        (31, "SaveLatent", {"samples": ["30", 0], "filename_prefix": f"latents/{tag}_ours"}),
+    ]
+    run_ok(comfy, nodes)
+    ours, stock = latest_latent(comfy, f"{tag}_ours"), latest_latent(comfy, f"{tag}_stock")
+    assert ours.shape == stock.shape
+    diff = (ours - stock).abs().max().item()
+    assert diff < SAME_TOL, f"few-step sampler differs from the stock sampler by {diff}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_train_save_and_stock_lora_loader_reproduce_the_trained_model(comfy, data_folder, family, request):
     vlm = _maybe_vlm(family, request)
     run, lora = fresh_name(f"{family}_run"), fresh_name(f"dopsd/{family}")

@@ -180,6 +180,10 @@ def test_dataset_node_builds_zimage_teacher_with_the_vlm_and_refuses_without(tin
         s, t = ds.records[0].student_ctx[0].kwargs["c_crossattn"], ds.records[0].teacher_ctx[0].kwargs["c_crossattn"]
         assert t.shape[1] == s.shape[1] + 2 + 256
         assert len(list((tmp_path / "output" / "dopsd" / "cache").glob("*.safetensors"))) == 1
+        # SFT's target lives where Z-Image denoises: the VAE latent through Flux's latent format
+        # (shift 0.1159, scale 0.3611), as KSampler's process_latent_in puts it
+        raw = TinyVae().encode(images[:1])[0]
+        assert torch.allclose(ds.records[0].x0, (raw - 0.1159) * 0.3611, atol=1e-6)
         again = dataset.DOPSDDataset.execute(**args, vlm=handle).result[0]  # from the cache, same contexts
         assert torch.equal(again.records[0].teacher_ctx[0].kwargs["c_crossattn"], t)
     finally:
