@@ -197,9 +197,8 @@ def test_pretraining_mixes_empty_captions_copies_and_blobs():
 
 
 def test_guidance_extrapolates_from_the_empty_caption():
-    from dopsd_core.toy.denoiser import ToyContext, random_toy
+    from dopsd_core.toy.denoiser import EMPTY_CAPTION, Guided, ToyContext, random_toy
     from dopsd_core.toy.model import ToyConfig
-    from dopsd_core.toy.denoiser import EMPTY_CAPTION, Guided
     den = random_toy(ToyConfig(width=32, depth=1, heads=2, context_dim=16, text_depth=1), gate_std=0.2)
     x = torch.randn(2, 3, 32, 32)
     sigma = torch.tensor([0.9, 0.5])

@@ -23,6 +23,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 BASE_WEIGHTS = WEIGHTS_DIR / "toy_base.safetensors"  # the 4-step distilled turbo model
 UNDISTILLED_WEIGHTS = WEIGHTS_DIR / "toy_undistilled.safetensors"  # its many-step parent (for the check)
 SHIFT = 3.0  # flow shift of the toy: ComfyUI's `simple` scheduler at 4 steps gives 1, .9, .75, .5, 0
+TRAIN_SHIFT = 3.0  # logit-normal shift of the base's training sigmas (toy.pretrain explains the choice)
 EMPTY_CAPTION = ""  # the unconditional prompt of classifier-free guidance (trained by toy.pretrain)
 LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
@@ -45,7 +46,7 @@ def latent_to_image(latent: torch.Tensor) -> torch.Tensor:
 class ToyDenoiser:
     family = "toy"
     shift = SHIFT  # sampling shift (the grid)
-    train_shift = 3.0  # logit-normal shift of the base's training sigmas, which SFT reuses (toy.pretrain.TRAIN_SHIFT)
+    train_shift = TRAIN_SHIFT  # the base's training sigma distribution, which SFT reuses
 
     def __init__(self, dit: ToyDiT, text_encoder: ToyTextEncoder, device: str | torch.device = "cpu"):
         self.dit = dit.to(device).eval().requires_grad_(False)
