@@ -188,6 +188,9 @@ class Trainer:
         self.data_dir = data_dir
         if not records:
             raise DopsdError("the dataset is empty; add images with captions")
+        self.buckets: dict[tuple, list[int]] = {}  # latent shape -> indices of the records of that size
+        for i, r in enumerate(records):
+            self.buckets.setdefault(tuple(r.x0.shape), []).append(i)
         self.sigmas = denoiser.sigma_grid(cfg.k)
         self.model_id = denoiser.fingerprint()
         self.data_id = records_fingerprint(records)
@@ -283,7 +286,13 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------------
     def _draw_batch(self) -> Batch:
-        idx = torch.randint(len(self.records), (self.cfg.batch_size,), generator=self.gen).tolist()
+        if len(self.buckets) == 1:
+            idx = torch.randint(len(self.records), (self.cfg.batch_size,), generator=self.gen).tolist()
+        else:  # aspect buckets: a batch shares one latent size; a bucket is drawn as often as it has images
+            first = int(torch.randint(len(self.records), (1,), generator=self.gen))
+            bucket = self.buckets[tuple(self.records[first].x0.shape)]
+            rest = torch.randint(len(bucket), (self.cfg.batch_size - 1,), generator=self.gen).tolist()
+            idx = [first] + [bucket[j] for j in rest]
         xs, cs, ct = [], [], []
         for i in idx:
             r = self.records[i]
@@ -291,9 +300,6 @@ class Trainer:
             xs.append(r.x0)
             cs.append(r.student_ctx[v])
             ct.append(r.teacher_ctx[v])
-        if len({tuple(x.shape) for x in xs}) > 1:
-            raise DopsdError("the dataset has images of different sizes, which cannot share a batch; "
-                             "use batch size 1 (with gradient accumulation) or one resolution")
         return Batch(torch.stack(xs), self.den.batch_contexts(cs), self.den.batch_contexts(ct))
 
     def _micro_step(self, batch: Batch, scale: float) -> float:

@@ -46,12 +46,24 @@ def _cache_path(model, family, items, encoder, extra: str = "") -> Path:
     return Path(folder_paths.get_output_directory()) / "dopsd" / "cache" / f"{key}.safetensors"
 
 
-def _items_from_images(images: torch.Tensor, template: str) -> list[ImageItem]:
+def _items_from_images(images: torch.Tensor, template: str, resolution: int, buckets: bool) -> list[ImageItem]:
+    """An IMAGE batch [N, H, W, C] -> items at the same target size as folder images (square crop, or
+    the batch's aspect bucket); a batch already at that size is used as it is."""
+    from PIL import Image
+
+    from ..dopsd_core.data import bucket_size, fit_image
     captions = [line.strip() for line in template.splitlines() if line.strip()]
     if not captions:
         raise DopsdError("caption_template is blank; write at least one caption line with [V], e.g. 'a photo of [V]'")
-    return [ImageItem(f"image_{i:03d}", images[i, ..., :3].permute(2, 0, 1).float().clone(), captions)
-            for i in range(images.shape[0])]
+    h, w = images.shape[1:3]
+    size = bucket_size(w, h, resolution) if buckets else (resolution, resolution)
+    items = []
+    for i in range(images.shape[0]):
+        img = images[i, ..., :3].float()
+        if (w, h) != size:
+            img = fit_image(Image.fromarray((img.clamp(0, 1) * 255).round().byte().cpu().numpy()), *size).permute(1, 2, 0)
+        items.append(ImageItem(f"image_{i:03d}", img.permute(2, 0, 1).contiguous().clone(), captions))
+    return items
 
 
 def _vlm_id(vlm) -> str:
@@ -80,7 +92,12 @@ class DOPSDDataset(io.ComfyNode):
                 io.String.Input("caption_template", multiline=True, default="a photo of [V]",
                                 tooltip="Caption variants (one per line) for the images input; [V] is the concept."),
                 io.Int.Input("resolution", default=1024, min=32, max=4096, step=16,
-                             tooltip="Square training resolution (the toy model always uses 32)."),
+                             tooltip="Training resolution: images are resized to about resolution² pixels "
+                                     "(the toy model always uses 32x32)."),
+                io.Boolean.Input("aspect_buckets", default=True, optional=True,
+                                 tooltip="Keep each image's aspect ratio (up to 2:1) in a bucket of about "
+                                         "resolution² pixels, sides multiples of 64; a training batch takes "
+                                         "images of one bucket. Off: centre-crop every image to a square."),
                 io.Image.Input("images", optional=True, tooltip="Training images instead of a folder."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder of the model (FLUX.2-klein, Z-Image)."),
                 io.Vae.Input("vae", optional=True, tooltip="VAE of the model (FLUX.2-klein, Z-Image)."),
@@ -105,16 +122,16 @@ class DOPSDDataset(io.ComfyNode):
             return str(e)
 
     @classmethod
-    def execute(cls, model, folder, caption_template, resolution, images=None, clip=None, vae=None,
-                toy_text_encoder=None, vlm=None):
+    def execute(cls, model, folder, caption_template, resolution, aspect_buckets=True, images=None, clip=None,
+                vae=None, toy_text_encoder=None, vlm=None):
         from ..dopsd_core.hosts.comfy import detect_family
         family = detect_family(model.model)
-        if family == "toy":
-            resolution = 32
+        if family == "toy":  # a fixed 32x32 world
+            resolution, aspect_buckets = 32, False
         if folder.strip():
-            items = load_image_folder(_folder(folder.strip()), resolution)
+            items = load_image_folder(_folder(folder.strip()), resolution, aspect_buckets)
         elif images is not None:
-            items = _items_from_images(images, caption_template)
+            items = _items_from_images(images, caption_template, resolution, aspect_buckets)
         else:
             raise DopsdError("no training images: set folder or connect images")
         # refuse before any encoding work, and before the cache lookup (a cached dataset must not hide a

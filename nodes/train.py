@@ -78,7 +78,12 @@ def _previewer(model):
                                getattr(fmt, "latent_rgb_factors_reshape", None))
 
 
-def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig):
+OFFLOAD_TOOLTIP = ("Low VRAM: ComfyUI's own partial loading (as its Train LoRA node does): blocks that do not "
+                   "fit stay in RAM and are moved to the GPU for each forward. Slower; combine with "
+                   "checkpointing. The toy model and CPU runs ignore it.")
+
+
+def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offload: bool = False):
     import comfy.model_management as mm
     import comfy.utils
     from server import PromptServer
@@ -121,7 +126,7 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig):
     run_id = live.run_started(node_id, run_name, cfg.method, cfg.steps)
     status = "error"
     try:
-        patched, lora_sd, history = train(model, dataset, cfg, run_dir, callbacks, resume=resume)
+        patched, lora_sd, history = train(model, dataset, cfg, run_dir, callbacks, resume=resume, offload=offload)
         status = "finished"
     except TrainingCancelled:
         status = "cancelled"
@@ -149,6 +154,7 @@ class DOPSDTrainer(io.ComfyNode):
                                tooltip="Per-state weight: x0 MSE (default), velocity MSE, or transition."),
                 io.Combo.Input("states", options=["all", "one"], default="all",
                                tooltip="Supervise all K states, or one random state (cheaper)."),
+                io.Boolean.Input("offload", default=False, optional=True, tooltip=OFFLOAD_TOOLTIP),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="LORA"),
                      io.LossMap.Output(display_name="LOSS")],
@@ -158,11 +164,11 @@ class DOPSDTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, k, teacher, ema_decay, loss_weight,
-                states):
+                states, offload=False):
         cfg = make_config("dopsd", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, k=k, teacher=teacher, ema_decay=ema_decay,
                           loss_weight=loss_weight, states=states)
-        return run_training(cls, model, dataset, run_name, resume, cfg)
+        return run_training(cls, model, dataset, run_name, resume, cfg, offload)
 
 
 class DOPSDSFTTrainer(io.ComfyNode):
@@ -172,7 +178,8 @@ class DOPSDSFTTrainer(io.ComfyNode):
             node_id="DOPSDSFTTrainer", display_name="D-OPSD SFT Trainer (baseline)", category="D-OPSD",
             is_output_node=True,
             description="The baseline: the same LoRA trained with flow matching on the images.",
-            inputs=common_inputs(),
+            inputs=common_inputs() + [io.Boolean.Input("offload", default=False, optional=True,
+                                                       tooltip=OFFLOAD_TOOLTIP)],
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="LORA"),
                      io.LossMap.Output(display_name="LOSS")],
             hidden=[io.Hidden.unique_id],
@@ -180,10 +187,10 @@ class DOPSDSFTTrainer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
-                checkpointing, save_every, preview_every, run_name, resume):
+                checkpointing, save_every, preview_every, run_name, resume, offload=False):
         cfg = make_config("sft", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every)
-        return run_training(cls, model, dataset, run_name, resume, cfg)
+        return run_training(cls, model, dataset, run_name, resume, cfg, offload)
 
 
 NODES = [DOPSDTrainer, DOPSDSFTTrainer]

@@ -76,3 +76,34 @@ def test_tokenizer_unknown_words_warn_once_and_concept_tokens_are_distinct(caplo
     concept_ids = [toy_text.tokenize(t)[0] for t in ["[V]", "[V1]", "[v2]", "[V3]", "[V8]"]]
     assert len(set(concept_ids)) == 5 and unk not in concept_ids
     assert len(toy_text.tokenize(" ".join(["circle"] * 20))) == toy_text.MAX_TOKENS
+
+
+@pytest.mark.parametrize("size, want", [
+    ((1024, 1024), (1024, 1024)),  # square stays square
+    ((1536, 1024), (1280, 832)),   # 3:2 landscape: about 1024² pixels, sides multiples of 64
+    ((1024, 1536), (832, 1280)),   # and its portrait twin
+    ((4000, 1000), (1472, 704)),   # 4:1 is clamped to 2:1
+])
+def test_bucket_size_keeps_aspect_and_area(size, want):
+    from dopsd_core.data import bucket_size
+    w, h = bucket_size(*size, 1024)
+    assert (w, h) == want and w % 64 == 0 and h % 64 == 0
+    assert 0.85 < w * h / 1024**2 < 1.1
+
+
+def test_bucketed_folder_keeps_the_whole_wide_image(tmp_path):
+    """With buckets a 2:1 image is not cropped to a square: both coloured halves survive."""
+    d = tmp_path / "b"
+    d.mkdir()
+    im = Image.new("RGB", (256, 128), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 32, 128))  # a blue left eighth: a square crop would cut it off
+    im.save(d / "wide.png")
+    Image.new("RGB", (128, 128), (0, 255, 0)).save(d / "square.png")
+    for n in ("wide", "square"):
+        (d / f"{n}.txt").write_text("a [V]")
+    items = {i.name: i.image for i in load_image_folder(d, 128, buckets=True)}
+    assert items["wide.png"].shape == (3, 96, 176)  # area ~128², sides multiples of 16, ratio 1.83
+    assert items["wide.png"][2, :, :8].mean() > 0.9  # the blue strip is there
+    assert items["square.png"].shape == (3, 128, 128)
+    cropped = {i.name: i.image for i in load_image_folder(d, 128)}
+    assert cropped["wide.png"].shape == (3, 128, 128) and cropped["wide.png"][2].max() < 0.1

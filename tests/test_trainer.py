@@ -246,9 +246,26 @@ def test_previews_and_callbacks(tiny_records, tmp_path):
     assert previews[0][1].shape == (2, 32, 32, 3) and 0 <= previews[0][1].min() and previews[0][1].max() <= 1
 
 
-def test_mixed_image_sizes_need_batch_size_one(tiny_records, tmp_path):
+def test_aspect_buckets_batch_one_latent_size(tiny_records, tmp_path):
+    """Records of two latent sizes: every batch shares one size, and a size is drawn about as often
+    as it has records (here 1 of 3 vs 2 of 3)."""
     den, records = tiny_records()
     records[1].x0 = records[1].x0[:, :16, :16]
     t = Trainer(den, records, TrainConfig(steps=5, **{**CFG, "batch_size": 3}), tmp_path / "mixed")
-    with pytest.raises(DopsdError, match="different sizes"):
-        t.run()
+    sizes = []
+    for _ in range(300):
+        batch = t._draw_batch()
+        assert batch.x0.shape[0] == 3
+        sizes.append(tuple(batch.x0.shape[-2:]))
+    small = sizes.count((16, 16)) / len(sizes)
+    assert set(sizes) == {(16, 16), (32, 32)} and 0.2 < small < 0.47
+
+
+def test_one_size_draws_are_unchanged_by_bucketing(tiny_records, tmp_path):
+    """With a single latent size the draw is the plain uniform one (runs before buckets reproduce)."""
+    den, records = tiny_records()
+    t = Trainer(den, records, TrainConfig(steps=5, **{**CFG, "batch_size": 3}), tmp_path / "one")
+    gen = torch.Generator().manual_seed(t.cfg.seed)
+    want = torch.randint(len(records), (3,), generator=gen).tolist()
+    batch = t._draw_batch()
+    assert torch.equal(batch.x0, torch.stack([records[i].x0 for i in want]))

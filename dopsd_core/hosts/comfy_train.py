@@ -89,8 +89,17 @@ def default_teacher(family: str, cond, extra, latent):
     raise DopsdError(f"no teacher context was built for {family}; the dataset node builds it for this family")
 
 
+def load_for_training(mp, offload: bool) -> None:
+    """Put the model on its device through ComfyUI's own loader. offload: ComfyUI's partial load, as its
+    TrainLoraNode does (memory_required=1e20): the blocks that do not fit stay in RAM and are cast to the
+    GPU per forward (`comfy_cast_weights`); the LoRA hooks and per-block checkpointing sit on top of that.
+    (Under ComfyUI's dynamic VRAM, its default on NVIDIA, weights are streamed on demand either way.)"""
+    import comfy.model_management as mm
+    mm.load_models_gpu([mp], memory_required=1e20 if offload else 0, force_full_load=not offload)
+
+
 def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path, callbacks: Callbacks,
-          resume: bool = False, init_lora: Path | None = None):
+          resume: bool = False, init_lora: Path | None = None, offload: bool = False):
     """Train on the MODEL's shared diffusion model; afterwards nothing stays injected. Returns
     (patched MODEL clone carrying the LoRA, LoRA state dict in ComfyUI layout, loss history)."""
     import comfy.model_management as mm
@@ -99,7 +108,7 @@ def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path,
         raise DopsdError(f"the dataset was built for {dataset.family} but the MODEL is {family}; "
                          "build the dataset with the same model")
     mp = model_patcher.clone()
-    mm.load_models_gpu([mp], force_full_load=True)
+    load_for_training(mp, offload)
     den = ComfyDenoiser(mp, family)
     den.latent_shape = tuple(dataset.records[0].x0.shape)
     was_training = mm.in_training

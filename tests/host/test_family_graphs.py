@@ -284,6 +284,39 @@ def test_dataset_cache_key_covers_the_vae(comfy, data_folder):
     assert (first - second).abs().max() > 1e-4  # other latents -> other reference latents for the teacher
 
 
+def test_aspect_buckets_train_in_batches_of_one_size(comfy):
+    """Two wide (2:1) and two square images with aspect_buckets on: the cached dataset holds latents of
+    two sizes (96x48 and 64x64 px at resolution 64), and batches of 2 train (each batch draws from one
+    bucket). With buckets off every latent is the 64x64 square crop."""
+    name = fresh_name("bucket_data")
+    folder = comfy.input_dir / name
+    _write_images(folder, 2, seed=3)
+    for i in range(2):
+        Image.new("RGB", (160, 80), (40 * i, 200, 90)).save(folder / f"wide_{i}.png")
+        (folder / f"wide_{i}.txt").write_text(CAPTION + "\n")
+    cache_dir = comfy.output_dir / "dopsd" / "cache"
+
+    def cached_shapes(buckets: bool, train: bool) -> set:
+        before = set(cache_dir.glob("*.safetensors"))
+        run = fresh_name("bucket_run")
+        nodes = loaders("flux2-klein") + [dataset_node(name, "flux2-klein", aspect_buckets=buckets)]
+        if train:
+            trainer = trainer_node(run, checkpointing=False)
+            trainer[2].update(steps=3, batch_size=2, save_every=3, preview_every=0)
+            nodes.append(trainer)
+        else:
+            nodes += _preview_of_dataset()
+        run_ok(comfy, nodes)
+        if train:
+            state = json.loads((comfy.output_dir / "dopsd" / run / "state" / "state.json").read_text())
+            assert state["step"] == 3 and all(np.isfinite(v) for v in state["history"])
+        (made,) = set(cache_dir.glob("*.safetensors")) - before
+        with safe_open(str(made), "pt") as f:
+            return {tuple(f.get_slice(k).get_shape()) for k in f.keys() if k.endswith(".x0")}
+    assert cached_shapes(True, train=True) == {(128, 4, 4), (128, 3, 6)}
+    assert cached_shapes(False, train=False) == {(128, 4, 4)}
+
+
 # --- bad inputs ----------------------------------------------------------------------------------
 def _flux1_loader() -> tuple:
     return (1, "UNETLoader", {"unet_name": tiny_models.FLUX1_FILE, "weight_dtype": "default"})

@@ -130,3 +130,51 @@ def test_klein_dataset_build_uses_suffix_and_reference_latent(comfy_lib):
     assert any(c.endswith("consistent with the reference image.") and c.startswith("a photo of [V]") for c in seen)
     assert "ref_latents" in rec.teacher_ctx[0].kwargs and "ref_latents" not in rec.student_ctx[0].kwargs
     assert not rec.x0.is_inference() and not rec.teacher_ctx[0].kwargs["c_crossattn"].is_inference()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_klein_trains_the_same_when_comfyui_offloads_blocks(comfy_lib, tmp_path, monkeypatch, checkpointing):
+    """offload=True asks ComfyUI's own loader for a partial load (memory_required=1e20, no full load, as
+    its Train LoRA node does). A CPU device never partially loads, so here load_models_gpu answers the way
+    it does on a GPU that is short of memory: ModelPatcher.load with room for a third of the weights.
+    The other modules then run through comfy.ops' per-forward weight cast (comfy_cast_weights); the LoRA
+    hooks and checkpointing on top must give the same losses and LoRA as a full load."""
+    import comfy.model_management as mm
+
+    from dopsd_core.hosts.comfy import ComfyDenoiser
+    from dopsd_core.hosts.comfy_train import ComfyDataset, train
+    from dopsd_core.denoiser import Record
+    from dopsd_core.trainer import Callbacks, TrainConfig
+
+    real_load, calls, cast_modules = mm.load_models_gpu, [], []
+
+    def short_gpu(models, memory_required=0, force_full_load=False, **kw):
+        calls.append((memory_required, force_full_load))
+        if force_full_load:
+            return real_load(models, memory_required=memory_required, force_full_load=True, **kw)
+        for m in models:
+            m.load(m.load_device, lowvram_model_memory=m.model_size() // 3, full_load=False)
+    monkeypatch.setattr(mm, "load_models_gpu", short_gpu)
+
+    def run(offload: bool):
+        mp = tiny_klein()
+        den = ComfyDenoiser(mp)
+        gen = torch.Generator().manual_seed(3)
+        latent, text = torch.randn(128, 4, 4, generator=gen), torch.randn(1, 8, 96, generator=gen)
+        records = [Record("a", latent, ["c"], [den.context(text, {}, latent)],
+                          [den.context(text, {"reference_latents": [latent[None]]}, latent)])]
+        dm = mp.model.diffusion_model
+        on_step = lambda info: cast_modules.append(sum(getattr(m, "comfy_cast_weights", False) for m in dm.modules()))
+        cfg = TrainConfig(steps=3, rank=4, alpha=4.0, lr=1e-2, k=2, teacher="frozen", checkpointing=checkpointing,
+                          save_every=0)
+        _, lora_sd, history = train(mp, ComfyDataset("flux2-klein", records), cfg, tmp_path / f"run_{offload}",
+                                    Callbacks(on_step=on_step), offload=offload)
+        return lora_sd, history
+    full_lora, full_hist = run(False)
+    assert calls == [(0, True)] and cast_modules == [0, 0, 0]
+    off_lora, off_hist = run(True)
+    assert calls[1] == (1e20, False)
+    assert min(cast_modules[3:]) > 0, "ComfyUI should have left some modules to the per-forward cast"
+    assert off_hist == pytest.approx(full_hist, rel=1e-5, abs=1e-7)
+    assert full_lora.keys() == off_lora.keys()
+    assert max((full_lora[k] - off_lora[k]).abs().max().item() for k in full_lora) < 1e-5
