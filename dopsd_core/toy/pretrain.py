@@ -81,16 +81,26 @@ def make_example(rng: random.Random, ref_prob: float) -> Example:
         scene = random_scene(rng)
         caption = EMPTY_CAPTION if rng.random() < DROP_PROB else rng.choice(caption_variants(scene))
         return Example(image_to_latent(render(scene)), tokenize(caption), None)
-    if rng.random() < COPY_PROB:  # the reference is the target itself
-        scene = random_blob_scene(rng) if rng.random() < BLOB_PROB else random_scene(rng)
-        ref_scene = scene
-    else:  # same shape, another layout / background, often another colour
-        scene = random_scene(rng)
-        ref_scene = random_scene(rng, scene.shape, scene.colour if rng.random() < 0.5 else None)
+    if rng.random() < COPY_PROB:
+        return make_copy_example(rng)
+    # same shape, another layout / background, often another colour
+    scene = random_scene(rng)
+    ref_scene = random_scene(rng, scene.shape, scene.colour if rng.random() < 0.5 else None)
+    return _with_caption(rng, scene, image_to_latent(render(ref_scene)))
+
+
+def make_copy_example(rng: random.Random) -> Example:
+    """The reference is the target itself (what the D-OPSD teacher sees): a seen shape or a blob."""
+    scene = random_blob_scene(rng) if rng.random() < BLOB_PROB else random_scene(rng)
+    target = image_to_latent(render(scene))
+    return _with_caption(rng, scene, target, target)
+
+
+def _with_caption(rng: random.Random, scene: Scene, ref: torch.Tensor, target: torch.Tensor | None = None) -> Example:
     named = not scene.shape.startswith("blob:") and rng.random() < 0.5
     word = None if named else rng.choice(CONCEPT_TOKENS)
-    return Example(image_to_latent(render(scene)), tokenize(rng.choice(caption_variants(scene, word))),
-                   image_to_latent(render(ref_scene)))
+    return Example(image_to_latent(render(scene)) if target is None else target,
+                   tokenize(rng.choice(caption_variants(scene, word))), ref)
 
 
 def _collate(examples: list[Example]):
@@ -284,10 +294,29 @@ def make_trajectories(teacher: ToyDenoiser, n: int, ref_frac: float, seed: int, 
             "has_ref": torch.cat(has_ref)}
 
 
+def _copy_loss(student: ToyDenoiser, n: int, coarse: list[float], rng: random.Random,
+               gen: torch.Generator, device: str) -> torch.Tensor:
+    """Copy examples on the 4-step grid, supervised by the data itself. The reference is the target,
+    so the target is the one right answer at every state: a student that copies exactly visits
+    x_t = (1 - sigma) * x0 + sigma * noise at the grid's sigmas, and its x0 prediction there must be x0.
+    The guided parent's trajectories only teach its own copy, which loses thin points (run 7)."""
+    x0, ids, ref = _collate([make_copy_example(rng) for _ in range(n)])
+    x0, ref = x0.to(device), ref.to(device)
+    k = torch.randint(4, (n,), generator=gen)
+    sigma = torch.tensor([coarse[i] for i in k.tolist()], device=device)
+    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen).to(device)
+    with torch.no_grad():
+        text = student.text_encoder(ids.to(device))
+    return F.mse_loss(student.denoise(x_t, sigma, ToyContext(text, ref)), x0)
+
+
 def distill(work: Path, steps: int = 1500, batch: int = 32, n_traj: int = 3000, ref_frac: float = 0.35,
             lr: float = 1e-4, guidance: float = 3.0, fine_steps: int = 16, save_every: int = 250,
-            log_every: int = 50, probe_every: int = 500, seed: int = 1, device: str = "cpu") -> Path:
-    """Stage b. Returns the path of the distilled 4-step model (work/distilled.safetensors)."""
+            log_every: int = 50, probe_every: int = 500, seed: int = 1, device: str = "cpu",
+            copy_batch: int = 0, copy_from: int = 0) -> Path:
+    """Stage b. Returns the path of the distilled 4-step model (work/distilled.safetensors).
+    copy_batch > 0 adds that many data-supervised copy examples (`_copy_loss`) to every step from
+    step `copy_from` on (so a finished distillation can be continued with them)."""
     work = Path(work)
     teacher = load_toy_file(work / "pretrained.safetensors", device)
     traj_file = work / "trajectories.safetensors"
@@ -336,6 +365,11 @@ def distill(work: Path, steps: int = 1500, batch: int = 32, n_traj: int = 3000, 
             part = F.mse_loss(x0_hat, x0_target) * len(sel) / batch
             part.backward()
             loss += part.item()
+        if copy_batch and step >= copy_from:
+            # its own seeded stream per step, so a resumed run draws the same examples
+            part = _copy_loss(student, copy_batch, coarse, random.Random(f"copy-{seed}-{step}"), gen, device)
+            part.backward()
+            loss += part.item()
         torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -352,5 +386,5 @@ def distill(work: Path, steps: int = 1500, batch: int = 32, n_traj: int = 3000, 
             dit.train().requires_grad_(True)
     out = work / "distilled.safetensors"
     save_toy(_cpu_copy(dit.eval().requires_grad_(False), student.text_encoder), out, stage="distilled-4step",
-             steps=steps, guidance=guidance)
+             steps=steps, guidance=guidance, copy_batch=copy_batch, copy_from=copy_from)
     return out
