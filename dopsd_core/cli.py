@@ -201,6 +201,7 @@ def add_toy_parsers(sub) -> None:
     p.add_argument("--trajectories", type=int, default=3000, help="teacher trajectories to distill from")
     p.add_argument("--guidance", type=float, default=3.0,
                    help="classifier-free guidance of the teacher trajectories; the 4-step student samples without it")
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate (a resumed run uses it from its step on)")
     p.add_argument("--copy-batch", type=int, default=0,
                    help="data-supervised copy examples (reference = target) added to every step (default 0)")
     p.add_argument("--copy-from", type=int, default=0,
@@ -328,10 +329,12 @@ def cmd_toy_distill(args) -> int:
         raise DopsdError("--guidance must be > 0 (1 = no guidance)")
     if not (Path(args.work) / "pretrained.safetensors").is_file():
         raise DopsdError(f"{args.work} has no pretrained.safetensors; run `dopsd toy-pretrain --work {args.work}` first")
+    if not args.lr > 0:
+        raise DopsdError("--lr must be > 0")
     if args.copy_batch < 0 or args.copy_from < 0:
         raise DopsdError("--copy-batch and --copy-from must be >= 0")
     out = distill(Path(args.work), steps=args.steps, n_traj=args.trajectories, guidance=args.guidance,
-                  device=args.device, copy_batch=args.copy_batch, copy_from=args.copy_from)
+                  device=args.device, copy_batch=args.copy_batch, copy_from=args.copy_from, lr=args.lr)
     print(f"distilled model: {out}")
     return 0
 

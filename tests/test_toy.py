@@ -165,6 +165,39 @@ def test_base_training_stages_run_resume_and_chain(tmp_path):
     assert any(diff)
     res = probe(child, n=6, steps=2)
     assert set(res) == {"shape_acc", "joint_acc", "ref_copy_acc"} and all(0.0 <= v <= 1.0 for v in res.values())
+    # a finished distillation continues with data-supervised copies (one more step, at another lr)
+    more = load_toy_file(distill(tmp_path, steps=3, batch=4, n_traj=8, save_every=1, probe_every=0, copy_batch=2,
+                                 copy_from=2, lr=2e-5))
+    assert any(not torch.equal(a, b) for a, b in zip(child.dit.state_dict().values(), more.dit.state_dict().values()))
+    _, meta = load_tensors(tmp_path / "distilled.safetensors")
+    assert meta["dopsd.copy_batch"] == "2" and meta["dopsd.last_lr"] == "2e-05"
+    # another parent: the cached trajectories and the half-done student are refused, not reused
+    pretrain(tmp_path, steps=4, batch=4, warmup=1, save_every=2, probe_every=0, cfg=cfg)
+    with pytest.raises(DopsdError, match="delete it"):
+        distill(tmp_path, steps=4, batch=4, n_traj=8, save_every=1, probe_every=0)
+    (tmp_path / "trajectories.safetensors").unlink()
+    with pytest.raises(DopsdError, match="distils another pretrained model"):
+        distill(tmp_path, steps=4, batch=4, n_traj=8, save_every=1, probe_every=0)
+
+
+def test_copy_examples_show_the_target_and_the_loss_asks_for_it():
+    from dopsd_core.toy.pretrain import _copy_loss, make_copy_example
+    rng = random.Random(1)
+    assert all(torch.equal(e.ref, e.target) for e in (make_copy_example(rng) for _ in range(300)))
+
+    class Oracle:  # returns the reference (= the target) whatever the state: the loss must be zero
+        text_encoder = staticmethod(lambda ids: ids)
+
+        def denoise(self, x_t, sigma, ctx):
+            return ctx.ref
+
+    class Identity(Oracle):  # returns its noisy input: a positive loss
+        def denoise(self, x_t, sigma, ctx):
+            return x_t
+    def args():
+        return 8, [1.0, 0.9, 0.75, 0.5, 0.0], random.Random(2), torch.Generator().manual_seed(0), "cpu"
+    assert _copy_loss(Oracle(), *args()).item() == 0.0
+    assert _copy_loss(Identity(), *args()).item() > 0.05
 
 
 def test_blob_outlines_are_deterministic_and_varied():

@@ -320,8 +320,9 @@ def distill(work: Path, steps: int = 1500, batch: int = 32, n_traj: int = 3000, 
     work = Path(work)
     teacher = load_toy_file(work / "pretrained.safetensors", device)
     traj_file = work / "trajectories.safetensors"
+    parent = teacher.fingerprint()  # trajectories and a half-done student belong to one parent model
     settings = {"n_traj": str(n_traj), "guidance": f"{guidance:g}", "ref_frac": f"{ref_frac:g}", "seed": str(seed),
-                "fine_steps": str(fine_steps)}
+                "fine_steps": str(fine_steps), "parent": parent}
     if traj_file.is_file():
         traj, meta = load_tensors(traj_file)
         if {k: meta.get(k) for k in settings} != settings:
@@ -338,9 +339,14 @@ def distill(work: Path, steps: int = 1500, batch: int = 32, n_traj: int = 3000, 
     step, gen = 0, torch.Generator().manual_seed(seed)
     if ckpt.exists():
         progress = ckpt.load({"dit": dit}, opt)
+        if progress.get("parent") != parent:
+            raise DopsdError(f"{ckpt.folder} distils another pretrained model; delete it (and "
+                             f"{traj_file.name}) to distil {work / 'pretrained.safetensors'}")
         step = progress["step"]
         gen.set_state(_decode_rng(progress["rng"]["torch"]))
-        print(f"[distill] resuming at step {step}/{steps}", flush=True)
+        for group in opt.param_groups:  # a continued run may anneal: the lr passed now applies from here
+            group["lr"] = lr
+        print(f"[distill] resuming at step {step}/{steps} (lr {lr:g})", flush=True)
     n = traj["states"].shape[0]
     t0, start, losses = time.perf_counter(), step, []
     while step < steps:
@@ -378,7 +384,7 @@ def distill(work: Path, steps: int = 1500, batch: int = 32, n_traj: int = 3000, 
         if step % log_every == 0 or step == steps:
             _progress("distill", step, steps, sum(losses[-log_every:]) / len(losses[-log_every:]), t0, start)
         if step % save_every == 0 or step == steps:
-            ckpt.save({"dit": dit}, opt, step, {"torch": _encode_rng(gen)}, {"total": steps})
+            ckpt.save({"dit": dit}, opt, step, {"torch": _encode_rng(gen)}, {"total": steps, "parent": parent})
         if probe_every and step % probe_every == 0:
             dit.eval()
             print(f"[distill] 4-step probe at {step}: {json.dumps(probe(_cpu_copy(dit, student.text_encoder), steps=4))}",
@@ -386,5 +392,5 @@ def distill(work: Path, steps: int = 1500, batch: int = 32, n_traj: int = 3000, 
             dit.train().requires_grad_(True)
     out = work / "distilled.safetensors"
     save_toy(_cpu_copy(dit.eval().requires_grad_(False), student.text_encoder), out, stage="distilled-4step",
-             steps=steps, guidance=guidance, copy_batch=copy_batch, copy_from=copy_from)
+             steps=steps, guidance=guidance, copy_batch=copy_batch, copy_from=copy_from, last_lr=lr)
     return out
