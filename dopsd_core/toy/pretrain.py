@@ -10,7 +10,9 @@ classifier-free guidance.
 Stage b, `distill`: trajectory distillation into a 4-step sampler. The pretrained (EMA) model,
 with classifier-free guidance, samples 16-step Euler trajectories on ComfyUI's `simple` grid (shift 3),
 whose every 4th state is a state of the 4-step grid 1, .9, .75, .5, 0; the student learns each 4-step
-jump as one step, without guidance, for plain and reference-conditioned prompts alike.
+jump as one step, without guidance, for plain and reference-conditioned prompts alike. From
+`copy_from` on, every step also learns copies straight from the data (`_copy_loss`): with the target in
+context there is one right answer, and the parent's own copies lose the star's thin points.
 
 Both stages write a checkpoint folder (safetensors + JSON) every `save_every` steps and resume from
 it; the finished models are written with `save_toy`.
