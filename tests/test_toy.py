@@ -57,7 +57,7 @@ def _teacher_fidelity(m, base, shape):
 @needs_weights
 def test_shipped_base_retains_unrelated_prompts_at_4_steps(shipped):
     base, _, _, m, distilled = shipped
-    assert distilled["retention"] >= 0.85, distilled  # full size: 90.1 % (acceptance >= 90 %)
+    assert distilled["retention"] >= 0.85, distilled  # full size: 89.6 % (acceptance >= 90 %: missed by 1 of 192)
 
 
 @needs_weights
@@ -66,31 +66,23 @@ def test_shipped_base_beats_its_parent_sampled_with_its_guidance_at_4_steps(ship
     from dopsd_core.toy.denoiser import Guided
     _, undistilled, guidance, m, distilled = shipped
     parent = m.evaluate(Guided(undistilled, guidance))
-    assert parent["quality_4"] >= 2 * distilled["quality_4"], (parent, distilled)  # full size: 3.7x
+    assert parent["quality_4"] >= 2 * distilled["quality_4"], (parent, distilled)  # full size: 3.5x
     assert distilled["retention"] > parent["retention"]
 
 
 @needs_weights
-@pytest.mark.parametrize("shape", ["heart", "crescent"])
+@pytest.mark.parametrize("shape", ["star", "heart", "crescent"])
 def test_teacher_reproduces_held_out_shapes(shipped, shape):
     base, _, _, m, _ = shipped
-    assert _teacher_fidelity(m, base, shape) >= 0.8, shape  # full size: heart 100 %, crescent 83 %
+    assert _teacher_fidelity(m, base, shape) >= 0.8, shape  # full size: star 88 %, heart 100 %, crescent 96 %
 
 
 @needs_weights
 @pytest.mark.xfail(strict=True, reason="misses the acceptance (docs/toy_acceptance.json): the unguided parent's "
-                   "4-step toy-FID is 0.91x the distilled model's, not >= 2x; strict, so it turns red once it passes")
+                   "4-step toy-FID is 0.54x the distilled model's, not >= 2x; strict, so it turns red once it passes")
 def test_unguided_parent_is_2x_worse_at_4_steps(shipped):
     _, undistilled, _, m, distilled = shipped
     assert m.evaluate(undistilled)["quality_4"] >= 2 * distilled["quality_4"]
-
-
-@needs_weights
-@pytest.mark.xfail(strict=True, reason="misses the acceptance (docs/toy_acceptance.json): the teacher draws the star "
-                   "in 73 % of samples, not >= 80 %; strict, so it turns red once it passes")
-def test_teacher_reproduces_the_star(shipped):
-    base, _, _, m, _ = shipped
-    assert _teacher_fidelity(m, base, "star") >= 0.8
 
 
 @needs_weights
