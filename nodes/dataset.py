@@ -49,21 +49,17 @@ def _cache_path(model, family, items, encoder, extra: str = "") -> Path:
 def _items_from_images(images: torch.Tensor, template: str, resolution: int, buckets: bool) -> list[ImageItem]:
     """An IMAGE batch [N, H, W, C] -> items at the same target size as folder images (square crop, or
     the batch's aspect bucket); a batch already at that size is used as it is."""
-    from PIL import Image
-
     from ..dopsd_core.data import bucket_size, fit_image
+    from ..dopsd_core.plot import to_pil
     captions = [line.strip() for line in template.splitlines() if line.strip()]
     if not captions:
         raise DopsdError("caption_template is blank; write at least one caption line with [V], e.g. 'a photo of [V]'")
     h, w = images.shape[1:3]
     size = bucket_size(w, h, resolution) if buckets else (resolution, resolution)
-    items = []
-    for i in range(images.shape[0]):
-        img = images[i, ..., :3].float()
-        if (w, h) != size:
-            img = fit_image(Image.fromarray((img.clamp(0, 1) * 255).round().byte().cpu().numpy()), *size).permute(1, 2, 0)
-        items.append(ImageItem(f"image_{i:03d}", img.permute(2, 0, 1).contiguous().clone(), captions))
-    return items
+
+    def chw(img: torch.Tensor) -> torch.Tensor:  # [H, W, 3] -> [3, H', W'] at the target size
+        return img.permute(2, 0, 1).float().contiguous().clone() if (w, h) == size else fit_image(to_pil(img), *size)
+    return [ImageItem(f"image_{i:03d}", chw(images[i, ..., :3]), captions) for i in range(images.shape[0])]
 
 
 def _vlm_id(vlm) -> str:

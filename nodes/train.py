@@ -78,9 +78,13 @@ def _previewer(model):
                                getattr(fmt, "latent_rgb_factors_reshape", None))
 
 
-OFFLOAD_TOOLTIP = ("Low VRAM: ComfyUI's own partial loading (as its Train LoRA node does): blocks that do not "
-                   "fit stay in RAM and are moved to the GPU for each forward. Slower; combine with "
-                   "checkpointing. The toy model and CPU runs ignore it.")
+def offload_input():
+    """Last, and optional, so API graphs and workflows saved before it keep working."""
+    return io.Boolean.Input("offload", default=False, optional=True,
+                            tooltip="Low VRAM: ComfyUI's own partial loading (as its Train LoRA node does): "
+                                    "blocks that do not fit stay in RAM and are moved to the GPU for each "
+                                    "forward. Slower; combine with checkpointing. The toy model and CPU runs "
+                                    "ignore it.")
 
 
 def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offload: bool = False):
@@ -154,7 +158,7 @@ class DOPSDTrainer(io.ComfyNode):
                                tooltip="Per-state weight: x0 MSE (default), velocity MSE, or transition."),
                 io.Combo.Input("states", options=["all", "one"], default="all",
                                tooltip="Supervise all K states, or one random state (cheaper)."),
-                io.Boolean.Input("offload", default=False, optional=True, tooltip=OFFLOAD_TOOLTIP),
+                offload_input(),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="LORA"),
                      io.LossMap.Output(display_name="LOSS")],
@@ -178,8 +182,7 @@ class DOPSDSFTTrainer(io.ComfyNode):
             node_id="DOPSDSFTTrainer", display_name="D-OPSD SFT Trainer (baseline)", category="D-OPSD",
             is_output_node=True,
             description="The baseline: the same LoRA trained with flow matching on the images.",
-            inputs=common_inputs() + [io.Boolean.Input("offload", default=False, optional=True,
-                                                       tooltip=OFFLOAD_TOOLTIP)],
+            inputs=common_inputs() + [offload_input()],
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="LORA"),
                      io.LossMap.Output(display_name="LOSS")],
             hidden=[io.Hidden.unique_id],

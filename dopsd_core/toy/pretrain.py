@@ -306,7 +306,8 @@ def _copy_loss(student: ToyDenoiser, n: int, coarse: list[float], rng: random.Ra
     x0, ref = x0.to(device), ref.to(device)
     k = torch.randint(4, (n,), generator=gen)
     sigma = torch.tensor([coarse[i] for i in k.tolist()], device=device)
-    x_t = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen).to(device)
+    s4 = sigma.view(-1, 1, 1, 1)
+    x_t = (1 - s4) * x0 + s4 * torch.randn(x0.shape, generator=gen).to(device)
     with torch.no_grad():
         text = student.text_encoder(ids.to(device))
     return F.mse_loss(student.denoise(x_t, sigma, ToyContext(text, ref)), x0)

@@ -188,3 +188,21 @@ def test_dataset_node_builds_zimage_teacher_with_the_vlm_and_refuses_without(tin
         assert torch.equal(again.records[0].teacher_ctx[0].kwargs["c_crossattn"], t)
     finally:
         folder_paths.set_output_directory(old_out)
+
+
+def test_image_batch_input_is_fitted_like_folder_images(comfy_lib):
+    """An IMAGE batch not at the target size is resized like a folder image: with buckets a 2:1 batch
+    keeps its width (the blue left strip survives), without them it is centre-cropped to a square;
+    a batch already at the target size is used as it is."""
+    dataset, _ = _pack()
+    images = torch.zeros(2, 80, 160, 3)
+    images[..., :20, 2] = 1.0  # blue left eighth
+    images[..., 20:, 0] = 1.0  # red elsewhere
+    wide = dataset._items_from_images(images, "a [V]", 128, buckets=True)
+    assert len(wide) == 2 and wide[0].image.shape == (3, 96, 176) and wide[0].captions == ["a [V]"]
+    assert wide[0].image[2, :, :8].mean() > 0.9
+    square = dataset._items_from_images(images, "a [V]", 128, buckets=False)
+    assert square[0].image.shape == (3, 128, 128) and square[0].image[2].max() < 0.1
+    exact = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    kept = dataset._items_from_images(exact, "a [V]", 64, buckets=True)[0].image
+    assert torch.equal(kept, exact[0].permute(2, 0, 1))
