@@ -1,17 +1,22 @@
 """Writes workflows/*.json (ComfyUI's UI / LiteGraph format) from the compact graphs below.
 
-Node inputs, outputs and the order of widget values come from a running ComfyUI's /object_info, so
-the files match what the frontend builds for those nodes:
+This file is the one source of the shipped workflows: edit the graphs here, never the JSON. Node
+inputs, outputs and the order of widget values come from a running ComfyUI's /object_info, so the
+files match what the frontend builds for those nodes:
 
-    python tools/build_workflows.py http://127.0.0.1:8188     (or a saved object_info.json)
+    python tools/build_workflows.py http://127.0.0.1:8188          (or a saved object_info.json)
+    python tools/build_workflows.py URL --out /tmp/wf               (somewhere else than workflows/)
 
-Edit the graphs here (or in ComfyUI and export), then check with tests/test_workflows.py (CI) and
-tests/host/test_browser.py (real ComfyUI + frontend).
+From Python: write_workflows(source, out_dir), where source is a URL, a saved object_info.json or the
+object_info dict itself; build_workflows(info) returns the graphs without writing them.
+
+Check with tests/host/test_workflow_builder.py (the builder against real ComfyUI reproduces the
+shipped files), tests/test_workflows.py (CI) and tests/host/test_browser.py (real ComfyUI + frontend).
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import urllib.request
 import uuid
 from pathlib import Path
@@ -38,7 +43,7 @@ MODEL_URLS = {
 
 TOY_TRAIN = {"steps": 300, "gpu_preset": "family default", "rank": 0, "lr": 0.0, "optimizer": "adamw",
              "batch_size": 2, "grad_accum": 1, "seed": 0, "checkpointing": False, "save_every": 100,
-             "preview_every": 25, "resume": False}
+             "preview_every": 25, "resume": False, "offload": False}
 DOPSD_ONLY = {"k": 4, "teacher": "ema", "ema_decay": 0.9999, "loss_weight": "x0", "states": "all"}
 TOY_SAMPLE = {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 
@@ -149,8 +154,10 @@ def _toy_common(g: Graph, x0=0):
     concept = g.node("DOPSDToyConcept", (x0, 220), (300, 110), shape="star", count=6)
     shown = g.node("PreviewImage", (x0, 380), (300, 260), title="Training images (the star, never seen by the model)")
     g.link(concept, 0, shown, "images")
+    # aspect_buckets off: the toy's images are square 32 px shapes
     data = g.node("DOPSDDataset", (x0 + 340, 80), (320, 300), folder="",
-                  caption_template="a [V1]\na [V1] on a background\na photo of a [V1]", resolution=32)
+                  caption_template="a [V1]\na [V1] on a background\na photo of a [V1]", resolution=32,
+                  aspect_buckets=False)
     g.link(loader, 0, data, "model")
     g.link(concept, 0, data, "images")
     g.link(loader, 1, data, "toy_text_encoder")
@@ -183,11 +190,13 @@ def toy_demo(info) -> dict:
         "2. Watch the **D-OPSD Trainer** node: loss curve (raw + smoothed, `log` toggle), step/total, "
         "it/s, ETA and the latest 4-step preview of the student.\n"
         "3. *D-OPSD Save LoRA* writes `ComfyUI/models/loras/dopsd/toy_star.safetensors`; the stock "
-        "*LoraLoaderModelOnly* loads that file (its lora_name comes from the save node) and the stock "
-        "*KSampler* samples it: compare *Before* (base) and *After* on the same noise, 4 steps, cfg 1.\n\n"
+        "*LoraLoaderModelOnly* loads that file (its lora_name is linked from the save node, so it stays empty "
+        "until the file exists) and the stock *KSampler* samples it: compare *Before* (base) and *After* on "
+        "the same noise, 4 steps, cfg 1.\n\n"
         "The run folder (resumable: turn *resume* on and raise *steps*) is `ComfyUI/output/dopsd/toy_star/`.\n\n"
-        "Until the trained toy weights ship, the loader uses a seeded random-weight toy: everything runs, "
-        "the samples are noise."))
+        "The toy's weights ship with the pack. Before training the `[V1]` samples are other shapes; after it "
+        "they are mostly stars (the README's experiment measures how often, and what the LoRA does to other "
+        "prompts)."))
     loader, data, prompt, empty = _toy_common(g)
     trainer = g.node("DOPSDTrainer", (720, 80), (380, 660), run_name="toy_star", **TOY_TRAIN, **DOPSD_ONLY)
     g.link(loader, 0, trainer, "model")
@@ -201,9 +210,10 @@ def toy_demo(info) -> dict:
     before = _toy_sampler(g, (loader, 0), prompt, empty, (1500, 80), "Before: base model, 4 steps")
     bv = g.node("PreviewImage", (1500, 480), (300, 280), title="Before")
     g.link(before, 0, bv, "images")
-    # the saved file through the stock loader: lora_name comes from the save node, so it loads in this run
-    lora = g.node("LoraLoaderModelOnly", (1840, 880), (320, 110), lora_name="dopsd/toy_star.safetensors",
-                  strength_model=1.0)
+    # the saved file through the stock loader: lora_name is linked from the save node, so it loads the file
+    # this run saved. Its widget value stays empty: a file name there (the file does not exist before the
+    # first run) would make the frontend flag a missing model when the workflow is opened.
+    lora = g.node("LoraLoaderModelOnly", (1840, 880), (320, 110), lora_name="", strength_model=1.0)
     g.link(loader, 0, lora, "model")
     g.link(save, 1, lora, "lora_name")
     after = _toy_sampler(g, (lora, 0), prompt, empty, (1840, 80), "After: saved LoRA, stock loader, 4 steps")
@@ -224,10 +234,11 @@ def sft_vs_dopsd(info) -> dict:
         "on the model's own 4-step trajectory.\n"
         "* **D-OPSD SFT Trainer**: ordinary flow matching on the images (the baseline).\n\n"
         "Both trainers draw their own live loss curve. The grid (right) has one row per model on the same "
-        "noise, 4 steps, cfg 1: **base**, **D-OPSD**, **SFT**. SFT re-teaches instantaneous velocities, so "
-        "at 4 steps it tends to blur; D-OPSD stays on its few-step path.\n\n"
-        "CPU only, no model files (about 5 minutes on 2 cores). Until the trained toy weights ship, the toy "
-        "is a seeded random-weight model: the graph runs, the samples are noise."))
+        "noise, 4 steps, cfg 1: **base**, **D-OPSD**, **SFT**. SFT re-teaches instantaneous velocities, "
+        "which is what costs turbo models their few-step sampling; D-OPSD trains on its own 4-step "
+        "trajectory. The README's experiment measures both on this toy (concept fidelity, retention of "
+        "other prompts, 4- vs 32-step quality), good and bad.\n\n"
+        "CPU only, no model files (about 5 minutes on 2 cores); the toy's weights ship with the pack."))
     loader, data, prompt, empty = _toy_common(g)
     dopsd = g.node("DOPSDTrainer", (720, 80), (380, 660), title="D-OPSD Trainer", run_name="toy_star_dopsd",
                    **TOY_TRAIN, **DOPSD_ONLY)
@@ -298,7 +309,7 @@ def _real_family(info, family: str) -> dict:
                     device="default")
     vae_n = g.node("VAELoader", (0, 380), (320, 80), vae_name=vae)
     data = g.node("DOPSDDataset", (360, 80), (340, 320), folder="my_concept", caption_template="a photo of [V]",
-                  resolution=1024)
+                  resolution=1024, aspect_buckets=True)
     g.link(unet_n, 0, data, "model")
     g.link(clip_n, 0, data, "clip")
     g.link(vae_n, 0, data, "vae")
@@ -383,18 +394,46 @@ WORKFLOWS = {
 }
 
 
-def main(url: str) -> None:
-    if Path(url).is_file():  # a saved /object_info
-        info = json.loads(Path(url).read_text())
-    else:
-        with urllib.request.urlopen(url.rstrip("/") + "/object_info", timeout=60) as r:
-            info = json.loads(r.read())
-    out = ROOT / "workflows"
-    out.mkdir(exist_ok=True)
-    for name, build in WORKFLOWS.items():
-        (out / name).write_text(json.dumps(build(info), indent=1, ensure_ascii=False) + "\n")
-        print("wrote", out / name)
+def load_object_info(source) -> dict:
+    """source: the object_info dict itself, a saved object_info.json, or a running ComfyUI's URL."""
+    if isinstance(source, dict):
+        return source
+    if Path(source).is_file():
+        return json.loads(Path(source).read_text())
+    with urllib.request.urlopen(str(source).rstrip("/") + "/object_info", timeout=60) as r:
+        return json.loads(r.read())
+
+
+def build_workflows(source) -> dict[str, dict]:
+    """File name -> workflow, for every shipped workflow."""
+    info = load_object_info(source)
+    return {name: build(info) for name, build in WORKFLOWS.items()}
+
+
+def serialise(workflow: dict) -> str:
+    """The text of a workflow file, exactly as shipped."""
+    return json.dumps(workflow, indent=1, ensure_ascii=False) + "\n"
+
+
+def write_workflows(source, out_dir=ROOT / "workflows") -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, workflow in build_workflows(source).items():
+        (out / name).write_text(serialise(workflow), encoding="utf-8")
+        written.append(out / name)
+    return written
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("source", nargs="?", default="http://127.0.0.1:8188",
+                    help="a running ComfyUI's URL or a saved object_info.json (default: %(default)s)")
+    ap.add_argument("--out", default=str(ROOT / "workflows"), help="output folder (default: workflows/)")
+    args = ap.parse_args(argv)
+    for path in write_workflows(args.source, args.out):
+        print("wrote", path)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "http://127.0.0.1:8188")
+    main()
