@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dopsd_core.hosts.comfy import PRESETS
+from dopsd_core.hosts.families import family_named
 from dopsd_core.lora import LoraSet, find_targets
 from dopsd_core.schedule import comfy_simple_sigmas
 
@@ -317,7 +317,7 @@ class ShapesDenoiser:
         return self._lora
 
     def add_lora(self, rank: int, alpha: float, seed: int = 0) -> LoraSet:
-        targets = find_targets(self.model, PRESETS[self.family].lora_targets)
+        targets = find_targets(self.model, family_named(self.family).lora_targets)
         self._lora = LoraSet(self.model, targets, rank, alpha, seed=seed, dtype=self.lora_dtype).attach()
         return self._lora
 
@@ -331,7 +331,7 @@ class ShapesDenoiser:
     def fingerprint(self) -> str:
         return "bench-" + hashlib.sha256(repr(self.spec).encode()).hexdigest()[:12]
 
-    def sigma_grid(self, steps: int) -> list[float]:
+    def sigma_grid(self, steps: int, latent_shape: tuple[int, ...] | None = None) -> list[float]:
         return comfy_simple_sigmas(self.shift, steps)
 
     def teacher_context(self, text: torch.Tensor, x0: torch.Tensor, gen: torch.Generator) -> BenchContext:
@@ -360,7 +360,7 @@ def count_bytes(name: str, dtype: str, rank: int) -> dict:
     n_base = sum(p.numel() for p in model.parameters())
     base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     mods = dict(model.named_modules())
-    targets = find_targets(model, PRESETS[SPECS[name].family].lora_targets)
+    targets = find_targets(model, family_named(SPECS[name].family).lora_targets)
     n_lora = sum(rank * (mods[t].weight.shape[0] + mods[t].weight.shape[1]) for t in targets)
     lora_b = 2 if dtype in ("bf16", "fp8") else 4
     return {"base_params": n_base, "base_weight_bytes": base_bytes, "lora_modules": len(targets),

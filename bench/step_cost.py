@@ -45,7 +45,7 @@ from dopsd_core.denoiser import Record  # noqa: E402
 from dopsd_core.trainer import TrainConfig, Trainer  # noqa: E402
 
 TARGETS = {"memory_ratio": 1.15, "bound_ratio": 1.1, "one_state_time_ratio": 3.0}
-GPU_TARGET_GIB = {"zimage": 16.0, "klein4b": 12.0, "klein9b": 20.0}  # 1024^2, fp8 base (issue 6)
+GPU_TARGET_GIB = {"zimage": 16.0, "klein4b": 12.0, "klein9b": 20.0}  # 1024^2, fp8 base: the consumer-GPU targets (docs/benchmarks.md)
 
 
 def comfy_available() -> bool:

@@ -29,7 +29,7 @@ class Record:
 
 @runtime_checkable
 class Denoiser(Protocol):
-    family: str  # "toy", "flux2-klein", "z-image"
+    family: str  # the family's name, recorded in run folders and LoRA metadata
 
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, ctx: Context) -> torch.Tensor:
         """x_t: [B, C, H, W], sigma: [B] -> x0_hat: [B, C, H, W]."""
@@ -42,6 +42,9 @@ class Denoiser(Protocol):
 
     def fingerprint(self) -> str:
         """Identifies the base weights; a run folder only resumes on the same base."""
+
+    def sigma_grid(self, steps: int, latent_shape: tuple[int, ...]) -> list[float]:
+        """The few-step grid sigma_0 = 1 > ... > sigma_steps = 0 for latents of shape [C, H, W]."""
 
 
 def euler_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

@@ -1,20 +1,25 @@
 """The training loop: optimizer, accumulation, clipping, EMA teacher, NaN guard, run folders, resume.
 
-Run folder (ARCHITECTURE.md):
-  lora.safetensors            student LoRA, ComfyUI layout + metadata (what users load)
-  state/teacher.safetensors   EMA teacher LoRA
-  state/optimizer.safetensors optimizer tensors (scalars and param groups in state.json)
-  state/state.json            step, RNG state, config, fingerprints, loss history (written last)
+Run folder (docs/method.md, "Run folders"):
+  lora.safetensors              the latest save's student LoRA, ComfyUI layout + metadata (what users load)
+  state/state.json              the commit record, replaced atomically and written last: step, RNG state,
+                                config, fingerprints, loss history, and which generation holds the tensors
+  state/step-NNNNNN/            one save's tensors: lora, teacher (EMA) and optimizer .safetensors
   loss.csv, loss.png
-Every file is replaced atomically and tagged with its step, so an interrupted save is detected.
+A save writes a new generation folder, then commits it by replacing state.json, then removes the older
+ones: a process killed at any point leaves state.json naming a complete generation.
+A stop between steps (should_stop, or an exception a callback raises, e.g. ComfyUI's Cancel from its
+progress hook) saves the step it stopped at before passing the stop on.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +38,7 @@ from .optim import (OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, optimizer_sta
 from .plot import write_loss_files
 
 METHODS = ("dopsd", "sft")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: tensors in a generation folder named by state.json (1: beside it)
 
 
 @dataclass
@@ -138,6 +143,10 @@ def records_fingerprint(records: list[Record]) -> str:
     return h.hexdigest()[:16]
 
 
+def _generation_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
 def is_run_folder(path: Path) -> bool:
     return (Path(path) / "state" / "state.json").is_file()
 
@@ -191,7 +200,9 @@ class Trainer:
         self.buckets: dict[tuple, list[int]] = {}  # latent shape -> indices of the records of that size
         for i, r in enumerate(records):
             self.buckets.setdefault(tuple(r.x0.shape), []).append(i)
-        self.sigmas = denoiser.sigma_grid(cfg.k)
+        # the roll-out grid per latent size: a resolution-aware schedule (klein) differs per aspect bucket
+        self.sigma_grids = {shape: denoiser.sigma_grid(cfg.k, shape) for shape in self.buckets}
+        self.sigmas = self.sigma_grids[tuple(records[0].x0.shape)]  # the first image's, for the metadata
         self.model_id = denoiser.fingerprint()
         self.data_id = records_fingerprint(records)
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -234,21 +245,44 @@ class Trainer:
                              init_lora=self.init_lora or "", version=__version__, step=str(self.step))
 
     def save(self) -> None:
+        """One generation: tensors into state/step-NNNNNN/, then the commit (state.json), then cleanup."""
         d, tag = self.run_dir, {"dopsd.step": str(self.step)}
-        save_tensors(self.lora.state_dict_comfy("teacher"), d / "state" / "teacher.safetensors", tag)
+        gen = d / "state" / _generation_name(self.step)
+        if gen.exists():  # left by a save that was killed before its commit; state.json does not name it
+            shutil.rmtree(gen)
+        lora_sd, metadata = self.lora.state_dict_comfy("student"), self._metadata()
+        save_tensors(lora_sd, gen / "lora.safetensors", metadata)
+        save_tensors(self.lora.state_dict_comfy("teacher"), gen / "teacher.safetensors", tag)
         opt_tensors, opt_extra = optimizer_state_to_tensors(self.opt)
-        save_tensors(opt_tensors, d / "state" / "optimizer.safetensors", tag)
-        save_tensors(self.lora.state_dict_comfy("student"), d / "lora.safetensors", self._metadata())
+        save_tensors(opt_tensors, gen / "optimizer.safetensors", tag)
         save_json({
-            "version": STATE_VERSION, "step": self.step, "config": self.cfg.to_dict(),
+            "version": STATE_VERSION, "step": self.step, "generation": gen.name, "config": self.cfg.to_dict(),
             "model_family": self.den.family, "model_fingerprint": self.model_id, "data_fingerprint": self.data_id,
             "sigma_grid": self.sigmas, "rng": _encode_rng(self.gen), "optimizer": opt_extra,
             "history": self.history, "init_lora": self.init_lora, "data_dir": self.data_dir,
         }, d / "state" / "state.json")
-        write_loss_files(self.history, d, title=f"{self.cfg.method} {self.den.family}")
         self.last_saved = self.step
+        save_tensors(lora_sd, d / "lora.safetensors", metadata)  # the user's copy of the committed LoRA
+        for old in (d / "state").glob("step-*"):
+            if old.name != gen.name:
+                shutil.rmtree(old, ignore_errors=True)
+        write_loss_files(self.history, d, title=f"{self.cfg.method} {self.den.family}")
         if self.cb.on_save:
             self.cb.on_save(self.step, d)
+
+    def _save_at_stop(self) -> None:
+        if self.step != self.last_saved:
+            self.save()
+
+    @contextlib.contextmanager
+    def _saved_if_stopped(self):
+        """Around the callbacks after a complete step: whatever stops the run there (ComfyUI's Cancel
+        raises from its progress hook inside on_step) keeps that step. A failing save is not retried."""
+        try:
+            yield
+        except BaseException:
+            self._save_at_stop()
+            raise
 
     def _load_run(self) -> None:
         d = self.run_dir
@@ -265,10 +299,16 @@ class Trainer:
         if diffs:
             raise DopsdError(f"run folder {d} used another training config: {', '.join(diffs)}; "
                              "resume with the same settings or start a new --out")
-        if self.cfg.steps <= st["step"]:
-            raise DopsdError(f"run folder {d} is already at step {st['step']}; pass --steps > {st['step']} to train on")
-        files = {"lora.safetensors": d / "lora.safetensors", "teacher": d / "state" / "teacher.safetensors",
-                 "optimizer": d / "state" / "optimizer.safetensors"}
+        if self.cfg.steps < st["step"]:
+            raise DopsdError(f"run folder {d} is already at step {st['step']}; pass --steps >= {st['step']} "
+                             "(equal: its LoRA as saved)")
+        if st.get("generation"):
+            gen = d / "state" / st["generation"]
+            files = {"lora.safetensors": gen / "lora.safetensors", "teacher": gen / "teacher.safetensors",
+                     "optimizer": gen / "optimizer.safetensors"}
+        else:  # version 1: the tensors beside state.json
+            files = {"lora.safetensors": d / "lora.safetensors", "teacher": d / "state" / "teacher.safetensors",
+                     "optimizer": d / "state" / "optimizer.safetensors"}
         loaded = {}
         for label, path in files.items():
             if not path.is_file():
@@ -305,7 +345,8 @@ class Trainer:
     def _micro_step(self, batch: Batch, scale: float) -> float:
         c = self.cfg
         if c.method == "dopsd":
-            out = dopsd_backward(self.step_den, batch, self.sigmas, self.gen, teacher=c.teacher,
+            sigmas = self.sigma_grids[tuple(batch.x0.shape[1:])]
+            out = dopsd_backward(self.step_den, batch, sigmas, self.gen, teacher=c.teacher,
                                  loss_weight=c.loss_weight, states=c.states, loss_scale=scale)
         else:
             # SFT draws sigma from the model's own training distribution
@@ -340,7 +381,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(1234)
         with self.lora.use("student"):
             lat = sample(self.den, ctx, (len(self.preview_prompts), *self.den.latent_shape),
-                         self.den.sigma_grid(self.cfg.k), gen, device=self.records[0].x0.device)
+                         self.den.sigma_grid(self.cfg.k, self.den.latent_shape), gen, device=self.records[0].x0.device)
         return self.den.decode(lat)
 
     def run(self) -> TrainResult:
@@ -348,15 +389,18 @@ class Trainer:
         start_step, t0 = self.step, time.perf_counter()
         while self.step < c.steps:
             if self.cb.should_stop and self.cb.should_stop():
+                self._save_at_stop()
                 raise TrainingCancelled(self.step, self.last_saved)
             loss = self.train_step()
-            done = self.step - start_step
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            if self.cb.on_step:
-                self.cb.on_step(StepInfo(self.step, c.steps, loss, self._lr, rate, (c.steps - self.step) / rate))
+            with self._saved_if_stopped():
+                done = self.step - start_step
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                if self.cb.on_step:
+                    self.cb.on_step(StepInfo(self.step, c.steps, loss, self._lr, rate, (c.steps - self.step) / rate))
             if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
                 self.save()
             if c.preview_every and self.preview_fn and self.cb.on_preview and (
                     self.step % c.preview_every == 0 or self.step == c.steps):
-                self.cb.on_preview(self.step, self.preview_fn(), self.preview_prompts)
+                with self._saved_if_stopped():
+                    self.cb.on_preview(self.step, self.preview_fn(), self.preview_prompts)
         return TrainResult(self.run_dir, self.step, self.history)

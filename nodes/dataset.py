@@ -9,41 +9,35 @@ from comfy_api.latest import io
 
 from ..dopsd_core.data import ImageItem, load_image_folder
 from ..dopsd_core.errors import DopsdError
-from ..dopsd_core.hosts.comfy_train import build_dataset, dataset_cache_key, load_dataset, save_dataset
-from .toy import ToyTextEncoder
+from ..dopsd_core.hosts.comfy_train import dataset_cache_file, load_dataset, save_dataset
+from .toy import ToyTextEncoderSocket
 from .vlm import VLM
 
 Dataset = io.Custom("DOPSD_DATASET")
 
 
-def _folder(path: str) -> Path:
+DATASET_ROOTS = "dopsd_datasets"  # extra_model_paths.yaml may name more dataset roots under this key
+
+
+def _dataset_roots() -> list[str]:
+    """ComfyUI's input folder, then any roots the server's extra_model_paths.yaml lists as dopsd_datasets."""
     import folder_paths
-    p = Path(path).expanduser()
-    return p if p.is_absolute() else Path(folder_paths.get_input_directory()) / p
+    extra = folder_paths.folder_names_and_paths.get(DATASET_ROOTS, ([], set()))[0]
+    return [folder_paths.get_input_directory(), *extra]
 
 
-def _weights_id(obj, *attrs: str) -> str:
-    """Identity of a text encoder or VAE for the dataset cache key: a sampled hash of the weights of
-    its first module found under `attrs`, else its type name (the toy's handles)."""
-    from ..dopsd_core.hosts.comfy import sampled_weights_hash
-    module = next((m for m in (getattr(obj, a, None) for a in attrs) if m is not None), None)
-    return sampled_weights_hash(module) if module is not None else type(obj).__name__
-
-
-def _encoder_id(encoder) -> str:
-    return _weights_id(encoder, "encoder", "cond_stage_model")
-
-
-def _vae_id(vae) -> str:
-    return _weights_id(vae, "first_stage_model")
-
-
-def _cache_path(model, family, items, encoder, extra: str = "") -> Path:
-    import folder_paths
-
-    from ..dopsd_core.hosts.comfy import ComfyDenoiser
-    key = dataset_cache_key(family, ComfyDenoiser(model, family).fingerprint(), _encoder_id(encoder), items, extra)
-    return Path(folder_paths.get_output_directory()) / "dopsd" / "cache" / f"{key}.safetensors"
+def _folder(name: str) -> Path:
+    """The image folder a node input names, resolved only under the allowed roots, as ComfyUI's loaders
+    resolve file names under their folders: the page of a networked ComfyUI must not make the server
+    read folders elsewhere on its disk. Checked on the normalised path, before anything is read."""
+    roots = [os.path.normpath(os.path.abspath(r)) for r in _dataset_roots()]
+    inside = [p for p in (os.path.normpath(os.path.join(r, name)) for r in roots)  # an absolute name replaces r
+              if any(p == r or p.startswith(r + os.sep) for r in roots)]
+    if inside:
+        return Path(next((p for p in inside if os.path.isdir(p)), inside[0]))
+    raise DopsdError(f"folder {name!r} is outside ComfyUI's input folder {roots[0]}: put the images in a "
+                     f"sub-folder there and give its name (e.g. 'my_concept'); more roots can be added as "
+                     f"'{DATASET_ROOTS}' in extra_model_paths.yaml")
 
 
 def _items_from_images(images: torch.Tensor, template: str, resolution: int, buckets: bool) -> list[ImageItem]:
@@ -62,17 +56,6 @@ def _items_from_images(images: torch.Tensor, template: str, resolution: int, buc
     return [ImageItem(f"image_{i:03d}", chw(images[i, ..., :3]), captions) for i in range(images.shape[0])]
 
 
-def _vlm_id(vlm) -> str:
-    from ..dopsd_core.hosts.zimage_vl import vlm_fingerprint
-    return f"{vlm_fingerprint(vlm.folder)}|{vlm.text_encoder_file or 'clip'}|{vlm.dtype}"
-
-
-def _vlm_dtype(name: str, device) -> torch.dtype | None:
-    if name == "auto":
-        return None  # bf16 on GPU, fp32 on CPU
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
-
-
 class DOPSDDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -82,9 +65,9 @@ class DOPSDDataset(io.ComfyNode):
                         "teacher context (caption + the image in context) for every caption variant.",
             inputs=[
                 io.Model.Input("model", tooltip="The turbo model to train (family decides the teacher context)."),
-                io.String.Input("folder", default="", tooltip="Image folder (absolute, or relative to ComfyUI's "
-                                "input folder) with same-name .txt captions, one variant per line. Leave empty "
-                                "to use the images input."),
+                io.String.Input("folder", default="", tooltip="Image folder inside ComfyUI's input folder (its "
+                                "name there, e.g. my_concept) with same-name .txt captions, one variant per line. "
+                                "Leave empty to use the images input."),
                 io.String.Input("caption_template", multiline=True, default="a photo of [V]",
                                 tooltip="Caption variants (one per line) for the images input; [V] is the concept."),
                 io.Int.Input("resolution", default=1024, min=32, max=4096, step=16,
@@ -97,7 +80,7 @@ class DOPSDDataset(io.ComfyNode):
                 io.Image.Input("images", optional=True, tooltip="Training images instead of a folder."),
                 io.Clip.Input("clip", optional=True, tooltip="Text encoder of the model (FLUX.2-klein, Z-Image)."),
                 io.Vae.Input("vae", optional=True, tooltip="VAE of the model (FLUX.2-klein, Z-Image)."),
-                ToyTextEncoder.Input("toy_text_encoder", optional=True,
+                ToyTextEncoderSocket.Input("toy_text_encoder", optional=True,
                                      tooltip="For the built-in toy model: its text encoder."),
                 VLM.Input("vlm", optional=True,
                           tooltip="For Z-Image-Turbo: D-OPSD Qwen3-VL Loader (the teacher sees the target image "
@@ -120,72 +103,27 @@ class DOPSDDataset(io.ComfyNode):
     @classmethod
     def execute(cls, model, folder, caption_template, resolution, aspect_buckets=True, images=None, clip=None,
                 vae=None, toy_text_encoder=None, vlm=None):
-        from ..dopsd_core.hosts.comfy import detect_family
+        import folder_paths
+
+        from ..dopsd_core.hosts.families import EncoderInputs, detect_family
         family = detect_family(model.model)
-        if family == "toy":  # a fixed 32x32 world
-            resolution, aspect_buckets = 32, False
+        if family.fixed_resolution:  # the toy: one image size, no buckets
+            resolution, aspect_buckets = family.fixed_resolution, False
         if folder.strip():
             items = load_image_folder(_folder(folder.strip()), resolution, aspect_buckets)
         elif images is not None:
             items = _items_from_images(images, caption_template, resolution, aspect_buckets)
         else:
             raise DopsdError("no training images: set folder or connect images")
-        # refuse before any encoding work, and before the cache lookup (a cached dataset must not hide a
-        # missing input)
-        if family == "z-image":
-            if clip is None or vae is None:
-                raise DopsdError("the Z-Image dataset needs the model's clip (qwen_3_4b) and vae: connect both")
-            if vlm is None:
-                raise DopsdError("Z-Image-Turbo's teacher is the Qwen3-VL splice: add a 'D-OPSD Qwen3-VL Loader' "
-                                 "node with a Qwen3-VL-4B-Instruct folder from models/dopsd_vlm and connect it "
-                                 "to vlm")
-        elif family == "flux2-klein" and (clip is None or vae is None):
-            raise DopsdError("the FLUX.2-klein dataset needs the model's clip (Qwen3) and vae: connect both")
-        extra = "" if family == "toy" else f"vae={_vae_id(vae)}"  # the latents depend on the VAE too
-        if family == "z-image":
-            extra += f"|{_vlm_id(vlm)}"
-        cache = _cache_path(model, family, items, clip if family != "toy" else toy_text_encoder, extra)
+        inputs = EncoderInputs(clip=clip, vae=vae, toy_text_encoder=toy_text_encoder, vlm=vlm)
+        family.check_inputs(inputs)
+        cache = dataset_cache_file(Path(folder_paths.get_output_directory()) / "dopsd" / "cache", model, family,
+                                   items, inputs)
         if cache.is_file():
             return io.NodeOutput(load_dataset(cache))
-        if family == "toy":
-            if toy_text_encoder is None:
-                raise DopsdError("the toy model's dataset needs its text encoder: connect TEXT_ENCODER from "
-                                 "D-OPSD Toy Model Loader to toy_text_encoder")
-
-            def encode_text(caption):
-                cond = toy_text_encoder.encode(caption)
-                return cond[0][0], dict(cond[0][1])
-            ds = build_dataset(model, items, encode_text)
-        elif family == "flux2-klein":
-            from ..dopsd_core.hosts.comfy import PRESETS
-            from ..dopsd_core.hosts.comfy_train import klein_teacher
-
-            def encode_text(caption):
-                cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
-                return cond[0][0], dict(cond[0][1])
-            ds = build_dataset(model, items, encode_text, klein_teacher(encode_text, PRESETS[family].teacher_suffix),
-                               vae=vae)
-        else:  # z-image: the Qwen3-VL splice (dopsd_core.hosts.zimage_vl)
-            import comfy.model_management as mm
-
-            from ..dopsd_core.hosts.zimage_vl import build_zimage_dataset
-
-            def encode_text(caption):
-                cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
-                return cond[0][0], dict(cond[0][1])
-
-            def free_memory():  # the CLIP's weights stay readable on the offload device for the splice
-                mm.unload_all_models()
-                mm.soft_empty_cache()
-            device = mm.get_torch_device()
-            ds, _report = build_zimage_dataset(model, items, encode_text, vae, vlm.folder,
-                                               vlm.text_encoder_file or clip, device=device,
-                                               dtype=_vlm_dtype(vlm.dtype, device), free_memory=free_memory)
+        ds = family.build_dataset(model, items, inputs)
         save_dataset(ds, cache)
-        if family != "toy":  # the contexts are cached: free the text encoder and VAE for training
-            import comfy.model_management as mm
-            mm.unload_all_models()
-            mm.soft_empty_cache()
+        family.release_encoders()  # the contexts are cached: free the encoders for training
         return io.NodeOutput(ds)
 
 

@@ -15,10 +15,9 @@ def _sample(model, contexts, latent_shape, steps, seed):
     from ..dopsd_core.hosts.comfy import ComfyDenoiser
     mm.load_models_gpu([model])  # applies the MODEL's own patches (e.g. a LoRA) to the shared weights
     den = ComfyDenoiser(model)
-    den.latent_shape = tuple(latent_shape)
     ctx = den.batch_contexts(contexts)
     device = mm.get_torch_device()
-    x0 = sample(den, ctx, (len(contexts), *latent_shape), den.sigma_grid(steps),
+    x0 = sample(den, ctx, (len(contexts), *latent_shape), den.sigma_grid(steps, tuple(latent_shape)),
                 torch.Generator().manual_seed(seed), device=device)
     return model.model.process_latent_out(x0).cpu()  # back to the VAE's space, as KSampler returns it
 
@@ -46,12 +45,11 @@ class DOPSDFewStepSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, steps, batch_size, seed, width, height, model_after=None):
-        from ..dopsd_core.hosts.comfy import PRESETS, ComfyDenoiser, detect_family
+        from ..dopsd_core.hosts.comfy import ComfyDenoiser
+        from ..dopsd_core.hosts.families import detect_family
         family = detect_family(model.model)
-        steps = steps or PRESETS[family].sample_steps
-        fmt = model.model.latent_format
-        down = fmt.spacial_downscale_ratio
-        shape = (fmt.latent_channels, 32, 32) if family == "toy" else (fmt.latent_channels, height // down, width // down)
+        steps = steps or family.sample_steps
+        shape = family.latent_shape(model.model.latent_format, width, height)
         if len(positive) != 1:
             raise DopsdError("connect one prompt (a single CONDITIONING entry) to positive")
         cond, extra = positive[0][0], dict(positive[0][1])
@@ -78,11 +76,8 @@ class DOPSDTeacherPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dataset, steps, seed):
-        from ..dopsd_core.hosts.comfy import PRESETS, detect_family
-        family = detect_family(model.model)
-        if family != dataset.family:
-            raise DopsdError(f"the dataset was built for {dataset.family}, the MODEL is {family}")
-        steps = steps or PRESETS[family].sample_steps
+        from ..dopsd_core.hosts.families import check_same_family
+        steps = steps or check_same_family(model, dataset).sample_steps
         shapes = {tuple(r.x0.shape) for r in dataset.records}
         out = []
         for shape in sorted(shapes):  # one batch per latent size (aspect buckets)

@@ -1,16 +1,13 @@
 """Nodes for the built-in toy model: a real ComfyUI MODEL, its text encoder, and latent <-> image."""
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-
 import torch
 from comfy_api.latest import io
 
 from ..dopsd_core.hosts.comfy_toy import load_toy_comfy
 from ..dopsd_core.toy.denoiser import BASE_WEIGHTS
 
-ToyTextEncoder = io.Custom("DOPSD_TOY_TEXT_ENCODER")
+ToyTextEncoderSocket = io.Custom("DOPSD_TOY_TEXT_ENCODER")  # carries hosts.comfy_toy.ToyTextEncoderHandle
 
 
 class DOPSDToyModelLoader(io.ComfyNode):
@@ -18,33 +15,16 @@ class DOPSDToyModelLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DOPSDToyModelLoader", display_name="D-OPSD Toy Model Loader", category="D-OPSD/toy",
-            description="Loads the built-in 4-step toy turbo model (32x32 RGB shapes). Runs on CPU. Without the "
-                        "trained toy weights it is a seeded random-weight model (samples are noise).",
+            description="Loads the built-in 4-step toy turbo model (32x32 RGB shapes), whose weights ship with "
+                        "the pack. Runs on CPU.",
             inputs=[],
             outputs=[io.Model.Output(display_name="MODEL"),
-                     ToyTextEncoder.Output(display_name="TEXT_ENCODER")],
+                     ToyTextEncoderSocket.Output(display_name="TEXT_ENCODER")],
         )
 
     @classmethod
     def execute(cls):
-        return io.NodeOutput(*load_toy_comfy(toy_weights()))
-
-
-def toy_weights() -> Path:
-    """The shipped trained toy weights; until they ship, a seeded random-weight toy written once to
-    ComfyUI's temp folder (the whole graph runs and trains; its samples are noise)."""
-    if BASE_WEIGHTS.is_file():
-        return BASE_WEIGHTS
-    import folder_paths
-
-    from ..dopsd_core.toy.denoiser import random_toy, save_toy
-    path = Path(folder_paths.get_temp_directory()) / "dopsd" / "toy_random_seed0.safetensors"
-    if not path.is_file():
-        logging.warning("D-OPSD: no trained toy weights at %s; using a seeded random-weight toy model "
-                        "(samples are noise)", BASE_WEIGHTS)
-        with torch.inference_mode(False):
-            save_toy(random_toy(seed=0), path, note="random weights (trained toy weights not installed)")
-    return path
+        return io.NodeOutput(*load_toy_comfy(BASE_WEIGHTS))
 
 
 class DOPSDToyTextEncode(io.ComfyNode):
@@ -52,7 +32,7 @@ class DOPSDToyTextEncode(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DOPSDToyTextEncode", display_name="D-OPSD Toy Text Encode", category="D-OPSD/toy",
-            inputs=[ToyTextEncoder.Input("text_encoder", tooltip="From D-OPSD Toy Model Loader."),
+            inputs=[ToyTextEncoderSocket.Input("text_encoder", tooltip="From D-OPSD Toy Model Loader."),
                     io.String.Input("text", multiline=True, default="a red [V1] on a black background",
                                     tooltip="Toy vocabulary: shapes, colours, backgrounds, [V], [V1]..[V8].")],
             outputs=[io.Conditioning.Output()],

@@ -6,7 +6,9 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..dopsd_core.errors import DopsdError, TrainingCancelled
-from ..dopsd_core.hosts.comfy import PRESETS
+from ..dopsd_core.hosts.families import family_named
+from ..dopsd_core.objectives import LOSS_WEIGHTS, STATES, TEACHERS
+from ..dopsd_core.optim import OPTIMIZERS
 from ..dopsd_core.trainer import Callbacks, TrainConfig, is_run_folder
 from .dataset import Dataset
 from .live import RUN_NAME
@@ -38,7 +40,7 @@ def common_inputs():
         io.Int.Input("rank", default=0, min=0, max=256, tooltip="LoRA rank; 0 = the family default."),
         io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=1e-6,
                        tooltip="Learning rate; 0 = the family default (klein 2e-5, Z-Image 1e-4, toy 1e-3)."),
-        io.Combo.Input("optimizer", options=["adamw", "adamw8bit"], default="adamw",
+        io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
                        tooltip="adamw8bit needs bitsandbytes (saves optimizer memory on GPUs)."),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),
         io.Int.Input("grad_accum", default=1, min=1, max=64, tooltip="Gradient accumulation steps."),
@@ -56,7 +58,7 @@ def common_inputs():
 
 def make_config(method, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, **dopsd) -> TrainConfig:
-    fam = PRESETS[dataset.family]
+    fam = family_named(dataset.family)
     base = {"rank": fam.rank, "alpha": fam.alpha, "lr": fam.lr, "optimizer": optimizer,
             "checkpointing": checkpointing}
     base.update(GPU_PRESETS[gpu_preset])
@@ -132,9 +134,12 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offloa
     try:
         patched, lora_sd, history = train(model, dataset, cfg, run_dir, callbacks, resume=resume, offload=offload)
         status = "finished"
-    except TrainingCancelled:
+    except TrainingCancelled:  # Cancel seen between steps: the trainer saved the step it stopped at
         status = "cancelled"
         mm.throw_exception_if_processing_interrupted()  # ComfyUI reports the run as interrupted
+        raise
+    except mm.InterruptProcessingException:  # Cancel raised by the progress hook: also saved by the trainer
+        status = "cancelled"
         raise
     finally:
         live.run_finished(node_id, run_id, status)
@@ -150,13 +155,13 @@ class DOPSDTrainer(io.ComfyNode):
                         "context teaches the model without it, on the model's own few-step trajectory.",
             inputs=common_inputs() + [
                 io.Int.Input("k", default=4, min=1, max=16, tooltip="Roll-out steps K (the few-step grid)."),
-                io.Combo.Input("teacher", options=["ema", "frozen"], default="ema",
+                io.Combo.Input("teacher", options=list(TEACHERS), default="ema",
                                tooltip="Teacher weights: EMA of the student LoRA, or the frozen base."),
                 io.Float.Input("ema_decay", default=0.9999, min=0.0, max=0.999999, step=1e-5,
                                tooltip="EMA decay of the teacher LoRA."),
-                io.Combo.Input("loss_weight", options=["x0", "velocity", "transition"], default="x0",
+                io.Combo.Input("loss_weight", options=list(LOSS_WEIGHTS), default="x0",
                                tooltip="Per-state weight: x0 MSE (default), velocity MSE, or transition."),
-                io.Combo.Input("states", options=["all", "one"], default="all",
+                io.Combo.Input("states", options=list(STATES), default="all",
                                tooltip="Supervise all K states, or one random state (cheaper)."),
                 offload_input(),
             ],

@@ -1,4 +1,4 @@
-"""DOPSDQwen3VLLoader: picks the Qwen3-VL-4B-Instruct folder for Z-Image's teacher (METHOD.md's splice).
+"""DOPSDQwen3VLLoader: picks the Qwen3-VL-4B-Instruct folder for Z-Image's teacher (the Qwen3-VL splice, docs/method.md).
 
 The node only validates and hands a small handle on; the weights are loaded, spliced, used and
 unloaded by DOPSDDataset (dopsd_core.hosts.zimage_vl) while it builds the teacher contexts.

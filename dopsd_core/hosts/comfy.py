@@ -16,52 +16,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..errors import DopsdError
 from ..lora import LoraSet, find_targets
-
-SUPPORTED = "FLUX.2-klein (4B/9B), Z-Image-Turbo and the built-in D-OPSD toy model"
-
-
-@dataclass(frozen=True)
-class FamilyPreset:
-    name: str
-    lora_targets: str  # regex over diffusion-model module names (METHOD.md's lists)
-    blocks: str  # regex of the transformer blocks checkpointed one by one
-    sample_steps: int  # the family's few-step sampling default
-    lr: float
-    rank: int
-    alpha: float
-    teacher_suffix: str = ""  # appended to the caption for the teacher (klein's released suffix)
-
-
-PRESETS = {
-    "toy": FamilyPreset("toy", r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))", r"blocks\.\d+",
-                        sample_steps=4, lr=1e-3, rank=16, alpha=16.0),
-    "flux2-klein": FamilyPreset(
-        "flux2-klein",
-        r"double_blocks\.\d+\.((img_attn|txt_attn)\.(qkv|proj)|(img_mlp|txt_mlp)\.(0|2))|single_blocks\.\d+\.(linear1|linear2)",
-        r"(double_blocks|single_blocks)\.\d+", sample_steps=4, lr=2e-5, rank=64, alpha=128.0,
-        teacher_suffix=" Make the main subject (facial/ip details), background, and overall composition "
-                       "consistent with the reference image."),
-    "z-image": FamilyPreset(
-        "z-image", r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.(w1|w2|w3))",
-        r"(layers|noise_refiner|context_refiner)\.\d+", sample_steps=4, lr=1e-4, rank=64, alpha=128.0),
-}
-KLEIN_DOUBLE_ONLY = r"double_blocks\.\d+\.((img_attn|txt_attn)\.(qkv|proj)|(img_mlp|txt_mlp)\.(0|2))"
-
-
-def detect_family(base_model) -> str:
-    """The family of a ComfyUI BaseModel, or a clear error naming the supported ones."""
-    import comfy.model_base as mb
-    name = type(base_model).__name__
-    if name == "ToyBaseModel":
-        return "toy"
-    if isinstance(base_model, getattr(mb, "Flux2", ())):
-        return "flux2-klein"
-    if isinstance(base_model, getattr(mb, "Lumina2", ())) and base_model.model_config.unet_config.get("z_image_modulation"):
-        return "z-image"
-    raise DopsdError(f"this MODEL ({name}) has no in-context teacher path D-OPSD can use; supported: {SUPPORTED}")
-
+from .families import Family, detect_family
 
 def make_weights_trainable(module: torch.nn.Module) -> int:
     """Loader nodes run under torch.inference_mode(), so their weights are inference tensors, which
@@ -110,24 +66,20 @@ def _cat(values: list):
 
 
 class ComfyDenoiser:
-    def __init__(self, model_patcher, family: str | None = None, single_blocks: bool = True):
+    def __init__(self, model_patcher, family: Family | None = None):
         self.patcher = model_patcher
         self.base = model_patcher.model
         self.dm = self.base.diffusion_model
-        self.family = family or detect_family(self.base)
-        self.preset = PRESETS[self.family]
-        self.targets = self.preset.lora_targets
-        if self.family == "flux2-klein" and not single_blocks:
-            self.targets = KLEIN_DOUBLE_ONLY
+        self.fam = family or detect_family(self.base)
+        self.family = self.fam.name  # the Denoiser interface's family name (run folders, LoRA metadata)
         self.shift = float(getattr(self.base.model_sampling, "shift", 1.0))
-        self.latent_shape: tuple[int, ...] | None = None  # set from the dataset (previews)
         self._lora: LoraSet | None = None
         self._ckpt_saved: dict[str, Callable] = {}
 
     # --- Denoiser interface --------------------------------------------------------------------
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, ctx: ComfyContext) -> torch.Tensor:
         topts = dict(self.patcher.model_options.get("transformer_options", {}))  # DiTs mutate it: fresh copy
-        if self.family == "flux2-klein" and torch.is_grad_enabled():
+        if self.fam.in_place_blocks and torch.is_grad_enabled():
             # FLUX.2 blocks update their hidden states in place (img += ..., x += ...) after autograd saved
             # them. Saving a copy of every activation autograd keeps (tensors that require grad) makes
             # backward work; frozen weights are saved by reference, so the cost is the activations only.
@@ -143,7 +95,7 @@ class ComfyDenoiser:
     def add_lora(self, rank: int, alpha: float, seed: int = 0) -> LoraSet:
         if self._lora is not None:
             self._lora.detach()
-        self._lora = LoraSet(self.dm, find_targets(self.dm, self.targets), rank, alpha, seed=seed).attach()
+        self._lora = LoraSet(self.dm, find_targets(self.dm, self.fam.lora_targets), rank, alpha, seed=seed).attach()
         return self._lora
 
     def set_checkpointing(self, on: bool) -> None:
@@ -151,13 +103,13 @@ class ComfyDenoiser:
         if not on:
             self._restore_blocks()
             return
-        rx = re.compile(self.preset.blocks)
+        rx = re.compile(self.fam.blocks)
         # FLUX.2 blocks add into their own inputs in place (img += ..., txt += ..., x += ...). The
         # checkpoint keeps references to the inputs, so its recomputation in backward would start from
         # the already-updated tensors (wrong values; on weights loaded under inference mode it even
         # fails outright: the input then requires grad in recomputation only). Each (re)run gets its
         # own copies of the tensor arguments instead: one activation-sized copy per block.
-        copy_inputs = self.family == "flux2-klein"
+        copy_inputs = self.fam.in_place_blocks
         for name, mod in self.dm.named_modules():
             if rx.fullmatch(name) and name not in self._ckpt_saved:
                 original = mod.forward
@@ -189,15 +141,8 @@ class ComfyDenoiser:
     def fingerprint(self) -> str:
         return f"{self.family}-{sampled_weights_hash(self.dm)}"
 
-    def sigma_grid(self, steps: int) -> list[float]:
-        import comfy.samplers
-        if self.family == "flux2-klein":  # the resolution-aware schedule of ComfyUI's Flux2Scheduler node
-            from comfy_extras.nodes_flux import get_schedule
-            h, w = (self.latent_shape or (128, 64, 64))[-2:]  # latent /16: one token per latent pixel
-            sig = get_schedule(steps, round(h * w))
-        else:
-            sig = comfy.samplers.calculate_sigmas(self.base.model_sampling, "simple", steps)
-        return [float(s) for s in sig]
+    def sigma_grid(self, steps: int, latent_shape: tuple[int, ...]) -> list[float]:
+        return self.fam.sigma_grid(self.base, steps, latent_shape)
 
     # --- contexts ------------------------------------------------------------------------------------
     def context(self, cond_tensor: torch.Tensor, cond_extra: dict, latent: torch.Tensor) -> ComfyContext:

@@ -11,9 +11,9 @@ import torch
 
 from ..data import ImageItem
 from ..denoiser import Record
-from ..errors import DopsdError
 from ..trainer import Callbacks, TrainConfig, Trainer
-from .comfy import ComfyContext, ComfyDenoiser, detect_family, lora_patches_model, make_weights_trainable
+from .comfy import ComfyContext, ComfyDenoiser, lora_patches_model, make_weights_trainable
+from .families import TeacherContext, check_same_family, detect_family
 
 
 class LoraStateDict(dict):
@@ -38,22 +38,13 @@ class ComfyDataset:
         return len(self.records)
 
 
-def encode_images(items: list[ImageItem], family: str, vae=None) -> list[torch.Tensor]:
-    """Images [3, H, W] in [0, 1] -> latents [C, h, w] (the toy's VAE is the identity)."""
-    if family == "toy":
-        return [item.image * 2.0 - 1.0 for item in items]
-    if vae is None:
-        raise DopsdError(f"the {family} dataset needs a VAE: connect the model's VAE to the dataset node")
-    return [vae.encode(item.image.permute(1, 2, 0)[None])[0].float() for item in items]
-
-
-def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_context=None, vae=None,
+def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_context: TeacherContext, vae=None,
                   n_preview: int = 4) -> ComfyDataset:
     """encode_text(caption) -> (cond_tensor [1, T, D], extra dict): the student's caption encoding.
     teacher_context(caption, latent, item) -> (cond_tensor, extra): the family's in-context teacher."""
     family = detect_family(model_patcher.model)
     den = ComfyDenoiser(model_patcher, family)
-    latents = encode_images(items, family, vae)
+    latents = family.encode_images(items, vae)
     records = []
     with torch.inference_mode(False):
         for item, lat in zip(items, latents):
@@ -65,28 +56,11 @@ def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_co
             for cap in item.captions:
                 cond, extra = encode_text(cap)
                 student.append(den.context(cond, extra, lat))
-                t_cond, t_extra = teacher_context(cap, lat, item) if teacher_context else default_teacher(
-                    family, cond, extra, lat)
+                t_cond, t_extra = teacher_context(cap, lat, item)
                 teacher.append(den.context(t_cond, t_extra, lat))
             records.append(Record(item.name, x0, list(item.captions), student, teacher))
     previews = [r.student_ctx[0] for r in records[:n_preview]]
-    return ComfyDataset(family, records, previews, [r.captions[0] for r in records[:n_preview]])
-
-
-def klein_teacher(encode_text, suffix: str):
-    """FLUX.2-klein's teacher: the caption plus the released suffix, with the target's latent as a
-    reference latent (klein's own multi-reference path, method `index`)."""
-    def teacher(caption: str, latent: torch.Tensor, item):
-        cond, extra = encode_text(caption.rstrip() + suffix)
-        return cond, {**extra, "reference_latents": [latent[None]]}
-    return teacher
-
-
-def default_teacher(family: str, cond, extra, latent):
-    """The toy's teacher: its caption plus the target latent as a reference image."""
-    if family == "toy":
-        return cond, {**extra, "reference_latents": [latent[None]]}
-    raise DopsdError(f"no teacher context was built for {family}; the dataset node builds it for this family")
+    return ComfyDataset(family.name, records, previews, [r.captions[0] for r in records[:n_preview]])
 
 
 def load_for_training(mp, offload: bool) -> None:
@@ -103,14 +77,10 @@ def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path,
     """Train on the MODEL's shared diffusion model; afterwards nothing stays injected. Returns
     (patched MODEL clone carrying the LoRA, LoRA state dict in ComfyUI layout, loss history)."""
     import comfy.model_management as mm
-    family = detect_family(model_patcher.model)
-    if family != dataset.family:
-        raise DopsdError(f"the dataset was built for {dataset.family} but the MODEL is {family}; "
-                         "build the dataset with the same model")
+    family = check_same_family(model_patcher, dataset)
     mp = model_patcher.clone()
     load_for_training(mp, offload)
     den = ComfyDenoiser(mp, family)
-    den.latent_shape = tuple(dataset.records[0].x0.shape)
     was_training = mm.in_training
     with torch.inference_mode(False), torch.enable_grad():
         make_weights_trainable(den.dm)
@@ -135,9 +105,10 @@ def _preview_with_contexts(den: ComfyDenoiser, dataset: ComfyDataset):
     @torch.no_grad()
     def preview():
         ctx = den.batch_contexts(dataset.preview_contexts)
-        shape = (len(dataset.preview_contexts), *dataset.records[0].x0.shape)
+        latent_shape = tuple(dataset.records[0].x0.shape)
         with den.lora().use("student"):
-            return sample(den, ctx, shape, den.sigma_grid(den.preset.sample_steps), torch.Generator().manual_seed(1234),
+            return sample(den, ctx, (len(dataset.preview_contexts), *latent_shape),
+                          den.sigma_grid(den.fam.sample_steps, latent_shape), torch.Generator().manual_seed(1234),
                           device=dataset.records[0].x0.device)
     return preview
 
@@ -155,6 +126,13 @@ def dataset_cache_key(family: str, model_id: str, encoder_id: str, items: list[I
         h.update("\n".join(item.captions).encode())
         h.update(item.image.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:24]
+
+
+def dataset_cache_file(cache_dir: Path, model_patcher, family, items: list[ImageItem], inputs) -> Path:
+    """Where the dataset of these images, encoded with these inputs for this MODEL, is cached."""
+    encoder_id, extra = family.cache_identity(inputs)
+    model_id = ComfyDenoiser(model_patcher, family).fingerprint()
+    return Path(cache_dir) / f"{dataset_cache_key(family.name, model_id, encoder_id, items, extra)}.safetensors"
 
 
 def save_dataset(ds: ComfyDataset, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Z-Image-Turbo's teacher context: METHOD.md's Qwen3-VL splice.
+"""Z-Image-Turbo's teacher context: the Qwen3-VL splice (docs/method.md).
 
 A Qwen3-VL-4B-Instruct (Hugging Face folder: config.json, *.safetensors shards, tokenizer and
 preprocessor files) gets its language-model weights replaced by Z-Image's Qwen3-4B text-encoder
@@ -26,7 +26,7 @@ import torch
 from ..errors import DopsdError
 
 VLM_FOLDER_NAME = "dopsd_vlm"  # ComfyUI: models/dopsd_vlm/<Qwen3-VL-4B-Instruct folder>
-MIN_SIDE, MAX_SIDE, MAX_IMAGE_TOKENS = 512, 768, 1024  # METHOD.md: image 512²–768² px, ≤ 1024 tokens
+MIN_SIDE, MAX_SIDE, MAX_IMAGE_TOKENS = 512, 768, 1024  # image area 512²–768² px, ≤ 1024 image tokens (docs/method.md)
 FIX_HINT = ("put Qwen/Qwen3-VL-4B-Instruct (config.json, model-*.safetensors, tokenizer and preprocessor "
             "files, as downloaded from Hugging Face) into a folder under ComfyUI/models/dopsd_vlm/")
 

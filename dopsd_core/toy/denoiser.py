@@ -90,7 +90,8 @@ class ToyDenoiser:
         return "toy-" + h.hexdigest()[:16]
 
     # --- toy-specific helpers -----------------------------------------------------------------------
-    def sigma_grid(self, steps: int) -> list[float]:
+    def sigma_grid(self, steps: int, latent_shape: tuple[int, ...] | None = None) -> list[float]:
+        """ComfyUI's `simple` schedule at the toy's shift; one image size, so latent_shape is unused."""
         return comfy_simple_sigmas(self.shift, steps)
 
     @property

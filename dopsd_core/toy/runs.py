@@ -1,7 +1,6 @@
 """Training and evaluating LoRAs on the toy world: shared by `dopsd demo` and `dopsd experiment`."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 

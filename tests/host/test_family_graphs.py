@@ -164,13 +164,13 @@ def test_both_packs_load_once_and_the_tiny_klein_file_is_a_real_flux2(comfy, com
     # ComfyUI's own detection turns the file back into the same FLUX.2 model (config and outputs)
     from comfy.sd import load_diffusion_model  # (an `import comfy.sd` would shadow the fixture)
 
-    from dopsd_core.hosts.comfy import detect_family
+    from dopsd_core.hosts.families import Flux2KleinFamily, detect_family
     path = comfy.base / "models" / "diffusion_models" / tiny_models.KLEIN_FILE
     with safe_open(str(path), "pt") as f:
         keys = set(f.keys())
     assert "double_blocks.0.img_attn.norm.key_norm.scale" in keys and "double_stream_modulation_img.lin.weight" in keys
     loaded = load_diffusion_model(str(path))
-    assert type(loaded.model).__name__ == "Flux2" and detect_family(loaded.model) == "flux2-klein"
+    assert type(loaded.model).__name__ == "Flux2" and isinstance(detect_family(loaded.model), Flux2KleinFamily)
     unet = loaded.model.model_config.unet_config
     assert {k: unet[k] for k in tiny_models.KLEIN_UNET} == tiny_models.KLEIN_UNET
     ref = tiny_models.tiny_klein()

@@ -9,14 +9,21 @@ from host.testing_nodes.tiny_models import tiny_klein
 
 
 def test_klein_family_grid_and_lora_targets(comfy_lib):
-    from dopsd_core.hosts.comfy import ComfyDenoiser, detect_family
+    from comfy_extras.nodes_flux import Flux2Scheduler
+
+    from dopsd_core.hosts.comfy import ComfyDenoiser
+    from dopsd_core.hosts.families import Flux2KleinFamily, detect_family
     mp = tiny_klein()
-    assert detect_family(mp.model) == "flux2-klein"
+    assert isinstance(detect_family(mp.model), Flux2KleinFamily)
     den = ComfyDenoiser(mp)
-    den.latent_shape = (128, 4, 4)
-    grid = den.sigma_grid(4)
+    grid = den.sigma_grid(4, (128, 4, 4))
     assert len(grid) == 5 and grid[0] == pytest.approx(1.0) and grid[-1] == 0.0
     assert all(a > b for a, b in zip(grid, grid[1:]))
+    # per latent size, as ComfyUI's own Flux2Scheduler node computes it for that image size (latents /16)
+    for h, w in ((4, 4), (3, 6), (64, 64), (48, 80)):
+        stock = Flux2Scheduler.execute(steps=4, width=w * 16, height=h * 16).args[0]
+        assert den.sigma_grid(4, (128, h, w)) == pytest.approx([float(s) for s in stock], abs=1e-6)
+    assert den.sigma_grid(4, (128, 3, 6)) != den.sigma_grid(4, (128, 64, 64))
     lora = den.add_lora(4, 8.0)
     expected = {f"double_blocks.0.{s}.{m}" for s in ("img_attn", "txt_attn") for m in ("qkv", "proj")}
     expected |= {f"double_blocks.0.{s}.{m}" for s in ("img_mlp", "txt_mlp") for m in ("0", "2")}
@@ -36,7 +43,6 @@ def test_klein_reference_teacher_differs_and_dopsd_trains(comfy_lib, tmp_path, c
     mp = tiny_klein()
     den = ComfyDenoiser(mp)
     latent = torch.randn(128, 4, 4)
-    den.latent_shape = tuple(latent.shape)
     text = torch.randn(1, 8, 96)
     student = den.context(text, {}, latent)
     teacher = den.context(text, {"reference_latents": [latent[None]]}, latent)
@@ -82,7 +88,6 @@ def test_klein_gradients_equal_with_and_without_checkpointing(comfy_lib, built_i
             mp = tiny_klein()
         den = ComfyDenoiser(mp)
         latent = torch.randn(128, 4, 4, generator=torch.Generator().manual_seed(1))
-        den.latent_shape = tuple(latent.shape)
         text = torch.randn(1, 8, 96, generator=torch.Generator().manual_seed(2))
         with torch.inference_mode(False):
             make_weights_trainable(den.dm)
@@ -95,7 +100,8 @@ def test_klein_gradients_equal_with_and_without_checkpointing(comfy_lib, built_i
                 den.set_checkpointing(ckpt)
                 batch = Batch(latent[None], den.context(text, {}, latent),
                               den.context(text, {"reference_latents": [latent[None]]}, latent))
-                dopsd_backward(den, batch, den.sigma_grid(2), torch.Generator().manual_seed(4), teacher="frozen")
+                dopsd_backward(den, batch, den.sigma_grid(2, tuple(latent.shape)), torch.Generator().manual_seed(4),
+                               teacher="frozen")
                 grads[ckpt] = [p.grad.clone() for p in lora.parameters_list()]
             finally:
                 mm.in_training = was
@@ -107,8 +113,8 @@ def test_klein_gradients_equal_with_and_without_checkpointing(comfy_lib, built_i
 
 def test_klein_dataset_build_uses_suffix_and_reference_latent(comfy_lib):
     from dopsd_core.data import ImageItem
-    from dopsd_core.hosts.comfy import PRESETS
-    from dopsd_core.hosts.comfy_train import build_dataset, klein_teacher
+    from dopsd_core.hosts.comfy_train import build_dataset
+    from dopsd_core.hosts.families import Flux2KleinFamily
     mp = tiny_klein()
     seen = []
 
@@ -122,8 +128,7 @@ def test_klein_dataset_build_uses_suffix_and_reference_latent(comfy_lib):
             return pixels.mean(-1, keepdim=True).permute(0, 3, 1, 2)[:, :, ::16, ::16].repeat(1, 128, 1, 1)
 
     items = [ImageItem("a", torch.rand(3, 64, 64), ["a photo of [V]", "[V] on a table"])]
-    ds = build_dataset(mp, items, encode_text, klein_teacher(encode_text, PRESETS["flux2-klein"].teacher_suffix),
-                       vae=IdentityVae())
+    ds = build_dataset(mp, items, encode_text, Flux2KleinFamily().teacher_context(encode_text), vae=IdentityVae())
     assert ds.family == "flux2-klein" and len(ds.records) == 1
     rec = ds.records[0]
     assert rec.x0.shape == (128, 4, 4) and len(rec.student_ctx) == len(rec.teacher_ctx) == 2

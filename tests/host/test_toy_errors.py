@@ -1,7 +1,9 @@
 """Bad inputs and Cancel through the real executor: a clear error in the UI, the server keeps running,
-and a cancelled run leaves a valid run folder."""
+folders outside input/ are refused unread, and a cancelled run keeps the step it stopped at."""
 import json
 import time
+
+from safetensors import safe_open
 
 from dopsd_core.toy.render import export_concept_folder
 from host.hostutil import fresh_name, graph, node_error_text
@@ -28,6 +30,29 @@ def test_bad_folders_show_clear_errors_and_the_server_survives(comfy):
         msg = node_error_text(entry)
         assert "DopsdError" in msg and needle in msg, msg
     assert comfy.get("/system_stats")["system"]  # still serving
+
+
+def test_folders_outside_the_input_folder_are_refused_before_anything_is_read(comfy, tmp_path):
+    """A networked ComfyUI must not read image folders anywhere on its disk for whoever has the page.
+    The outside folder holds an undecodable image: reading it would fail with another error."""
+    outside = tmp_path / "outside_concept"
+    export_concept_folder("star", outside, n=2)
+    (outside / "star_00.png").write_bytes(b"not a png")
+    cache = comfy.output_dir / "dopsd" / "cache"
+    before = set(cache.glob("*")) if cache.exists() else set()
+    escape = "../" * (len(comfy.input_dir.parts) + 2) + str(outside).lstrip("/")  # climbs out of input/
+    for folder in (str(outside), escape, "sub/../../" + outside.name):
+        entry = comfy.run(dataset_graph(folder))
+        assert entry["status"]["status_str"] == "error"
+        msg = node_error_text(entry)
+        assert "outside ComfyUI's input folder" in msg and str(comfy.input_dir) in msg, msg
+        assert "decode" not in msg and "star_00" not in msg, msg
+    assert (set(cache.glob("*")) if cache.exists() else set()) == before
+    inside = comfy.input_dir / "inside" / "concept"
+    export_concept_folder("star", inside, n=2)
+    for folder in ("inside/concept", "inside/../inside/concept", str(inside)):  # within input/: allowed
+        entry = comfy.run(dataset_graph(folder))
+        assert entry["status"]["status_str"] == "success", node_error_text(entry)
 
 
 def test_teacher_preview_runs_on_a_good_folder(comfy):
@@ -61,8 +86,10 @@ def test_cancel_mid_run_leaves_a_valid_run_folder(comfy):
     entry = comfy.wait(prompt_id, timeout=120)
     assert entry["status"]["status_str"] == "error"  # ComfyUI records an interrupted prompt this way
     assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"]), entry["status"]
-    state = json.loads(state_file.read_text())
-    assert state["step"] >= 4 and state["step"] % 2 == 0 and len(state["history"]) == state["step"]
+    state = json.loads(state_file.read_text())  # the step it stopped at, saved between the every-2 saves
+    assert state["step"] >= 4 and len(state["history"]) == state["step"]
+    lora_meta = safe_open(str(state_file.parents[1] / "lora.safetensors"), "pt").metadata()
+    assert lora_meta["dopsd.step"] == str(state["step"])
     # the run folder resumes: continue it to step + 2 with resume on
     g["3"]["inputs"].update(steps=state["step"] + 2, resume=True)
     entry = comfy.run(g)

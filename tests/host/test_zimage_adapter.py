@@ -1,6 +1,6 @@
 """Z-Image through ComfyUI's own classes (a tiny random-weight NextDiT from comfy.supported_models.ZImage,
-dim 256 as COMFYUI.md §10 found necessary): family detection, its training grid, the METHOD.md LoRA
-targets, and D-OPSD steps with a teacher context that differs from the student's."""
+dim 256, the smallest its z_image_modulation accepts): family detection, its training grid, the family
+preset's LoRA targets (docs/method.md), and D-OPSD steps with a teacher context that differs from the student's."""
 import pytest
 import torch
 
@@ -11,12 +11,13 @@ def test_zimage_family_grid_targets_and_training(comfy_lib, tmp_path):
     import comfy.model_management as mm
 
     from dopsd_core.denoiser import Record
-    from dopsd_core.hosts.comfy import ComfyDenoiser, detect_family, make_weights_trainable
+    from dopsd_core.hosts.comfy import ComfyDenoiser, make_weights_trainable
+    from dopsd_core.hosts.families import ZImageFamily, detect_family
     from dopsd_core.trainer import TrainConfig, Trainer
     mp = tiny_zimage()
-    assert detect_family(mp.model) == "z-image"
+    assert isinstance(detect_family(mp.model), ZImageFamily)
     den = ComfyDenoiser(mp)
-    assert den.sigma_grid(4) == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-6)  # the released training grid
+    assert den.sigma_grid(4, (16, 8, 8)) == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-6)  # the released training grid
 
     latent = torch.randn(16, 8, 8)
     # student: caption features; teacher: a different feature sequence (what the Qwen3-VL splice yields)

@@ -1,4 +1,4 @@
-"""Z-Image's teacher (METHOD.md's Qwen3-VL splice) against real ComfyUI objects.
+"""Z-Image's teacher (the Qwen3-VL splice, docs/method.md) against real ComfyUI objects.
 
 A tiny Z-Image text encoder is built through ComfyUI's own classes (comfy.sd.CLIP with
 comfy.text_encoders.z_image's model and tokenizer, sizes shrunk through model_options), a tiny

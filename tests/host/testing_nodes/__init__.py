@@ -59,9 +59,52 @@ class DOPSDTestTinyVAE(_Builder):
         return (tiny_models.tiny_vae(layout, seed + 1),)
 
 
-NODE_CLASS_MAPPINGS = {c.__name__: c for c in (DOPSDTestTinyZImage, DOPSDTestTinyCLIP, DOPSDTestTinyVAE)}
+class DOPSDTestCancelAt:
+    """Passes the MODEL through and arms a Cancel at a fixed progress value of the next progress bar that
+    reaches it (the trainer's bar counts optimizer steps), through ComfyUI's own mechanism: the global
+    progress hook and interrupt_current_processing, as the frontend's Cancel sets it.
+    mode 'hook': the flag is set just before the hook runs, so the hook raises InterruptProcessingException
+    inside the trainer's step callback; 'flag': set just after, so the trainer's own check before the next
+    step sees it. ComfyUI's throttling of progress updates is off while armed (every step reaches the hook)."""
+    CATEGORY = CATEGORY
+    FUNCTION = "arm"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "at": ("INT", {"default": 1, "min": 1, "max": 10**6}),
+                             "mode": (["hook", "flag"],)}}
+
+    def arm(self, model, at, mode):
+        import comfy.model_management as mm
+        import comfy.utils as cu
+        original = cu.PROGRESS_BAR_HOOK
+        throttle = (cu.PROGRESS_THROTTLE_MIN_INTERVAL, cu.PROGRESS_THROTTLE_MIN_PERCENT)
+        cu.PROGRESS_THROTTLE_MIN_INTERVAL = cu.PROGRESS_THROTTLE_MIN_PERCENT = 0
+
+        fired = []
+
+        def hook(value, total, preview, **kwargs):
+            if value != at or fired:
+                return original(value, total, preview, **kwargs)
+            fired.append(value)  # one Cancel (bars made before disarming keep this hook)
+            cu.set_progress_bar_global_hook(original)
+            cu.PROGRESS_THROTTLE_MIN_INTERVAL, cu.PROGRESS_THROTTLE_MIN_PERCENT = throttle
+            if mode == "hook":
+                mm.interrupt_current_processing(True)
+                return original(value, total, preview, **kwargs)  # raises InterruptProcessingException
+            result = original(value, total, preview, **kwargs)
+            mm.interrupt_current_processing(True)
+            return result
+        cu.set_progress_bar_global_hook(hook)
+        return (model,)
+
+
+NODE_CLASS_MAPPINGS = {c.__name__: c for c in (DOPSDTestTinyZImage, DOPSDTestTinyCLIP, DOPSDTestTinyVAE,
+                                               DOPSDTestCancelAt)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DOPSDTestTinyZImage": "Tiny Z-Image-Turbo (test)",
     "DOPSDTestTinyCLIP": "Tiny Qwen3 CLIP (test)",
     "DOPSDTestTinyVAE": "Tiny Flux VAE (test)",
+    "DOPSDTestCancelAt": "Cancel at progress value (test)",
 }

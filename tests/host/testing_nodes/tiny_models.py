@@ -11,7 +11,8 @@ Sizes, and why:
   num_heads = hidden / 128, so the tiny one has hidden 128 and one head; in_channels 128 = the
   32-channel VAE latent 2x2-patchified (inside the VAE, as the real flux2 VAE does).
 * Z-Image DiT: recognised only at dim 3840, so it is built from comfy.supported_models.ZImage
-  directly (dim 256: COMFYUI.md §10), cap_feat_dim = the tiny Z-Image text encoder's width.
+  directly (dim 256: with z_image_modulation each block's adaLN takes min(dim, 256) features from a
+  256-wide time embedder), cap_feat_dim = the tiny Z-Image text encoder's width.
 * text encoders: the real klein / Z-Image CLIP classes with the Qwen3-4B config shrunk through
   model_options; klein reads hidden layers 9, 18 and 27 and stacks them (3 x 32 = the klein DiT's
   context_in_dim 96), so its tiny Qwen3 keeps 28 layers of width 32.
