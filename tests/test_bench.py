@@ -49,7 +49,7 @@ def test_real_shape_models_have_the_real_sizes():
     assert r["computed_not_measured"] is True
     m = r["models"]["klein4b"]
     assert 3.7e9 < m["counts"]["base_params"] < 4.1e9  # FLUX.2-klein-4B
-    assert m["counts"]["lora_modules"] == 5 * 8 + 20 * 2  # METHOD.md targets: 5 double, 20 single blocks
+    assert m["counts"]["lora_modules"] == 5 * 8 + 20 * 2  # klein preset targets (docs/method.md): 5 double x 8 + 20 single x 2
     # fp8 base: about one byte per weight (norm-free Linears only)
     assert m["gib"]["base_weight_bytes"] == pytest.approx(m["counts"]["base_params"] / 2**30, rel=0.01)
     both = run_bench("--model", "zimage", "--estimate", "--dtype", "bf16", "--rank", "16")["models"]["zimage"]
@@ -95,7 +95,7 @@ def test_same_shape_modules_train_with_dopsd(name, dtype, ckpt, tmp_path, monkey
 
 def test_arm_processes_get_a_fixed_mmap_threshold_unless_asked_not_to(monkeypatch):
     """Peak RSS must count live tensors: each arm runs with glibc's dynamic mmap threshold turned off
-    (docs/benchmarks.md, session 4); an explicit user value or DOPSD_BENCH_GLIBC_DEFAULTS=1 wins."""
+    (docs/benchmarks.md, 'the extra memory was the allocator'); an explicit user value or DOPSD_BENCH_GLIBC_DEFAULTS=1 wins."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("step_cost", BENCH)
     step_cost = importlib.util.module_from_spec(spec)

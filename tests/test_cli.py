@@ -1,5 +1,11 @@
 """The `dopsd` command line, as a user runs it (subprocesses)."""
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from PIL import Image
@@ -23,8 +29,8 @@ def test_train_resume_and_sample(tmp_path, image_folder):
                            "--save-every", "1", "--out", run, "--rank", "4", "--k", "2")
     assert rc == 0, err
     assert "2/2" in err and "ETA" in err  # progress bar with loss and ETA
-    for f in ("lora.safetensors", "loss.csv", "loss.png", "state/teacher.safetensors", "state/optimizer.safetensors",
-              "state/state.json"):
+    for f in ("lora.safetensors", "loss.csv", "loss.png", "state/step-000002/teacher.safetensors",
+              "state/step-000002/optimizer.safetensors", "state/step-000002/lora.safetensors", "state/state.json"):
         assert (run / f).is_file(), f
     csv = (run / "loss.csv").read_text().splitlines()
     assert csv[0] == "step,loss" and len(csv) == 3
@@ -97,3 +103,77 @@ def test_unusable_out_and_bad_resume(tmp_path, image_folder):
     rc, _, err = run_cli("train", "--data", image_folder, "--steps", "3", "--out", run)
     assert_one_line_error(rc, err, "already holds a run", "--resume")
     assert (run / "lora.safetensors").read_bytes() == lora_before  # nothing was overwritten
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_between_saves_keeps_that_step_and_resume_matches(tmp_path, image_folder, monkeypatch, signum):
+    """In process, so that the signal arrives right after step 3 (deterministic); the real handler of
+    `dopsd train` gets it. --save-every 0: nothing would be saved before the end without the stop."""
+    from dopsd_core import cli
+    from dopsd_core.trainer import Trainer
+    args = ["train", "--data", str(image_folder), "--steps", "6", "--rank", "4", "--k", "2", "--seed", "3"]
+    assert cli.main(args + ["--out", str(tmp_path / "straight")]) == 0
+
+    real_step = Trainer.train_step
+
+    def step_then_signal(self):
+        loss = real_step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signum)
+        return loss
+    monkeypatch.setattr(Trainer, "train_step", step_then_signal)
+    run = tmp_path / "run"
+    assert cli.main(args + ["--out", str(run)]) == 128 + signum
+    monkeypatch.undo()
+    assert signal.getsignal(signum) is not None and signal.getsignal(signum) != signal.SIG_IGN
+    state = json.loads((run / "state/state.json").read_text())
+    assert state["step"] == 3 and len(state["history"]) == 3
+    assert read_lora_file(run / "lora.safetensors")[1]["dopsd.step"] == "3"
+
+    assert cli.main(["train", "--resume", str(run), "--steps", "6"]) == 0
+    a, _ = read_lora_file(tmp_path / "straight/lora.safetensors")
+    b, _ = read_lora_file(run / "lora.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_sigterm_to_a_real_process_saves_the_step_it_names(tmp_path, image_folder):
+    """`dopsd train` as its own process, SIGTERM once it is training: it exits 143 and names the step it
+    kept, and that step is what the run folder holds."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dopsd_core", "train", "--data", str(image_folder), "--steps",
+                             "100000", "--rank", "4", "--k", "2", "--out", str(run)], stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not run.exists() and time.time() < deadline:  # the trainer made its folder: the model is loaded
+        time.sleep(0.05)
+    time.sleep(2)  # inside the training loop by now
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err
+    stopped = int(re.search(r"stopped at step (\d+)", err).group(1))
+    assert stopped >= 1 and json.loads((run / "state/state.json").read_text())["step"] == stopped
+
+
+def test_sigkill_at_any_moment_leaves_a_resumable_run_folder(tmp_path, image_folder):
+    """Saving every step, killed with SIGKILL (no handler runs) three times at different moments: each
+    time the folder resumes from a complete save."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "dopsd_core", "train", "--data", str(image_folder), "--steps", "100000",
+           "--rank", "4", "--k", "2", "--save-every", "1", "--out", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    last = 0
+    for delay in (1.5, 2.3, 3.1):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.time() + 120
+        while not (run / "state/state.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        state = json.loads((run / "state/state.json").read_text())
+        assert state["step"] >= last
+        last = state["step"]
+        cmd = [sys.executable, "-m", "dopsd_core", "train", "--resume", str(run), "--steps", "100000"]
+    rc, _, err = run_cli("train", "--resume", run, "--steps", str(last + 1))
+    assert rc == 0, err
+    assert json.loads((run / "state/state.json").read_text())["step"] == last + 1

@@ -1,4 +1,4 @@
-"""METHOD.md's checks on the objectives: zero start, per-step = single backward, LoRA-only gradients."""
+"""The objectives' checks (docs/method.md): zero start, per-step = single backward, LoRA-only gradients."""
 import pytest
 import torch
 import torch.nn.functional as F

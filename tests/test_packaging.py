@@ -1,5 +1,7 @@
-"""Packaging traps (ARCHITECTURE.md): CI runs the README's test command; the root __init__.py is
-inert outside ComfyUI; declared dependencies and the console script."""
+"""Packaging traps (docs/architecture.md): CI runs the README's test command and then the host tier; the
+root __init__.py is inert outside ComfyUI; declared dependencies and the console script; the training
+core imports nothing from the toy package."""
+import ast
 import importlib.metadata
 import importlib.util
 import re
@@ -22,6 +24,25 @@ def test_ci_runs_the_readme_test_command():
     assert matches and matches[0] == test_cmd, ".ci/run must execute the README's test command"
     assert "-c constraints.txt" in test_cmd and "-c constraints.txt" in blocks[0]
     assert (ROOT / "constraints.txt").read_text().split() == ["torch==2.13.0"]
+    assert "--ignore=tests/host" in test_cmd  # the CI tier; .ci/host-tier runs tests/host against ComfyUI
+    assert re.search(r"^\.ci/host-tier$", ci, re.M), ".ci/run must run the host tier after the CI tier"
+    assert "COMFYUI_PATH=" in (ROOT / ".ci" / "host-tier").read_text()
+
+
+CORE = ("trainer", "objectives", "denoiser", "lora", "data", "optim", "schedule")
+
+
+def test_the_training_core_imports_nothing_from_the_toy_package():
+    """The toy is one model among others: the loop and its parts must not depend on it (hosts and the
+    CLI may)."""
+    for name in CORE:
+        tree = ast.parse((ROOT / "dopsd_core" / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert not re.match(r"(\.|dopsd_core\.)toy\b", target), f"{name}.py imports {target}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("dopsd_core.toy") for a in node.names), name
 
 
 def test_pyproject_dependencies_and_script():

@@ -1,38 +1,34 @@
-"""Trainer: exact resume, refusals, NaN guard, determinism, warm start, optimizers, schedule."""
+"""Trainer: exact resume, refusals, NaN guard, determinism, warm start, aspect buckets, previews."""
 import json
 import math
-import sys
 
 import pytest
 import torch
 
 from dopsd_core.errors import DopsdError, NonFiniteLoss, TrainingCancelled
 from dopsd_core.lora import read_lora_file
-from dopsd_core.optim import build_optimizer, lr_at
 from dopsd_core.trainer import Callbacks, TrainConfig, Trainer
 
-from testutil import lora_tensors, records_for, write_image_folder
-
-CFG = dict(method="dopsd", rank=4, alpha=4.0, lr=2e-3, batch_size=2, k=4, teacher="ema", ema_decay=0.9,
-           schedule="cosine", warmup=3, seed=0)
+from testutil import CFG, lora_tensors, records_for, write_image_folder
 
 
-def test_exact_resume_matches_uninterrupted_run(tiny_records, tmp_path):
+def test_stop_between_saves_keeps_the_step_and_resume_matches_uninterrupted_run(tiny_records, tmp_path):
     den, records = tiny_records()
     Trainer(den, records, TrainConfig(steps=20, **CFG), tmp_path / "straight").run()
     straight = lora_tensors(den)
 
-    den2, records2 = tiny_records()
-    stop = Callbacks(should_stop=lambda: trainer.step >= 10)
-    trainer = Trainer(den2, records2, TrainConfig(steps=20, save_every=10, **CFG), tmp_path / "resumed", stop)
+    den2, records2 = tiny_records()  # saves at 5, 10, ...; the stop comes at 7, between two of them
+    stop = Callbacks(should_stop=lambda: trainer.step >= 7)
+    trainer = Trainer(den2, records2, TrainConfig(steps=20, save_every=5, **CFG), tmp_path / "resumed", stop)
     with pytest.raises(TrainingCancelled) as info:
         trainer.run()
-    assert info.value.last_saved_step == 10
-    assert json.loads((tmp_path / "resumed/state/state.json").read_text())["step"] == 10
+    assert info.value.step == info.value.last_saved_step == 7
+    assert json.loads((tmp_path / "resumed/state/state.json").read_text())["step"] == 7
+    assert sorted(p.name for p in (tmp_path / "resumed/state").glob("step-*")) == ["step-000007"]  # older removed
 
     den3, records3 = tiny_records()
-    resumed = Trainer(den3, records3, TrainConfig(steps=20, save_every=10, **CFG), tmp_path / "resumed", resume=True)
-    assert resumed.step == 10
+    resumed = Trainer(den3, records3, TrainConfig(steps=20, save_every=5, **CFG), tmp_path / "resumed", resume=True)
+    assert resumed.step == 7
     resumed.run()
     after = lora_tensors(den3)
     assert straight.keys() == after.keys()
@@ -43,6 +39,90 @@ def test_exact_resume_matches_uninterrupted_run(tiny_records, tmp_path):
     assert len(hist) == 20
 
 
+class Cancelled(Exception):
+    """Stands in for ComfyUI's InterruptProcessingException, which its progress hook raises from on_step."""
+
+
+@pytest.mark.parametrize("where", ["on_step", "on_preview"])
+def test_a_stop_raised_by_a_callback_saves_that_step_first(tiny_records, tmp_path, where):
+    den, records = tiny_records()
+    Trainer(den, records, TrainConfig(steps=6, **CFG), tmp_path / "straight").run()
+    straight = lora_tensors(den)
+
+    def cancel_at_3(*args):
+        if trainer.step == 3:
+            raise Cancelled()
+    den2, records2 = tiny_records()
+    cb = Callbacks(**{where: cancel_at_3})
+    trainer = Trainer(den2, records2, TrainConfig(steps=6, preview_every=1, **CFG), tmp_path / "run", cb,
+                      preview_fn=lambda: torch.zeros(1))
+    with pytest.raises(Cancelled):
+        trainer.run()
+    state = json.loads((tmp_path / "run/state/state.json").read_text())
+    assert state["step"] == 3 and len(state["history"]) == 3
+    assert read_lora_file(tmp_path / "run/lora.safetensors")[1]["dopsd.step"] == "3"
+    den3, records3 = tiny_records()
+    Trainer(den3, records3, TrainConfig(steps=6, preview_every=1, **CFG), tmp_path / "run", resume=True).run()
+    after = lora_tensors(den3)
+    assert max((straight[k] - after[k]).abs().max().item() for k in straight) <= 1e-6
+
+
+class Killed(BaseException):
+    """A process killed at this point: nothing after it runs, no cleanup (BaseException: no except catches it)."""
+
+
+@pytest.mark.parametrize("fault_at", range(7))
+def test_a_kill_at_any_write_of_a_save_leaves_a_complete_generation(tiny_records, tmp_path, monkeypatch, fault_at):
+    """Saves at step 2, then at step 4 a kill before the fault_at-th file operation of that save (tensor
+    files, the commit, the user's LoRA copy, the cleanup, the loss files): the folder must resume, from
+    step 2 or step 4, and end where an uninterrupted run ends."""
+    import dopsd_core.trainer as trainer_mod
+    den, records = tiny_records()
+    Trainer(den, records, TrainConfig(steps=6, **CFG), tmp_path / "straight").run()
+    straight = lora_tensors(den)
+
+    den2, records2 = tiny_records()
+    run = tmp_path / "run"
+    trainer = Trainer(den2, records2, TrainConfig(steps=6, save_every=2, **CFG), run)
+    ops = []
+
+    def counted(name, real):
+        def op(*args, **kwargs):
+            if trainer.step == 4:
+                ops.append(name)
+                if len(ops) - 1 == fault_at:
+                    raise Killed(name)
+            return real(*args, **kwargs)
+        return op
+    monkeypatch.setattr(trainer_mod, "save_tensors", counted("save_tensors", trainer_mod.save_tensors))
+    monkeypatch.setattr(trainer_mod, "save_json", counted("save_json", trainer_mod.save_json))
+    monkeypatch.setattr(trainer_mod.shutil, "rmtree", counted("rmtree", trainer_mod.shutil.rmtree))
+    monkeypatch.setattr(trainer_mod, "write_loss_files", counted("write_loss_files", trainer_mod.write_loss_files))
+    with pytest.raises(Killed):
+        trainer.run()
+    monkeypatch.undo()
+
+    den3, records3 = tiny_records()
+    resumed = Trainer(den3, records3, TrainConfig(steps=6, save_every=2, **CFG), run, resume=True)
+    committed = fault_at > ops.index("save_json") if "save_json" in ops else False
+    assert resumed.step == (4 if committed else 2), ops
+    resumed.run()
+    after = lora_tensors(den3)
+    assert max((straight[k] - after[k]).abs().max().item() for k in straight) <= 1e-6
+
+
+def test_a_stale_generation_of_a_killed_save_is_replaced(tiny_records, tmp_path):
+    den, records = tiny_records()
+    run = tmp_path / "run"
+    Trainer(den, records, TrainConfig(steps=2, **CFG), run).run()
+    (run / "state/step-000004").mkdir()
+    (run / "state/step-000004/teacher.safetensors").write_bytes(b"half a file")
+    t = Trainer(*tiny_records(), TrainConfig(steps=4, **CFG), run, resume=True)
+    t.run()
+    assert sorted(p.name for p in (run / "state").glob("step-*")) == ["step-000004"]
+    Trainer(*tiny_records(), TrainConfig(steps=5, **CFG), run, resume=True)  # loads the new step 4
+
+
 def test_resume_allows_more_steps_and_refuses_everything_else(tiny_records, tmp_path, image_folder):
     den, records = tiny_records()
     run = tmp_path / "run"
@@ -50,8 +130,13 @@ def test_resume_allows_more_steps_and_refuses_everything_else(tiny_records, tmp_
     den, records = tiny_records()
     t = Trainer(den, records, TrainConfig(steps=5, **CFG), run, resume=True)
     assert t.run().steps_done == 5
+    saved = lora_tensors(den)
+    den, records = tiny_records()
+    same = Trainer(den, records, TrainConfig(steps=5, **CFG), run, resume=True)  # steps == saved: the LoRA as saved
+    assert same.run().steps_done == 5 and len(same.history) == 5
+    assert all(torch.equal(saved[k], v) for k, v in lora_tensors(den).items())
     with pytest.raises(DopsdError, match="already at step 5"):
-        Trainer(*tiny_records(), TrainConfig(steps=5, **CFG), run, resume=True)
+        Trainer(*tiny_records(), TrainConfig(steps=4, **CFG), run, resume=True)
     with pytest.raises(DopsdError, match="rank=4"):
         Trainer(*tiny_records(), TrainConfig(steps=9, **{**CFG, "rank": 8}), run, resume=True)
     with pytest.raises(DopsdError, match="lr="):
@@ -140,43 +225,6 @@ def test_init_lora_warm_start(tiny_records, tmp_path):
     t.run()
     meta = read_lora_file(tmp_path / "second/lora.safetensors")[1]
     assert meta["dopsd.init_lora"].endswith("first/lora.safetensors")
-
-
-def test_lr_schedule():
-    assert lr_at(0, 100, 1.0, 10, "constant") == pytest.approx(0.1)
-    assert lr_at(9, 100, 1.0, 10, "constant") == pytest.approx(1.0)
-    assert lr_at(50, 100, 1.0, 10, "constant") == 1.0
-    assert lr_at(10, 100, 1.0, 10, "cosine") == pytest.approx(1.0)
-    assert lr_at(55, 100, 1.0, 10, "cosine") == pytest.approx(0.5)
-    assert lr_at(99, 100, 1.0, 10, "cosine") < 0.01
-    with pytest.raises(DopsdError):
-        lr_at(0, 10, 1.0, 0, "linear")
-
-
-def test_adamw8bit_trains_and_resumes_exactly(tiny_records, tmp_path):
-    cfg = {**CFG, "optimizer": "adamw8bit"}
-    den, records = tiny_records()
-    Trainer(den, records, TrainConfig(steps=6, **cfg), tmp_path / "a").run()
-    straight = lora_tensors(den)
-    den2, records2 = tiny_records()
-    trainer = Trainer(den2, records2, TrainConfig(steps=6, save_every=3, **cfg), tmp_path / "b",
-                      Callbacks(should_stop=lambda: trainer.step >= 3))
-    with pytest.raises(TrainingCancelled):
-        trainer.run()
-    opt_sd, _ = read_lora_file(tmp_path / "b/state/optimizer.safetensors")
-    assert any(v.dtype == torch.uint8 for v in opt_sd.values()), "8-bit optimizer states expected"
-    den3, records3 = tiny_records()
-    Trainer(den3, records3, TrainConfig(steps=6, save_every=3, **cfg), tmp_path / "b", resume=True).run()
-    after = lora_tensors(den3)
-    assert max((straight[k] - after[k]).abs().max().item() for k in straight) <= 1e-6
-
-
-def test_adamw8bit_without_bitsandbytes_names_the_fix(monkeypatch):
-    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
-    with pytest.raises(DopsdError, match="bitsandbytes"):
-        build_optimizer("adamw8bit", [torch.nn.Parameter(torch.zeros(2))], 1e-3)
-    with pytest.raises(DopsdError, match="unknown optimizer"):
-        build_optimizer("sgd", [torch.nn.Parameter(torch.zeros(2))], 1e-3)
 
 
 def test_grad_accumulation_loss_is_mean_of_micro_batches(tiny_records, tmp_path):
@@ -269,3 +317,32 @@ def test_one_size_draws_are_unchanged_by_bucketing(tiny_records, tmp_path):
     want = torch.randint(len(records), (3,), generator=gen).tolist()
     batch = t._draw_batch()
     assert torch.equal(batch.x0, torch.stack([records[i].x0 for i in want]))
+
+
+def test_each_batch_rolls_out_on_the_grid_of_its_latent_size(tiny_records, tmp_path, monkeypatch):
+    """Aspect buckets: a resolution-aware schedule (klein's) gives each latent size its own grid, and a
+    batch (one bucket) must be rolled out on its own size's grid, not the first image's."""
+    import dopsd_core.trainer as trainer_mod
+    from dopsd_core.denoiser import Record
+    den, records = tiny_records()
+
+    class SizeAwareGrid:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def sigma_grid(self, steps, latent_shape):
+            return [1.0, latent_shape[-1] / 100, 0.0]
+    small = [Record(f"small{i}", r.x0[:, :16, :24].clone(), r.captions, r.student_ctx, r.teacher_ctx)
+             for i, r in enumerate(records)]
+    seen = []
+
+    def fake_backward(_den, batch, sigmas, *args, **kwargs):
+        seen.append((tuple(batch.x0.shape[1:]), list(sigmas)))
+        return {"loss": 1.0}
+    monkeypatch.setattr(trainer_mod, "dopsd_backward", fake_backward)
+    Trainer(SizeAwareGrid(den), records + small, TrainConfig(steps=12, **CFG), tmp_path / "run").run()
+    assert {shape for shape, _ in seen} == {tuple(records[0].x0.shape), (records[0].x0.shape[0], 16, 24)}
+    assert all(sigmas == [1.0, shape[-1] / 100, 0.0] for shape, sigmas in seen)

@@ -4,11 +4,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image, ImageDraw
 
+from dopsd_core.toy.denoiser import BASE_WEIGHTS, UNDISTILLED_WEIGHTS
 from dopsd_core.toy.model import ToyConfig
 
 TINY = ToyConfig(width=32, depth=2, heads=2, context_dim=16, text_depth=1)
+
+# The training config of the trainer and optimizer tests (test_trainer.py, test_optim.py).
+CFG = dict(method="dopsd", rank=4, alpha=4.0, lr=2e-3, batch_size=2, k=4, teacher="ema", ema_decay=0.9,
+           schedule="cosine", warmup=3, seed=0)
+
+needs_weights = pytest.mark.skipif(
+    not (BASE_WEIGHTS.is_file() and UNDISTILLED_WEIGHTS.is_file()),
+    reason="toy base weights are not shipped yet (dopsd toy-pretrain + toy-distill regenerate them)")
 
 
 def write_image_folder(folder: Path, n: int = 3, size=(40, 36)) -> Path:

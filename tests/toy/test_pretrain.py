@@ -1,38 +1,15 @@
-"""The toy world: renderer, shipped weights (small-sample acceptance), demo, quick experiment, data export."""
-import json
+"""toy/pretrain.py: the shipped base it produced (small-sample acceptance), the two resumable training
+stages, and the pretraining data mix."""
+import random
 
 import pytest
 import torch
-from PIL import Image
 
-from dopsd_core.data import load_image_folder
 from dopsd_core.errors import DopsdError
-from dopsd_core.schedule import comfy_simple_sigmas
 from dopsd_core.toy.denoiser import BASE_WEIGHTS, UNDISTILLED_WEIGHTS, load_toy_file
 from dopsd_core.toy.evaluator import WEIGHTS as EVALUATOR, load_evaluator
 from dopsd_core.toy.metrics import ToyMetrics, concept_training_set
-from dopsd_core.toy.render import ALL_SHAPES, CONCEPT_TOKEN, HELD_OUT_SHAPES, export_concept_folder, random_scene, render
-from testutil import run_cli
-
-import random
-
-needs_weights = pytest.mark.skipif(
-    not (BASE_WEIGHTS.is_file() and UNDISTILLED_WEIGHTS.is_file()),
-    reason="toy base weights are not shipped yet (dopsd toy-pretrain + toy-distill regenerate them)")
-
-
-def test_four_step_grid_is_comfyui_simple_at_shift_3():
-    assert comfy_simple_sigmas(3.0, 4) == pytest.approx([1.0, 0.9, 0.75, 0.5, 0.0], abs=1e-6)
-    assert comfy_simple_sigmas(3.0, 2) == pytest.approx([1.0, 0.75, 0.0], abs=1e-6)
-
-
-def test_evaluator_tells_every_shape_apart():
-    ev = load_evaluator(EVALUATOR)
-    rng = random.Random(123)
-    for shape in ALL_SHAPES:
-        imgs = torch.stack([render(random_scene(rng, shape)) for _ in range(24)])
-        shapes, _ = ev.classify(imgs)
-        assert sum(s == shape for s in shapes) >= 22, (shape, shapes)
+from testutil import needs_weights
 
 
 @pytest.fixture(scope="module")
@@ -83,58 +60,6 @@ def test_teacher_reproduces_held_out_shapes(shipped, shape):
 def test_unguided_parent_is_2x_worse_at_4_steps(shipped):
     _, undistilled, _, m, distilled = shipped
     assert m.evaluate(undistilled)["quality_4"] >= 2 * distilled["quality_4"]
-
-
-@needs_weights
-def test_demo_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    rc, stdout, err = run_cli("demo", "--out", out, "--steps", "3", "--eval-prompts", "24")
-    assert rc == 0, err
-    for f in ("lora.safetensors", "loss.png", "samples.png", "metrics.json"):
-        assert (out / f).is_file(), f
-    metrics = json.loads((out / "metrics.json").read_text())
-    keys = {"concept_fidelity", "retention", "quality_4", "quality_32", "few_step_gap", "drift"}
-    assert keys <= set(metrics["base"]) and keys <= set(metrics["lora"])
-    assert metrics["base"]["drift"] == 0.0 and metrics["lora"]["drift"] > 0.0
-    w, h = Image.open(out / "samples.png").size
-    assert w > h > 0  # two rows (base, LoRA) of several samples
-    rc, _, err = run_cli("demo", "--out", out, "--steps", "3")
-    assert rc == 2 and "already holds" in err
-
-
-@needs_weights
-def test_quick_experiment_writes_a_well_formed_table(tmp_path):
-    from dopsd_core.toy.experiment import run_experiment
-    res = run_experiment(tmp_path / "exp", quick=True, log=lambda *_: None)
-    md = (tmp_path / "exp" / "results.md").read_text()
-    assert "| concept | method | concept_fidelity |" in md
-    c = HELD_OUT_SHAPES[0]
-    for method in ("sft", "dopsd"):
-        row = res["summary"][f"main/{c}/{method}"]
-        assert 0.0 <= row["concept_fidelity"]["mean"] <= 1.0 and row["retention"]["n"] == 1
-        assert f"| {c} | {method} |" in md
-    assert "continual" in res["summary"] and "Continual tuning" in md
-    assert (tmp_path / "exp" / "results.png").is_file()
-    saved = json.loads((tmp_path / "exp" / "results.json").read_text())
-    assert saved["summary"].keys() == res["summary"].keys()
-    # resumable: a second invocation finds every run cached
-    lines = []
-    run_experiment(tmp_path / "exp", quick=True, log=lines.append)
-    assert lines and all(line.endswith("cached") for line in lines)
-    # cached runs belong to one base and plan: the full plan in the quick folder is refused, not mixed
-    with pytest.raises(DopsdError, match="another toy base or plan"):
-        run_experiment(tmp_path / "exp", quick=False, log=lambda *_: None)
-
-
-def test_concept_export_round_trips_through_train(tmp_path):
-    folder = tmp_path / "heart"
-    scenes = export_concept_folder("heart", folder, n=4)
-    items = load_image_folder(folder, 32)
-    assert len(items) == 4 and all(CONCEPT_TOKEN["heart"] in c for i in items for c in i.captions)
-    assert torch.allclose(items[0].image, render(scenes[0]), atol=1 / 255 + 1e-6)  # PNG is lossless up to 8 bits
-    rc, _, err = run_cli("train", "--data", folder, "--steps", "2", "--out", tmp_path / "run", "--k", "2")
-    assert rc == 0, err
-    assert (tmp_path / "run" / "lora.safetensors").is_file()
 
 
 def test_base_training_stages_run_resume_and_chain(tmp_path):
@@ -192,19 +117,6 @@ def test_copy_examples_show_the_target_and_the_loss_asks_for_it():
     assert _copy_loss(Identity(), *args()).item() > 0.05
 
 
-def test_blob_outlines_are_deterministic_and_varied():
-    from dopsd_core.toy.render import Scene, random_blob_scene
-    assert torch.equal(render(random_blob_scene(random.Random(3))), render(random_blob_scene(random.Random(3))))
-    # the same placement for every seed: only the outline differs
-    masks = [render(Scene(f"blob:{seed}", "white", "black", 16.0, 16.0, 10.0))[0] > 0.5 for seed in range(12)]
-    cover = [m.float().mean().item() for m in masks]
-    assert all(0.03 < c < 0.33 for c in cover), cover  # never empty, never the whole disc
-    for i in range(len(masks)):
-        for j in range(i):
-            iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
-            assert iou < 0.9, (i, j, iou)
-
-
 def test_pretraining_mixes_empty_captions_copies_and_blobs():
     from dopsd_core.toy.pretrain import COPY_PROB, DROP_PROB, EMPTY_TOKENS, make_example
     from dopsd_core.toy.text import CONCEPT_TOKENS, TOKEN_ID
@@ -219,38 +131,3 @@ def test_pretraining_mixes_empty_captions_copies_and_blobs():
     concept_ids = {TOKEN_ID[t] for t in CONCEPT_TOKENS}
     assert all(e.tokens != EMPTY_TOKENS for e in refs)
     assert 0.3 < sum(bool(concept_ids & set(e.tokens)) for e in refs) / len(refs) < 0.95
-
-
-def test_guidance_extrapolates_from_the_empty_caption():
-    from dopsd_core.toy.denoiser import EMPTY_CAPTION, Guided, ToyContext, random_toy
-    from dopsd_core.toy.model import ToyConfig
-    den = random_toy(ToyConfig(width=32, depth=1, heads=2, context_dim=16, text_depth=1), gate_std=0.2)
-    x = torch.randn(2, 3, 32, 32)
-    sigma = torch.tensor([0.9, 0.5])
-    ctx = ToyContext(den.text_encoder.encode(["a red circle", "a blue square"]))
-    uncond = ToyContext(den.text_encoder.encode([EMPTY_CAPTION] * 2))
-    c, u = den.denoise(x, sigma, ctx), den.denoise(x, sigma, uncond)
-    assert not torch.allclose(c, u)
-    assert torch.equal(Guided(den, 1.0).denoise(x, sigma, ctx), c)
-    assert torch.allclose(Guided(den, 3.0).denoise(x, sigma, ctx), u + 3.0 * (c - u), atol=1e-5)
-    assert Guided(den, 3.0).sigma_grid(4) == den.sigma_grid(4)  # the rest is the wrapped model's
-
-
-def test_x0_prediction_returns_velocity_whose_denoised_image_is_the_prediction():
-    """With adaLN-zero init the last layer outputs 0: a v-model then denoises to x_t itself, an
-    x0-model to the zero image; forward returns v in both cases (ComfyUI's flow convention)."""
-    from dopsd_core.toy.denoiser import ToyContext, ToyDenoiser
-    from dopsd_core.toy.model import X0_SIGMA_MIN, ToyConfig, ToyDiT
-    from dopsd_core.toy.text import ToyTextEncoder
-    x = torch.randn(2, 3, 32, 32)
-    sigma = torch.tensor([0.9, 0.3])
-    outs = {}
-    for pred in ("v", "x0"):
-        cfg = ToyConfig(width=32, depth=1, heads=2, context_dim=16, text_depth=1, prediction=pred)
-        den = ToyDenoiser(ToyDiT(cfg), ToyTextEncoder(16, 1))
-        ctx = ToyContext(den.text_encoder.encode(["a red circle"] * 2))
-        outs[pred] = den.denoise(x, sigma, ctx)
-        v = den.dit(x, sigma, ctx.text)
-        assert torch.isfinite(den.dit(x, torch.zeros(2), ctx.text)).all()  # sigma 0 is clipped, not divided by
-    assert torch.allclose(outs["v"], x) and torch.allclose(outs["x0"], torch.zeros_like(x), atol=1e-6)
-    assert torch.allclose(v, x / sigma.view(-1, 1, 1, 1).clamp(min=X0_SIGMA_MIN))

@@ -1,4 +1,5 @@
-"""The ComfyUI dataset cache round-trips through safetensors + JSON (runs without ComfyUI)."""
+"""hosts/comfy_train.py without ComfyUI: the dataset cache round-trips through safetensors + JSON, and its
+key follows the content."""
 import torch
 
 from dopsd_core.data import ImageItem
