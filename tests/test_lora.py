@@ -4,7 +4,7 @@ import torch
 
 from dopsd_core.errors import DopsdError
 from dopsd_core.lora import LoraSet, find_targets, read_lora_file, save_lora
-from dopsd_core.toy.denoiser import LORA_TARGETS, ToyContext
+from dopsd_core.toy.denoiser import LORA_TARGETS
 
 
 def inputs(den, batch=2, seed=0):
