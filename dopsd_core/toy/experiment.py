@@ -24,8 +24,11 @@ from .evaluator import load_evaluator
 from .metrics import ToyMetrics, concept_training_set
 from .render import HELD_OUT_SHAPES
 from .runs import load_with_lora, train_concept
+from .stats import bootstrap_difference, per_prompt
 
-METRICS = ("concept_fidelity", "retention", "quality_4", "quality_32", "few_step_gap", "drift")
+METRICS = ("concept_fidelity", "retention", "leak", "cross_token", "quality_4", "quality_32", "few_step_gap", "drift")
+# compared D-OPSD vs SFT with bootstrap intervals (seeds, then prompts): metric -> samples per prompt in "hits"
+COMPARED = {"concept_fidelity": "fidelity_seeds", "retention": None, "leak": None, "cross_token": None}
 ABLATIONS = {"teacher_frozen": {"teacher": "frozen"}, "velocity_weight": {"loss_weight": "velocity"},
              "one_state": {"states": "one"}, "k2": {"k": 2}}
 
@@ -105,7 +108,8 @@ def run_experiment(out: Path, quick: bool = False, log=print) -> dict:
         r["total_seconds"] = round(time.perf_counter() - t0, 1)
         save_json(r, result_file)
         results["runs"][spec.name] = r
-        log(f"[{i + 1}/{len(specs)}] {spec.name}: {json.dumps({k: round(v, 3) for k, v in r['metrics'].items()})}")
+        shown = {k: round(v, 3) for k, v in r["metrics"].items() if isinstance(v, float)}
+        log(f"[{i + 1}/{len(specs)}] {spec.name}: {json.dumps(shown)}")
     results["summary"] = summarise(results, specs)
     results["wall_seconds_this_invocation"] = round(time.perf_counter() - t_start, 1)
     results["compute_seconds_all_runs"] = round(sum(r["total_seconds"] for r in results["runs"].values()), 1)
@@ -139,7 +143,14 @@ def summarise(results: dict, specs: list[RunSpec]) -> dict:
     ref = [runs[s.name]["metrics"] for s in specs if s.group == "main" and s.concept == c1
            and s.method == "dopsd" and s.seed in seeds]
     if ref:
-        summary["ablation/default"] = {m: _mean_std([r[m] for r in ref]) for m in METRICS}
+        summary["ablation/default"] = {m: _mean_std([r[m] for r in ref]) for m in METRICS if all(m in r for r in ref)}
+    for c in sorted({s.concept for s in specs if s.group == "main"}):
+        pair = {m: [runs[s.name]["metrics"] for s in specs if s.group == "main" and s.concept == c and s.method == m]
+                for m in ("dopsd", "sft")}
+        if all(pair.values()) and all("hits" in r for rs in pair.values() for r in rs):
+            summary[f"main/{c}/dopsd_minus_sft"] = {m: bootstrap_difference(*[
+                [per_prompt(r["hits"][m], r["hits"][k] if k else 1) for r in pair[meth]] for meth in ("dopsd", "sft")])
+                for m, k in COMPARED.items()}
     last = [s for s in specs if s.group == "continual" and s.also_eval]
     if last:
         r = runs[last[0].name]

@@ -1,8 +1,12 @@
 """Toy-world metrics, defined once and used everywhere (demo, experiment, acceptance tests).
 
-concept_fidelity  share of 4-step samples of [V] prompts (training captions and new colour/background
-                  combinations) that the evaluator labels as the concept's shape
+concept_fidelity  share of 4-step samples of the concept's prompts (its training captions, then new
+                  colour/background combinations with its token: 24 prompts x 4 noise seeds = 96 samples)
+                  that the evaluator labels as the concept's shape
 retention         joint shape+colour accuracy of 4-step samples on fixed seen prompts unrelated to the concept
+leak              share of those unrelated prompts' samples drawn as the concept's shape
+cross_token       share of samples of the other held-out concepts' token prompts drawn as this concept's shape
+                  (a LoRA that learned "any concept token" rather than its own)
 quality_4/_32     toy-FID of 4-/32-step samples of those prompts against real renderings (lower is better)
 few_step_gap      quality_4 - quality_32
 drift             mean per-image pixel L2 between the model's and the base's 4-step samples (same seeds)
@@ -31,12 +35,30 @@ def unrelated_prompts(n: int = 192, seed: int = 0) -> list[tuple[str, str, str, 
     return out
 
 
-def concept_prompts(shape: str, train_captions: list[str], n_new: int = 24, seed: int = 0) -> list[str]:
-    """The concept's training captions plus new colour/background combinations with its token."""
-    rng = random.Random(f"concept-prompts-{shape}-{seed}")
-    token = CONCEPT_TOKEN[shape]
-    new = [f"a {rng.choice(COLOURS)} {token} on a {rng.choice(BACKGROUNDS)} background" for _ in range(n_new)]
-    return list(train_captions) + new
+FIDELITY_PROMPTS, FIDELITY_SEEDS = 24, 4  # 96 concept samples per evaluation
+CROSS_PROMPTS = 24  # per other concept token
+
+
+def token_prompts(token: str, n: int, seed: int = 0) -> list[str]:
+    """n prompts "a <colour> <token> on a <background> background" with seeded colours and backgrounds."""
+    rng = random.Random(f"concept-prompts-{token}-{seed}")
+    return [f"a {rng.choice(COLOURS)} {token} on a {rng.choice(BACKGROUNDS)} background" for _ in range(n)]
+
+
+def concept_prompts(shape: str, train_captions: list[str], n: int = FIDELITY_PROMPTS, seed: int = 0) -> list[str]:
+    """n prompts with the concept's token: its training captions first, then new combinations."""
+    train = list(train_captions)[:n]
+    return train + token_prompts(CONCEPT_TOKEN[shape], n - len(train), seed)
+
+
+def cross_token_prompts(shape: str, n: int = CROSS_PROMPTS, seed: int = 0) -> list[str]:
+    """The other held-out concepts' token prompts (a LoRA for `shape` should not draw it for them)."""
+    return [p for other, token in CONCEPT_TOKEN.items() if other != shape for p in token_prompts(token, n, seed)]
+
+
+def hit_string(hits) -> str:
+    """Per-sample 0/1 outcomes as a compact string (result files keep them for bootstrap intervals)."""
+    return "".join("1" if h else "0" for h in hits)
 
 
 @torch.no_grad()
@@ -71,29 +93,49 @@ class ToyMetrics:
         self.real_features = evaluator.features(real_renderings(self.unrelated, seed))
         self.base_samples_4 = generate(base, [p for p, *_ in self.unrelated], 4, seed)
 
-    def retention(self, images: torch.Tensor) -> float:
+    def retention_hits(self, images: torch.Tensor) -> list[bool]:
         shapes, colours = self.ev.classify(images)
-        hits = [s == want_s and c == want_c for s, c, (_, want_s, want_c, _) in zip(shapes, colours, self.unrelated)]
+        return [s == want_s and c == want_c for s, c, (_, want_s, want_c, _) in zip(shapes, colours, self.unrelated)]
+
+    def retention(self, images: torch.Tensor) -> float:
+        hits = self.retention_hits(images)
         return sum(hits) / len(hits)
 
     def quality(self, images: torch.Tensor) -> float:
         return frechet_distance(self.ev.features(images), self.real_features)
 
-    def concept_fidelity(self, images: torch.Tensor, shape: str) -> float:
+    def shape_hits(self, images: torch.Tensor, shape: str) -> list[bool]:
         shapes, _ = self.ev.classify(images)
-        return sum(s == shape for s in shapes) / len(shapes)
+        return [s == shape for s in shapes]
+
+    def concept_fidelity(self, images: torch.Tensor, shape: str) -> float:
+        hits = self.shape_hits(images, shape)
+        return sum(hits) / len(hits)
 
     @torch.no_grad()
     def evaluate(self, den: ToyDenoiser, concept: str | None = None, train_captions: list[str] | None = None) -> dict:
+        """The metrics above; with a concept also its per-sample outcomes under "hits" (fidelity: prompt-major,
+        seed-minor; retention and leak: the unrelated prompts in order; cross_token: other tokens' prompts)."""
         prompts = [p for p, *_ in self.unrelated]
         s4 = generate(den, prompts, 4, self.seed)
         s32 = generate(den, prompts, 32, self.seed)
         q4, q32 = self.quality(s4), self.quality(s32)
-        out = {"retention": self.retention(s4), "quality_4": q4, "quality_32": q32, "few_step_gap": q4 - q32,
+        retention = self.retention_hits(s4)
+        out = {"retention": sum(retention) / len(retention), "quality_4": q4, "quality_32": q32,
+               "few_step_gap": q4 - q32,
                "drift": (s4 - self.base_samples_4).flatten(1).norm(dim=1).mean().item()}
         if concept:
             cp = concept_prompts(concept, train_captions or [], seed=self.seed)
-            out["concept_fidelity"] = self.concept_fidelity(generate(den, cp, 4, self.seed + 1), concept)
+            per_seed = [self.shape_hits(generate(den, cp, 4, self.seed + 1 + k), concept) for k in range(FIDELITY_SEEDS)]
+            fidelity = [h for prompt_hits in zip(*per_seed) for h in prompt_hits]  # prompt-major
+            leak = self.shape_hits(s4, concept)
+            cross = self.shape_hits(generate(den, cross_token_prompts(concept, seed=self.seed), 4, self.seed + 1),
+                                    concept)
+            out.update(concept_fidelity=sum(fidelity) / len(fidelity), leak=sum(leak) / len(leak),
+                       cross_token=sum(cross) / len(cross),
+                       hits={"concept_fidelity": hit_string(fidelity), "fidelity_seeds": FIDELITY_SEEDS,
+                             "retention": hit_string(retention), "leak": hit_string(leak),
+                             "cross_token": hit_string(cross)})
         return out
 
     @torch.no_grad()
