@@ -82,20 +82,34 @@ def add_train_parser(sub) -> None:
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the denoiser (20-35 s compile per graph; pays off only on long runs)")
     p.add_argument("--seed", type=int, help=f"(default {d.seed})")
+    g = p.add_argument_group("prior preservation (keep what the model could do before)")
+    g.add_argument("--prior-prompts", metavar="FILE|auto",
+                   help="prompts whose behaviour the run keeps: a text file (one per line, <empty> for the empty "
+                        "prompt) or auto (the captions with the trigger replaced by --class-word or removed, the "
+                        "empty prompt, the concepts of an --init-lora, and the model's generic prompts)")
+    g.add_argument("--prior-weight", type=float,
+                   help="lambda of the prior term (default 1 with --prior-prompts, else 0: off)")
+    g.add_argument("--prior-batch", type=int, help=f"prior roll-outs (SFT: class images) per step (default {d.prior_batch})")
+    g.add_argument("--trigger", help="the word in the captions that names the concept (default: their bracket token, e.g. [V])")
+    g.add_argument("--class-word", help="what auto puts where the trigger was (default: nothing)")
     p.set_defaults(func=cmd_train)
 
 
 CONFIG_FLAGS = ("method", "steps", "rank", "alpha", "lr", "optimizer", "schedule", "warmup", "k", "teacher",
                 "ema_decay", "loss_weight", "states", "batch_size", "grad_accum", "save_every", "preview_every",
-                "checkpointing", "compile", "seed")
+                "checkpointing", "compile", "seed", "prior_weight", "prior_batch")
 
 
 def cmd_train(args) -> int:
     from .data import load_image_folder
     from .plot import image_grid, save_png
+    from .prior import Prior, trigger_or_none
     from .trainer import Callbacks, TrainConfig, Trainer, read_run_state
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
+    if args.prior_prompts and args.prior_weight is None:
+        given["prior_weight"] = 1.0
+    prior_captions = None
     if args.resume:
         run_dir = Path(args.resume)
         state = read_run_state(run_dir)
@@ -105,6 +119,7 @@ def cmd_train(args) -> int:
             raise DopsdError("--init-lora starts a new run; it cannot be combined with --resume")
         cfg = TrainConfig(**{**state["config"], **given})
         data = args.data or state.get("data_dir")
+        prior_captions = state.get("prior_prompts")  # unless --prior-prompts names others (then refused)
     else:
         if not args.out:
             raise DopsdError("--out is required: the run folder to create (e.g. --out runs/my_concept)")
@@ -115,6 +130,11 @@ def cmd_train(args) -> int:
     den = load_model(args.model, args.weights)
     records = den.build_records(load_image_folder(Path(data), den.resolution))
     prompts = [r.captions[0] for r in records[:4]]
+    captions = [c for r in records for c in r.captions]
+    trigger = args.trigger or trigger_or_none(captions)
+    if args.prior_prompts:
+        prior_captions = _prior_prompts(args, captions, trigger)
+    prior = Prior(prior_captions, [den.encode_prompt(p) for p in prior_captions]) if prior_captions else None
 
     def on_preview(step, images, _prompts):
         save_png(image_grid([images], scale=4), run_dir / "previews" / f"step_{step:06d}.png")
@@ -124,7 +144,7 @@ def cmd_train(args) -> int:
     trainer = Trainer(den, records, cfg, run_dir,
                       Callbacks(on_step=bar.update, on_preview=on_preview, should_stop=stop.requested),
                       preview_prompts=prompts, init_lora=args.init_lora, resume=bool(args.resume),
-                      data_dir=str(Path(data).resolve()))
+                      data_dir=str(Path(data).resolve()), prior=prior, trigger=trigger)
     if args.resume:
         print(f"resuming {run_dir} at step {trainer.step}/{cfg.steps}", file=sys.stderr)
     try:
@@ -136,6 +156,28 @@ def cmd_train(args) -> int:
         return 128 + stop.signum
     print(f"trained {result.steps_done} steps; LoRA: {run_dir / 'lora.safetensors'}  loss curve: {run_dir / 'loss.png'}")
     return 0
+
+
+def _prior_prompts(args, captions: list[str], trigger: str | None) -> list[str]:
+    from .prior import auto_prior_prompts, earlier_concepts, read_prompt_file
+    if args.prior_prompts != "auto":
+        return read_prompt_file(Path(args.prior_prompts))
+    if trigger is None:
+        from .prior import find_trigger
+        find_trigger(captions)  # raises: names the problem and --trigger
+    earlier = []
+    if args.init_lora:
+        from .lora import read_lora_file
+        earlier = earlier_concepts(read_lora_file(Path(args.init_lora))[1])
+    return auto_prior_prompts(captions, trigger, args.class_word, generic_prompts(args.model), earlier)
+
+
+def generic_prompts(model: str) -> list[str]:
+    """The model family's built-in generic prompts for --prior-prompts auto."""
+    if model == "toy":
+        from .toy.metrics import prior_prompts
+        return prior_prompts()
+    return []
 
 
 class StopOnSignal:
@@ -206,11 +248,83 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def add_preview_teacher_parser(sub) -> None:
+    p = sub.add_parser("preview-teacher", help="the teacher's few-step samples per training image and caption, "
+                                               "before training (D-OPSD cannot teach more than its teacher shows)")
+    p.add_argument("--model", choices=MODELS, default="toy")
+    p.add_argument("--weights", help="toy weights file (default: the shipped toy base)")
+    p.add_argument("--data", required=True, help="folder of images with same-name .txt captions")
+    p.add_argument("--init-lora", metavar="FILE", help="preview a warm start's teacher (the base with this LoRA)")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps (default 4)")
+    p.add_argument("--n", type=int, default=4, help="samples per image and caption (default 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder for one PNG per image (target, then samples) and report.json")
+    p.set_defaults(func=cmd_preview_teacher)
+
+
+def cmd_preview_teacher(args) -> int:
+    import torch
+
+    from .data import load_image_folder
+    from .denoiser import sample
+    from .fileio import save_json
+    from .lora import lora_file_shape, read_lora_file
+    from .plot import image_grid, save_png
+
+    if args.steps < 1 or args.n < 1:
+        raise DopsdError("--steps and --n must be >= 1")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise DopsdError(f"output path {out} is a file; pass a folder for --out")
+    den = load_model(args.model, args.weights)
+    records = den.build_records(load_image_folder(Path(args.data), den.resolution))
+    if args.init_lora:
+        sd, meta = read_lora_file(Path(args.init_lora))
+        den.add_lora(*lora_file_shape(meta, sd)).load_state_dict_comfy(sd, source=args.init_lora)
+    verdict = _toy_verdict() if args.model == "toy" else None
+    report = []
+    for r in records:
+        target = den.decode(r.x0[None])  # [1, H, W, 3]
+        rows = []
+        for caption, ctx in zip(r.captions, r.teacher_ctx):
+            gen = torch.Generator().manual_seed(args.seed)
+            lat = sample(den, den.batch_contexts([ctx] * args.n), (args.n, *r.x0.shape),
+                         den.sigma_grid(args.steps, tuple(r.x0.shape)), gen, device=r.x0.device)
+            images = den.decode(lat)  # [n, H, W, 3] in [0, 1]
+            psnr = [float(-10 * torch.log10(((img - target[0]) ** 2).mean().clamp_min(1e-10))) for img in images]
+            entry = {"image": r.name, "caption": caption, "psnr_db": [round(v, 2) for v in psnr]}
+            line = f"{r.name} | {caption!r}: PSNR to the target {sum(psnr) / len(psnr):.1f} dB"
+            if verdict:
+                entry["shapes"] = verdict(images)
+                line += "; drawn as " + ", ".join(f"{k} {v}/{args.n}" for k, v in entry["shapes"].items())
+            print(line)
+            report.append(entry)
+            rows.append(torch.cat([target, images]))
+        save_png(image_grid(rows, scale=4), out / f"{Path(r.name).stem}.png")
+    save_json(report, out / "report.json")
+    print(f"wrote {len(records)} PNGs (per row: the target, then {args.n} teacher samples) and {out / 'report.json'}")
+    return 0
+
+
+def _toy_verdict():
+    """The toy evaluator's shape counts (its 9 shapes: 6 seen, 3 held out) for a batch of images."""
+    from collections import Counter
+
+    from .toy.evaluator import load_evaluator
+    ev = load_evaluator()
+
+    def verdict(images) -> dict[str, int]:
+        shapes, _ = ev.classify(images.permute(0, 3, 1, 2))
+        return dict(Counter(shapes).most_common())
+    return verdict
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dopsd", description="D-OPSD LoRA training for step-distilled flow models")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     add_train_parser(sub)
     add_sample_parser(sub)
+    add_preview_teacher_parser(sub)
     from .toy.cli import add_toy_parsers  # the toy world's commands: data, base training, demo, experiment
     add_toy_parsers(sub)
     return parser

@@ -5,6 +5,7 @@ the hooks work on any Linear-like module (ComfyUI's casting ops, fp8-stored weig
 them leaves the shared model exactly as it was. One switch selects what every hooked layer adds:
   "student": + scale * B_S A_S x     (trainable)
   "teacher": + scale * B_T A_T x     (EMA copy, never trained directly)
+  "anchor":  + scale * B_0 A_0 x     (the LoRA the run started from, frozen: the prior's teacher)
   "off":     nothing                 (the frozen base model)
 
 Files use ComfyUI's key layout, so the stock LoraLoaderModelOnly loads them:
@@ -27,7 +28,7 @@ from torch import nn
 from .errors import DopsdError
 from .fileio import load_tensors, save_tensors
 
-MODES = ("student", "teacher", "off")
+MODES = ("student", "teacher", "anchor", "off")
 COMFY_PREFIX = "diffusion_model."
 
 
@@ -76,6 +77,8 @@ class LoraSet(nn.Module):
         # The teacher is plain tensors (no Parameters): no optimizer, no autograd, only EMA updates.
         self.teacher = {n: {"down": p.down.detach().clone(), "up": p.up.detach().clone()}
                         for n, p in self._student_items()}
+        self.anchor = {n: {"down": p.down.detach().clone(), "up": p.up.detach().clone()}
+                       for n, p in self._student_items()}
         self.mode = "student"
         self._modules_by_name = {t: modules[t] for t in targets}
         self._handles: list = []
@@ -105,12 +108,13 @@ class LoraSet(nn.Module):
 
     def _make_hook(self, name: str):
         pair = self.student[_key(name)]
-        teacher = self.teacher[name]
+        frozen = {"teacher": self.teacher[name], "anchor": self.anchor[name]}
 
         def hook(module, inputs, output):
             if self.mode == "off":
                 return None
-            down, up = (pair.down, pair.up) if self.mode == "student" else (teacher["down"], teacher["up"])
+            down, up = (pair.down, pair.up) if self.mode == "student" else (frozen[self.mode]["down"],
+                                                                             frozen[self.mode]["up"])
             x = inputs[0]
             delta = F.linear(F.linear(x.to(down.dtype), down), up) * self.scale
             return output + delta.to(output.dtype)
@@ -149,11 +153,27 @@ class LoraSet(nn.Module):
             self.teacher[name]["down"].copy_(pair.down)
             self.teacher[name]["up"].copy_(pair.up)
 
+    @torch.no_grad()
+    def copy_student_to_anchor(self) -> None:
+        """The run's starting LoRA (a warm start's file); a fresh LoRA's anchor equals the base (B = 0)."""
+        for name, pair in self._student_items():
+            self.anchor[name]["down"].copy_(pair.down)
+            self.anchor[name]["up"].copy_(pair.up)
+
+    def _weights(self, name: str, pair: LoraPair, which: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of one module's student, teacher or anchor copy."""
+        if which == "student":
+            return pair.down, pair.up
+        if which not in ("teacher", "anchor"):
+            raise ValueError(f"LoRA copy must be student, teacher or anchor, got {which!r}")
+        copy = getattr(self, which)[name]
+        return copy["down"], copy["up"]
+
     # --- ComfyUI-layout state dicts ---------------------------------------------------------------------
     def state_dict_comfy(self, which: str = "student", prefix: str = COMFY_PREFIX) -> dict[str, torch.Tensor]:
         sd = {}
         for name, pair in self._student_items():
-            down, up = (pair.down, pair.up) if which == "student" else (self.teacher[name]["down"], self.teacher[name]["up"])
+            down, up = self._weights(name, pair, which)
             sd[f"{prefix}{name}.lora_down.weight"] = down.detach().clone()
             sd[f"{prefix}{name}.lora_up.weight"] = up.detach().clone()
             sd[f"{prefix}{name}.alpha"] = torch.tensor(self.alpha)
@@ -178,7 +198,7 @@ class LoraSet(nn.Module):
                                  "use the rank the file was trained with")
             if ka in sd and not math.isclose(float(sd[ka]), self.alpha, rel_tol=1e-6):
                 raise DopsdError(f"{source}: alpha {float(sd[ka])} differs from the configured {self.alpha}")
-            dst = (pair.down, pair.up) if which == "student" else (self.teacher[name]["down"], self.teacher[name]["up"])
+            dst = self._weights(name, pair, which)
             dst[0].copy_(down.to(dst[0].dtype))
             dst[1].copy_(up.to(dst[1].dtype))
         extra = sorted(set(sd) - expected)

@@ -14,7 +14,9 @@ from .denoiser import Context, Denoiser, euler_step
 from .schedule import logit_normal_sigmas
 
 LOSS_WEIGHTS = ("x0", "velocity", "transition")
-TEACHERS = ("ema", "frozen")
+TEACHERS = ("ema", "frozen")  # the concept teacher a user picks
+# LoRA copy each teacher reads; "start" (the LoRA the run started from, frozen) is the prior's teacher
+TEACHER_MODES = {"ema": "teacher", "frozen": "off", "start": "anchor"}
 STATES = ("all", "one")
 
 
@@ -46,9 +48,11 @@ def dopsd_backward(denoiser: Denoiser, batch: Batch, sigmas: list[float], genera
     x starts as pure noise; at each supervised state k the teacher (EMA LoRA or frozen base, with the
     target image in context, no grad) and the student (caption only, with grad) predict x0 from the
     same x; loss_k = c_k * mean((x0_S - x0_T)^2) is backpropagated at once, so activation memory does
-    not grow with K; then x takes the student's own Euler step (detached): on-policy."""
+    not grow with K; then x takes the student's own Euler step (detached): on-policy.
+    The prior's roll-out is the same with teacher="start" and the prior prompts as both contexts: the
+    run's starting model, text only, anchors the student on its own states."""
     lora = denoiser.lora()
-    teacher_mode = {"ema": "teacher", "frozen": "off"}[teacher]
+    teacher_mode = TEACHER_MODES[teacher]
     K = len(sigmas) - 1
     B = batch.x0.shape[0]
     device = batch.x0.device

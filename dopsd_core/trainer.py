@@ -36,8 +36,10 @@ from .objectives import LOSS_WEIGHTS, STATES, TEACHERS, Batch, dopsd_backward, s
 from .optim import (OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, optimizer_state_from_tensors,
                     optimizer_state_to_tensors)
 from .plot import write_loss_files
+from .prior import Prior, concepts_record, earlier_concepts
 
 METHODS = ("dopsd", "sft")
+PRIOR_CLASS_IMAGES = 32  # SFT's prior: at least this many class images (more when there are more prompts)
 STATE_VERSION = 2  # 2: tensors in a generation folder named by state.json (1: beside it)
 
 
@@ -61,6 +63,8 @@ class TrainConfig:
     loss_weight: str = "x0"
     states: str = "all"
     seed: int = 0
+    prior_weight: float = 0.0  # lambda of the prior term (0: no prior preservation)
+    prior_batch: int = 1  # prior roll-outs (D-OPSD) or class images (SFT) per micro-batch
     checkpointing: bool = False
     compile: bool = False  # torch.compile the denoiser's forward (numerics equal up to float rounding)
     save_every: int = 0  # 0: save only at the end
@@ -100,6 +104,10 @@ class TrainConfig:
             bad(f"EMA decay must be in [0, 1) (got {self.ema_decay})")
         if self.warmup < 0 or self.save_every < 0 or self.preview_every < 0:
             bad("--warmup, --save-every and --preview-every must be >= 0")
+        if not (math.isfinite(self.prior_weight) and self.prior_weight >= 0):
+            bad(f"--prior-weight must be >= 0 (got {self.prior_weight}); 0 turns the prior off")
+        if self.prior_batch < 1:
+            bad(f"--prior-batch must be >= 1 (got {self.prior_batch})")
         if not (self.grad_clip > 0):
             bad(f"gradient clip must be > 0 (got {self.grad_clip})")
         return self
@@ -187,8 +195,13 @@ class Trainer:
     def __init__(self, denoiser: Denoiser, records: list[Record], cfg: TrainConfig, run_dir: Path,
                  callbacks: Callbacks | None = None, preview_prompts: list[str] | None = None,
                  init_lora: Path | None = None, resume: bool = False, data_dir: str | None = None,
-                 preview_fn: Callable[[], torch.Tensor] | None = None):
+                 preview_fn: Callable[[], torch.Tensor] | None = None, prior: Prior | None = None,
+                 trigger: str | None = None):
         self.den, self.records, self.cfg = denoiser, records, cfg.validate()
+        self.prior = prior if cfg.prior_weight > 0 else None
+        if cfg.prior_weight > 0 and not (prior and prior.captions):
+            raise DopsdError("a prior weight > 0 needs prior prompts (CLI: --prior-prompts auto or a file; ComfyUI: "
+                             "the dataset node's prior_prompts)")
         self.run_dir = Path(run_dir)
         self.cb = callbacks or Callbacks()
         self.preview_prompts = list(preview_prompts or [])
@@ -205,6 +218,8 @@ class Trainer:
         self.sigmas = self.sigma_grids[tuple(records[0].x0.shape)]  # the first image's, for the metadata
         self.model_id = denoiser.fingerprint()
         self.data_id = records_fingerprint(records)
+        if self.prior:  # other prior prompts are other training data
+            self.data_id += "-prior-" + hashlib.sha256("\n".join(self.prior.captions).encode()).hexdigest()[:8]
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.lora = denoiser.add_lora(cfg.rank, cfg.alpha, seed=cfg.seed)
         self.params = self.lora.parameters_list()
@@ -213,14 +228,18 @@ class Trainer:
         self.step_den = CompiledDenoiser(denoiser) if cfg.compile else denoiser  # what the objectives call
         self.step, self.history, self.last_saved = 0, [], None
         self.init_lora = str(init_lora) if init_lora else None
+        self.concepts = concepts_record([c for r in records for c in r.captions], trigger)
         if resume:
             self._load_run()
         else:
             self._check_fresh_out_dir()
             if init_lora:
-                sd, _ = read_lora_file(Path(init_lora))
+                sd, meta = read_lora_file(Path(init_lora))
                 self.lora.load_state_dict_comfy(sd, "student", source=f"--init-lora {init_lora}")
                 self.lora.copy_student_to_teacher()  # warm start: the teacher starts from the loaded LoRA
+                self.lora.copy_student_to_anchor()  # ... and the prior keeps what it could do
+                self.concepts = concepts_record(self.concepts[-1]["captions"], trigger, earlier_concepts(meta))
+        self.class_latents = self._class_latents() if self.prior and cfg.method == "sft" else None
 
     # --- run folder ------------------------------------------------------------------------------
     def _check_fresh_out_dir(self) -> None:
@@ -242,7 +261,9 @@ class Trainer:
         return lora_metadata(self.lora, method=c.method, model_family=self.den.family, steps=str(self.step),
                              sigma_grid=self.sigmas, k=str(c.k), teacher=c.teacher, loss_weight=c.loss_weight,
                              states=c.states, lr=str(c.lr), model_fingerprint=self.model_id,
-                             init_lora=self.init_lora or "", version=__version__, step=str(self.step))
+                             init_lora=self.init_lora or "", version=__version__, step=str(self.step),
+                             concepts=self.concepts, prior_weight=str(c.prior_weight),
+                             prior_prompts=len(self.prior.captions) if self.prior else 0)
 
     def save(self) -> None:
         """One generation: tensors into state/step-NNNNNN/, then the commit (state.json), then cleanup."""
@@ -255,11 +276,14 @@ class Trainer:
         save_tensors(self.lora.state_dict_comfy("teacher"), gen / "teacher.safetensors", tag)
         opt_tensors, opt_extra = optimizer_state_to_tensors(self.opt)
         save_tensors(opt_tensors, gen / "optimizer.safetensors", tag)
+        if self.init_lora:  # the prior's teacher after a warm start (a fresh run's anchor is its init: B = 0)
+            save_tensors(self.lora.state_dict_comfy("anchor"), gen / "anchor.safetensors", tag)
         save_json({
             "version": STATE_VERSION, "step": self.step, "generation": gen.name, "config": self.cfg.to_dict(),
             "model_family": self.den.family, "model_fingerprint": self.model_id, "data_fingerprint": self.data_id,
             "sigma_grid": self.sigmas, "rng": _encode_rng(self.gen), "optimizer": opt_extra,
             "history": self.history, "init_lora": self.init_lora, "data_dir": self.data_dir,
+            "concepts": self.concepts, "prior_prompts": self.prior.captions if self.prior else None,
         }, d / "state" / "state.json")
         self.last_saved = self.step
         save_tensors(lora_sd, d / "lora.safetensors", metadata)  # the user's copy of the committed LoRA
@@ -320,6 +344,10 @@ class Trainer:
         self.lora.load_state_dict_comfy(loaded["lora.safetensors"][0], "student", source=str(files["lora.safetensors"]))
         self.lora.load_state_dict_comfy(loaded["teacher"][0], "teacher", source=str(files["teacher"]))
         optimizer_state_from_tensors(self.opt, loaded["optimizer"][0], st["optimizer"])
+        if st.get("generation") and (d / "state" / st["generation"] / "anchor.safetensors").is_file():
+            anchor = load_tensors(d / "state" / st["generation"] / "anchor.safetensors")[0]
+            self.lora.load_state_dict_comfy(anchor, "anchor", source=f"{d} anchor")
+        self.concepts = st.get("concepts", self.concepts)
         self.gen.set_state(_decode_rng(st["rng"]))
         self.step, self.history, self.last_saved = st["step"], list(st["history"]), st["step"]
         self.init_lora = st.get("init_lora")
@@ -344,15 +372,62 @@ class Trainer:
 
     def _micro_step(self, batch: Batch, scale: float) -> float:
         c = self.cfg
+        shape = tuple(batch.x0.shape[1:])
         if c.method == "dopsd":
-            sigmas = self.sigma_grids[tuple(batch.x0.shape[1:])]
-            out = dopsd_backward(self.step_den, batch, sigmas, self.gen, teacher=c.teacher,
-                                 loss_weight=c.loss_weight, states=c.states, loss_scale=scale)
+            sigmas = self.sigma_grids[shape]
+            loss = dopsd_backward(self.step_den, batch, sigmas, self.gen, teacher=c.teacher,
+                                  loss_weight=c.loss_weight, states=c.states, loss_scale=scale)["loss"]
+            if self.prior:  # on-policy prior: the starting model, text only, on the student's own states
+                loss += c.prior_weight * dopsd_backward(
+                    self.step_den, self._prior_batch(shape), sigmas, self.gen, teacher="start",
+                    loss_weight=c.loss_weight, states=c.states, loss_scale=scale * c.prior_weight)["loss"]
         else:
             # SFT draws sigma from the model's own training distribution
             shift = getattr(self.den, "train_shift", self.den.shift)
-            out = sft_backward(self.step_den, batch, shift, self.gen, loss_scale=scale)
-        return out["loss"]
+            loss = sft_backward(self.step_den, batch, shift, self.gen, loss_scale=scale)["loss"]
+            if self.prior:  # DreamBooth's prior: flow matching on the cached class images
+                loss += c.prior_weight * sft_backward(self.step_den, self._class_batch(), shift, self.gen,
+                                                      loss_scale=scale * c.prior_weight)["loss"]
+        return loss
+
+    def _prior_batch(self, shape: tuple[int, ...]) -> Batch:
+        """prior_batch prompts drawn from the prior; x0 only gives the roll-out its shape."""
+        idx = torch.randint(len(self.prior.contexts), (self.cfg.prior_batch,), generator=self.gen).tolist()
+        ctx = self._batch_prior_contexts(idx)
+        return Batch(torch.zeros((len(idx), *shape), device=self.records[0].x0.device), ctx, ctx)
+
+    def _batch_prior_contexts(self, idx: list[int]):
+        try:
+            return self.den.batch_contexts([self.prior.contexts[i % len(self.prior.contexts)] for i in idx])
+        except ValueError:  # e.g. Z-Image: caption contexts differ in length
+            raise DopsdError("the prior prompts' contexts differ in length and cannot share a batch; "
+                             "set prior_batch (--prior-batch) to 1") from None
+
+    def _class_batch(self) -> Batch:
+        idx = torch.randint(len(self.class_latents), (self.cfg.prior_batch,), generator=self.gen).tolist()
+        ctx = self._batch_prior_contexts(idx)
+        return Batch(self.class_latents[idx], ctx, ctx)
+
+    @torch.no_grad()
+    def _class_latents(self) -> torch.Tensor:
+        """SFT's class images: image i of prompt i mod len(prompts), sampled once by the starting model
+        at its few-step setting (K Euler steps), cached in <run>/prior/ and reused on resume."""
+        shape, captions = tuple(self.records[0].x0.shape), self.prior.captions
+        n = max(len(captions), PRIOR_CLASS_IMAGES)
+        key = hashlib.sha256(f"{self.model_id}|{self.init_lora}|{self.cfg.k}|{shape}|{n}|{self.cfg.seed}|"
+                             f"{chr(10).join(captions)}".encode()).hexdigest()[:16]
+        path = self.run_dir / "prior" / "class_latents.safetensors"
+        if path.is_file():
+            tensors, meta = load_tensors(path)
+            if meta.get("dopsd.key") == key:
+                return tensors["latents"].to(self.records[0].x0.device)
+        gen = torch.Generator().manual_seed(self.cfg.seed + 1)  # not the training stream
+        sigmas, device = self.den.sigma_grid(self.cfg.k, shape), self.records[0].x0.device
+        with self.lora.use("anchor"):  # one at a time: contexts of different lengths do not batch (Z-Image)
+            latents = torch.cat([sample(self.den, self.prior.contexts[i % len(captions)], (1, *shape), sigmas, gen,
+                                        device=device) for i in range(n)])
+        save_tensors({"latents": latents}, path, {"dopsd.key": key, "dopsd.prompts": json.dumps(captions)})
+        return latents
 
     def train_step(self) -> float:
         c = self.cfg

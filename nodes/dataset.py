@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..dopsd_core.data import ImageItem, load_image_folder
 from ..dopsd_core.errors import DopsdError
 from ..dopsd_core.hosts.comfy_train import dataset_cache_file, load_dataset, save_dataset
+from ..dopsd_core.prior import trigger_or_none
 from .toy import ToyTextEncoderSocket
 from .vlm import VLM
 
@@ -56,6 +57,15 @@ def _items_from_images(images: torch.Tensor, template: str, resolution: int, buc
     return [ImageItem(f"image_{i:03d}", chw(images[i, ..., :3]), captions) for i in range(images.shape[0])]
 
 
+def _prior_prompts(text: str, captions: list[str], trigger: str | None, class_word: str | None, family):
+    from ..dopsd_core.prior import auto_prior_prompts, find_trigger, parse_prompt_lines
+    if text.strip().lower() == "auto":
+        if trigger is None:
+            find_trigger(captions)  # raises, naming the problem and the trigger input
+        return auto_prior_prompts(captions, trigger, class_word, family.generic_prompts())
+    return parse_prompt_lines(text) or None
+
+
 class DOPSDDataset(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -85,6 +95,18 @@ class DOPSDDataset(io.ComfyNode):
                 VLM.Input("vlm", optional=True,
                           tooltip="For Z-Image-Turbo: D-OPSD Qwen3-VL Loader (the teacher sees the target image "
                                   "through Qwen3-VL spliced with this clip's Qwen3-4B weights)."),
+                # appended last and optional: workflows saved before them keep loading
+                io.String.Input("prior_prompts", multiline=True, default="", optional=True,
+                                tooltip="Prior preservation: prompts whose behaviour training keeps (the trainer's "
+                                        "prior_weight turns it on). One per line (<empty> = the empty prompt), or "
+                                        "'auto': the captions with the trigger replaced by class_word (or removed), "
+                                        "the empty prompt and generic prompts of the model family."),
+                io.String.Input("trigger", default="", optional=True,
+                                tooltip="The word in the captions that names the concept; empty = their bracket "
+                                        "token, e.g. [V]."),
+                io.String.Input("class_word", default="", optional=True,
+                                tooltip="For prior_prompts 'auto': what replaces the trigger (e.g. 'dog'); empty "
+                                        "removes it."),
             ],
             outputs=[Dataset.Output(display_name="DATASET")],
         )
@@ -102,7 +124,7 @@ class DOPSDDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, folder, caption_template, resolution, aspect_buckets=True, images=None, clip=None,
-                vae=None, toy_text_encoder=None, vlm=None):
+                vae=None, toy_text_encoder=None, vlm=None, prior_prompts="", trigger="", class_word=""):
         import folder_paths
 
         from ..dopsd_core.hosts.families import EncoderInputs, detect_family
@@ -117,11 +139,15 @@ class DOPSDDataset(io.ComfyNode):
             raise DopsdError("no training images: set folder or connect images")
         inputs = EncoderInputs(clip=clip, vae=vae, toy_text_encoder=toy_text_encoder, vlm=vlm)
         family.check_inputs(inputs)
+        captions = [c for item in items for c in item.captions]
+        trigger = trigger.strip() or trigger_or_none(captions)
+        prior = _prior_prompts(prior_prompts, captions, trigger, class_word.strip() or None, family)
         cache = dataset_cache_file(Path(folder_paths.get_output_directory()) / "dopsd" / "cache", model, family,
-                                   items, inputs)
+                                   items, inputs, prior, trigger)
         if cache.is_file():
             return io.NodeOutput(load_dataset(cache))
-        ds = family.build_dataset(model, items, inputs)
+        ds = family.build_dataset(model, items, inputs, prior)
+        ds.trigger = trigger
         save_dataset(ds, cache)
         family.release_encoders()  # the contexts are cached: free the encoders for training
         return io.NodeOutput(ds)

@@ -80,16 +80,47 @@ def _previewer(model):
                                getattr(fmt, "latent_rgb_factors_reshape", None))
 
 
-def offload_input():
-    """Last, and optional, so API graphs and workflows saved before it keep working."""
-    return io.Boolean.Input("offload", default=False, optional=True,
-                            tooltip="Low VRAM: ComfyUI's own partial loading (as its Train LoRA node does): "
-                                    "blocks that do not fit stay in RAM and are moved to the GPU for each "
-                                    "forward. Slower; combine with checkpointing. The toy model and CPU runs "
-                                    "ignore it.")
+def late_inputs():
+    """Appended last and optional, so API graphs and workflows saved before them keep working."""
+    return [io.Boolean.Input("offload", default=False, optional=True,
+                             tooltip="Low VRAM: ComfyUI's own partial loading (as its Train LoRA node does): "
+                                     "blocks that do not fit stay in RAM and are moved to the GPU for each "
+                                     "forward. Slower; combine with checkpointing. The toy model and CPU runs "
+                                     "ignore it."),
+            io.Float.Input("prior_weight", default=0.0, min=0.0, max=100.0, step=0.05, optional=True,
+                           tooltip="Prior preservation (lambda): keeps what the model did on the dataset's "
+                                   "prior_prompts. D-OPSD: an extra roll-out per step pulled toward the starting "
+                                   "model; SFT: class images it generates once. 0 = off."),
+            io.Int.Input("prior_batch", default=1, min=1, max=64, optional=True,
+                         tooltip="Prior roll-outs (SFT: class images) per step."),
+            io.Combo.Input("init_lora", options=[NO_LORA] + _lora_names(), default=NO_LORA, optional=True,
+                           tooltip="Continue from a LoRA in models/loras (as ComfyUI's Train LoRA's existing_lora): "
+                                   "a new run whose student, EMA teacher and prior anchor start from it. Its "
+                                   "concepts stay in the new LoRA's metadata; to keep them, put their captions in "
+                                   "the dataset's prior_prompts. A resumed run keeps the LoRA it started from.")]
 
 
-def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offload: bool = False):
+NO_LORA = "[none]"
+
+
+def _lora_names() -> list[str]:
+    import folder_paths
+    return folder_paths.get_filename_list("loras")
+
+
+def init_lora_path(name: str | None) -> Path | None:
+    """The LoRA file a name from models/loras refers to (names only, as the stock loaders resolve them)."""
+    if not name or name == NO_LORA:
+        return None
+    import folder_paths
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise DopsdError(f"init_lora {name!r} is not in models/loras; pick a listed LoRA or {NO_LORA}")
+    return Path(path)
+
+
+def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offload: bool = False,
+                 init_lora: str | None = None):
     import comfy.model_management as mm
     import comfy.utils
     from server import PromptServer
@@ -132,7 +163,8 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offloa
     run_id = live.run_started(node_id, run_name, cfg.method, cfg.steps)
     status = "error"
     try:
-        patched, lora_sd, history = train(model, dataset, cfg, run_dir, callbacks, resume=resume, offload=offload)
+        patched, lora_sd, history = train(model, dataset, cfg, run_dir, callbacks, resume=resume, offload=offload,
+                                          init_lora=None if resume else init_lora_path(init_lora))
         status = "finished"
     except TrainingCancelled:  # Cancel seen between steps: the trainer saved the step it stopped at
         status = "cancelled"
@@ -163,7 +195,7 @@ class DOPSDTrainer(io.ComfyNode):
                                tooltip="Per-state weight: x0 MSE (default), velocity MSE, or transition."),
                 io.Combo.Input("states", options=list(STATES), default="all",
                                tooltip="Supervise all K states, or one random state (cheaper)."),
-                offload_input(),
+                *late_inputs(),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="LORA"),
                      io.LossMap.Output(display_name="LOSS")],
@@ -173,11 +205,11 @@ class DOPSDTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, k, teacher, ema_decay, loss_weight,
-                states, offload=False):
+                states, offload=False, prior_weight=0.0, prior_batch=1, init_lora=NO_LORA):
         cfg = make_config("dopsd", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, k=k, teacher=teacher, ema_decay=ema_decay,
-                          loss_weight=loss_weight, states=states)
-        return run_training(cls, model, dataset, run_name, resume, cfg, offload)
+                          loss_weight=loss_weight, states=states, prior_weight=prior_weight, prior_batch=prior_batch)
+        return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora)
 
 
 class DOPSDSFTTrainer(io.ComfyNode):
@@ -187,7 +219,7 @@ class DOPSDSFTTrainer(io.ComfyNode):
             node_id="DOPSDSFTTrainer", display_name="D-OPSD SFT Trainer (baseline)", category="D-OPSD",
             is_output_node=True,
             description="The baseline: the same LoRA trained with flow matching on the images.",
-            inputs=common_inputs() + [offload_input()],
+            inputs=common_inputs() + late_inputs(),
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="LORA"),
                      io.LossMap.Output(display_name="LOSS")],
             hidden=[io.Hidden.unique_id],
@@ -195,10 +227,11 @@ class DOPSDSFTTrainer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
-                checkpointing, save_every, preview_every, run_name, resume, offload=False):
+                checkpointing, save_every, preview_every, run_name, resume, offload=False, prior_weight=0.0,
+                prior_batch=1, init_lora=NO_LORA):
         cfg = make_config("sft", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
-                          checkpointing, save_every, preview_every)
-        return run_training(cls, model, dataset, run_name, resume, cfg, offload)
+                          checkpointing, save_every, preview_every, prior_weight=prior_weight, prior_batch=prior_batch)
+        return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora)
 
 
 NODES = [DOPSDTrainer, DOPSDSFTTrainer]

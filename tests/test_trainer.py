@@ -346,3 +346,109 @@ def test_each_batch_rolls_out_on_the_grid_of_its_latent_size(tiny_records, tmp_p
     Trainer(SizeAwareGrid(den), records + small, TrainConfig(steps=12, **CFG), tmp_path / "run").run()
     assert {shape for shape, _ in seen} == {tuple(records[0].x0.shape), (records[0].x0.shape[0], 16, 24)}
     assert all(sigmas == [1.0, shape[-1] / 100, 0.0] for shape, sigmas in seen)
+
+
+def _prior(den, prompts):
+    from dopsd_core.prior import Prior
+    return Prior(list(prompts), [den.encode_prompt(p) for p in prompts])
+
+
+PRIOR_PROMPTS = ["a red on a black background", "a green on a black background", "", "a blue [V5]"]
+
+
+@pytest.mark.parametrize("method", ["dopsd", "sft"])
+def test_the_prior_term_is_zero_while_the_student_is_its_starting_model(tiny_records, tmp_path, method):
+    """The prior's teacher is the model the run started from: at the first step (LoRA B = 0) it adds
+    nothing for D-OPSD; SFT's prior is flow matching on class images, which has a loss of its own."""
+    den, records = tiny_records()
+    t = Trainer(den, records, TrainConfig(steps=1, **{**CFG, "method": method, "prior_weight": 1.0}), tmp_path / "a",
+                prior=_prior(den, PRIOR_PROMPTS))
+    with_prior = t.run().history[0]
+    den2, records2 = tiny_records()
+    without = Trainer(den2, records2, TrainConfig(steps=1, **{**CFG, "method": method}), tmp_path / "b").run().history[0]
+    if method == "dopsd":
+        assert with_prior == pytest.approx(without, rel=1e-6)
+    else:
+        assert with_prior > without * 1.01  # the class images' flow-matching loss is added
+
+
+def _drift_on(den, prompts, seed=5):
+    """Mean |x0| difference between the trained student and the base on 4-step samples of prompts."""
+    from dopsd_core.denoiser import sample
+    ctx = den.batch_contexts([den.encode_prompt(p) for p in prompts])
+    shape = (len(prompts), *den.latent_shape)
+    outs = []
+    for mode in ("student", "off"):
+        with den.lora().use(mode):
+            outs.append(sample(den, ctx, shape, den.sigma_grid(4), torch.Generator().manual_seed(seed)))
+    return (outs[0] - outs[1]).abs().mean().item()
+
+
+@pytest.mark.parametrize("method", ["dopsd", "sft"])
+def test_the_prior_keeps_the_student_closer_to_the_base_on_prior_prompts(tiny_records, tmp_path, method):
+    cfg = {**CFG, "method": method, "lr": 2e-2, "schedule": "constant", "warmup": 0}
+    drift = {}
+    for weight in (0.0, 3.0):
+        den, records = tiny_records()
+        Trainer(den, records, TrainConfig(steps=25, prior_weight=weight, prior_batch=2, **cfg),
+                tmp_path / f"{weight}", prior=_prior(den, PRIOR_PROMPTS) if weight else None).run()
+        drift[weight] = _drift_on(den, PRIOR_PROMPTS)
+    assert drift[3.0] < 0.7 * drift[0.0], drift
+
+
+def test_sft_class_images_are_made_once_and_resume_is_exact(tiny_records, tmp_path):
+    from dopsd_core.trainer import PRIOR_CLASS_IMAGES
+    cfg = {**CFG, "method": "sft", "prior_weight": 1.0}
+    den, records = tiny_records()
+    Trainer(den, records, TrainConfig(steps=6, **cfg), tmp_path / "straight", prior=_prior(den, PRIOR_PROMPTS)).run()
+    straight = lora_tensors(den)
+    cls = tmp_path / "straight/prior/class_latents.safetensors"
+    from dopsd_core.fileio import load_tensors
+    latents, meta = load_tensors(cls)
+    assert latents["latents"].shape == (PRIOR_CLASS_IMAGES, *records[0].x0.shape)
+    assert json.loads(meta["dopsd.prompts"]) == PRIOR_PROMPTS
+
+    den2, records2 = tiny_records()
+    trainer = Trainer(den2, records2, TrainConfig(steps=6, **cfg), tmp_path / "run", Callbacks(
+        should_stop=lambda: trainer.step >= 3), prior=_prior(den2, PRIOR_PROMPTS))
+    with pytest.raises(TrainingCancelled):
+        trainer.run()
+    made = (tmp_path / "run/prior/class_latents.safetensors").stat().st_mtime_ns
+    den3, records3 = tiny_records()
+    Trainer(den3, records3, TrainConfig(steps=6, **cfg), tmp_path / "run", resume=True,
+            prior=_prior(den3, PRIOR_PROMPTS)).run()
+    assert (tmp_path / "run/prior/class_latents.safetensors").stat().st_mtime_ns == made  # reused
+    after = lora_tensors(den3)
+    assert max((straight[k] - after[k]).abs().max().item() for k in straight) <= 1e-6
+    with pytest.raises(DopsdError, match="other data"):  # other prior prompts are other training data
+        Trainer(*tiny_records(), TrainConfig(steps=9, **cfg), tmp_path / "run", resume=True,
+                prior=_prior(den3, PRIOR_PROMPTS[:2]))
+
+
+def test_a_warm_start_anchors_the_prior_on_the_loaded_lora_and_records_both_concepts(tiny_records, tmp_path):
+    den, records = tiny_records()
+    Trainer(den, records, TrainConfig(steps=4, **CFG), tmp_path / "first", trigger="[V]").run()
+    first = tmp_path / "first/lora.safetensors"
+    den2, records2 = tiny_records()
+    t = Trainer(den2, records2, TrainConfig(steps=1, **{**CFG, "prior_weight": 1.0}), tmp_path / "second",
+                init_lora=first, trigger="[V2]", prior=_prior(den2, PRIOR_PROMPTS))
+    anchor, student = t.lora.state_dict_comfy("anchor"), t.lora.state_dict_comfy("student")
+    assert all(torch.equal(anchor[k], student[k]) for k in anchor)
+    assert any(v.abs().sum() > 0 for k, v in anchor.items() if ".lora_up." in k)  # the loaded LoRA, not B = 0
+    t.run()
+    meta = read_lora_file(tmp_path / "second/lora.safetensors")[1]
+    assert [c["trigger"] for c in json.loads(meta["dopsd.concepts"])] == ["[V]", "[V2]"]
+    # resuming the warm-started run restores its anchor from the run folder, not from B = 0
+    den3, records3 = tiny_records()
+    r = Trainer(den3, records3, TrainConfig(steps=2, **{**CFG, "prior_weight": 1.0}), tmp_path / "second",
+                resume=True, prior=_prior(den3, PRIOR_PROMPTS))
+    assert all(torch.equal(r.lora.state_dict_comfy("anchor")[k], anchor[k]) for k in anchor)
+
+
+def test_prior_settings_are_validated(tiny_records, tmp_path):
+    with pytest.raises(DopsdError, match="prior-weight"):
+        TrainConfig(prior_weight=-1).validate()
+    with pytest.raises(DopsdError, match="prior-batch"):
+        TrainConfig(prior_batch=0).validate()
+    with pytest.raises(DopsdError, match="needs prior prompts"):
+        Trainer(*tiny_records(), TrainConfig(steps=2, **{**CFG, "prior_weight": 1.0}), tmp_path / "r")

@@ -43,7 +43,9 @@ MODEL_URLS = {
 
 TOY_TRAIN = {"steps": 300, "gpu_preset": "family default", "rank": 0, "lr": 0.0, "optimizer": "adamw",
              "batch_size": 2, "grad_accum": 1, "seed": 0, "checkpointing": False, "save_every": 100,
-             "preview_every": 25, "resume": False, "offload": False}
+             "preview_every": 25, "resume": False, "offload": False, "prior_weight": 0.0, "prior_batch": 1,
+             "init_lora": "[none]"}
+NO_PRIOR = {"prior_prompts": "", "trigger": "", "class_word": ""}  # DOPSDDataset's prior inputs, off
 DOPSD_ONLY = {"k": 4, "teacher": "ema", "ema_decay": 0.9999, "loss_weight": "x0", "states": "all"}
 TOY_SAMPLE = {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 
@@ -157,7 +159,7 @@ def _toy_common(g: Graph, x0=0):
     # aspect_buckets off: the toy's images are square 32 px shapes
     data = g.node("DOPSDDataset", (x0 + 340, 80), (320, 300), folder="",
                   caption_template="a [V1]\na [V1] on a background\na photo of a [V1]", resolution=32,
-                  aspect_buckets=False)
+                  aspect_buckets=False, **NO_PRIOR)
     g.link(loader, 0, data, "model")
     g.link(concept, 0, data, "images")
     g.link(loader, 1, data, "toy_text_encoder")
@@ -309,7 +311,7 @@ def _real_family(info, family: str) -> dict:
                     device="default")
     vae_n = g.node("VAELoader", (0, 380), (320, 80), vae_name=vae)
     data = g.node("DOPSDDataset", (360, 80), (340, 320), folder="my_concept", caption_template="a photo of [V]",
-                  resolution=1024, aspect_buckets=True)
+                  resolution=1024, aspect_buckets=True, **NO_PRIOR)
     g.link(unet_n, 0, data, "model")
     g.link(clip_n, 0, data, "clip")
     g.link(vae_n, 0, data, "vae")

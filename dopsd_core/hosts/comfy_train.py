@@ -11,6 +11,7 @@ import torch
 
 from ..data import ImageItem
 from ..denoiser import Record
+from ..prior import Prior
 from ..trainer import Callbacks, TrainConfig, Trainer
 from .comfy import ComfyContext, ComfyDenoiser, lora_patches_model, make_weights_trainable
 from .families import TeacherContext, check_same_family, detect_family
@@ -33,15 +34,18 @@ class ComfyDataset:
     records: list[Record]
     preview_contexts: list[ComfyContext] = field(default_factory=list)
     preview_captions: list[str] = field(default_factory=list)
+    prior: Prior | None = None  # prior-preservation prompts, encoded as student (text-only) contexts
+    trigger: str | None = None  # the concept's word in the captions (LoRA metadata, continual tuning)
 
     def __len__(self) -> int:
         return len(self.records)
 
 
 def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_context: TeacherContext, vae=None,
-                  n_preview: int = 4) -> ComfyDataset:
+                  n_preview: int = 4, prior_captions: list[str] | None = None) -> ComfyDataset:
     """encode_text(caption) -> (cond_tensor [1, T, D], extra dict): the student's caption encoding.
-    teacher_context(caption, latent, item) -> (cond_tensor, extra): the family's in-context teacher."""
+    teacher_context(caption, latent, item) -> (cond_tensor, extra): the family's in-context teacher.
+    prior_captions: prior-preservation prompts, encoded like the student's captions."""
     family = detect_family(model_patcher.model)
     den = ComfyDenoiser(model_patcher, family)
     latents = family.encode_images(items, vae)
@@ -59,8 +63,10 @@ def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_co
                 t_cond, t_extra = teacher_context(cap, lat, item)
                 teacher.append(den.context(t_cond, t_extra, lat))
             records.append(Record(item.name, x0, list(item.captions), student, teacher))
+        prior = Prior(list(prior_captions), [den.context(*encode_text(p), latents[0]) for p in prior_captions]) \
+            if prior_captions else None
     previews = [r.student_ctx[0] for r in records[:n_preview]]
-    return ComfyDataset(family.name, records, previews, [r.captions[0] for r in records[:n_preview]])
+    return ComfyDataset(family.name, records, previews, [r.captions[0] for r in records[:n_preview]], prior)
 
 
 def load_for_training(mp, offload: bool) -> None:
@@ -87,7 +93,8 @@ def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path,
         mm.in_training = True  # FLUX.2 and Z-Image RoPE switch to a differentiable implementation
         try:
             trainer = Trainer(den, dataset.records, cfg, run_dir, callbacks, init_lora=init_lora, resume=resume,
-                              preview_fn=_preview_with_contexts(den, dataset))
+                              preview_fn=_preview_with_contexts(den, dataset), prior=dataset.prior,
+                              trigger=dataset.trigger)
             trainer.run()
             lora_sd = LoraStateDict({k: v.detach().clone() for k, v in den.lora().state_dict_comfy("student").items()},
                                     trainer._metadata())
@@ -128,9 +135,15 @@ def dataset_cache_key(family: str, model_id: str, encoder_id: str, items: list[I
     return h.hexdigest()[:24]
 
 
-def dataset_cache_file(cache_dir: Path, model_patcher, family, items: list[ImageItem], inputs) -> Path:
-    """Where the dataset of these images, encoded with these inputs for this MODEL, is cached."""
+def dataset_cache_file(cache_dir: Path, model_patcher, family, items: list[ImageItem], inputs,
+                       prior_captions: list[str] | None = None, trigger: str | None = None) -> Path:
+    """Where the dataset of these images, encoded with these inputs (and prior prompts) for this MODEL,
+    is cached. Without prior prompts and trigger the key is the one earlier versions computed."""
     encoder_id, extra = family.cache_identity(inputs)
+    if prior_captions:
+        extra += "|prior=" + "\n".join(prior_captions)
+    if trigger:
+        extra += f"|trigger={trigger}"
     model_id = ComfyDenoiser(model_patcher, family).fingerprint()
     return Path(cache_dir) / f"{dataset_cache_key(family.name, model_id, encoder_id, items, extra)}.safetensors"
 
@@ -160,7 +173,10 @@ def save_dataset(ds: ComfyDataset, path: Path) -> None:
         layout.append({"name": r.name, "captions": r.captions,
                        "student": [put(f"{i}.s{v}", c.kwargs) for v, c in enumerate(r.student_ctx)],
                        "teacher": [put(f"{i}.t{v}", c.kwargs) for v, c in enumerate(r.teacher_ctx)]})
-    meta = {"family": ds.family, "layout": layout, "preview_captions": ds.preview_captions}
+    meta = {"family": ds.family, "layout": layout, "preview_captions": ds.preview_captions, "trigger": ds.trigger}
+    if ds.prior:
+        meta["prior"] = {"captions": ds.prior.captions,
+                         "contexts": [put(f"p{i}", c.kwargs) for i, c in enumerate(ds.prior.contexts)]}
     save_tensors(tensors, path, {"dopsd.dataset": json.dumps(meta)})
 
 
@@ -185,4 +201,7 @@ def load_dataset(path: Path) -> ComfyDataset:
                       [get(f"{i}.s{v}", s) for v, s in enumerate(r["student"])],
                       [get(f"{i}.t{v}", s) for v, s in enumerate(r["teacher"])]) for i, r in enumerate(meta["layout"])]
     n = len(meta["preview_captions"])
-    return ComfyDataset(meta["family"], records, [r.student_ctx[0] for r in records[:n]], meta["preview_captions"])
+    prior = meta.get("prior")
+    prior = Prior(prior["captions"], [get(f"p{i}", c) for i, c in enumerate(prior["contexts"])]) if prior else None
+    return ComfyDataset(meta["family"], records, [r.student_ctx[0] for r in records[:n]], meta["preview_captions"],
+                        prior, meta.get("trigger"))

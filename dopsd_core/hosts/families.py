@@ -58,11 +58,18 @@ class Family:
         """Images [3, H, W] in [0, 1] -> VAE latents [C, h, w]."""
         return [vae.encode(item.image.permute(1, 2, 0)[None])[0].float() for item in items]
 
-    def build_dataset(self, model_patcher, items: list[ImageItem], inputs: EncoderInputs):
-        """-> ComfyDataset with the student (caption) and teacher (caption + target) contexts."""
+    def build_dataset(self, model_patcher, items: list[ImageItem], inputs: EncoderInputs,
+                      prior_captions: list[str] | None = None):
+        """-> ComfyDataset with the student (caption) and teacher (caption + target) contexts, and the
+        prior prompts' student contexts."""
         from .comfy_train import build_dataset
         encode_text = self.student_encoder(inputs)
-        return build_dataset(model_patcher, items, encode_text, self.teacher_context(encode_text), vae=inputs.vae)
+        return build_dataset(model_patcher, items, encode_text, self.teacher_context(encode_text), vae=inputs.vae,
+                             prior_captions=prior_captions)
+
+    def generic_prompts(self) -> list[str]:
+        """Built-in prompts of things the family's users keep drawing, for prior_prompts 'auto'."""
+        return list(GENERIC_PHOTO_PROMPTS)
 
     def student_encoder(self, inputs: EncoderInputs) -> EncodeText:
         return clip_encoder(inputs.clip)
@@ -122,6 +129,10 @@ class ToyFamily(Family):
 
     def release_encoders(self) -> None:
         pass  # tiny, on the CPU
+
+    def generic_prompts(self) -> list[str]:
+        from ..toy.metrics import prior_prompts
+        return prior_prompts()
 
     def latent_shape(self, latent_format, width: int, height: int) -> tuple[int, int, int]:
         return (latent_format.latent_channels, self.fixed_resolution, self.fixed_resolution)
@@ -191,7 +202,8 @@ class ZImageFamily(Family):
         vlm_part = f"{vlm_fingerprint(vlm.folder)}|{vlm.text_encoder_file or 'clip'}|{vlm.dtype}"
         return clip_id(inputs.clip), f"vae={vae_id(inputs.vae)}|{vlm_part}"
 
-    def build_dataset(self, model_patcher, items: list[ImageItem], inputs: EncoderInputs):
+    def build_dataset(self, model_patcher, items: list[ImageItem], inputs: EncoderInputs,
+                      prior_captions: list[str] | None = None):
         """The teacher sees the target through Qwen3-VL spliced with this clip's Qwen3-4B weights
         (dopsd_core.hosts.zimage_vl); the CLIP is unloaded first, its weights stay readable."""
         import comfy.model_management as mm
@@ -200,9 +212,18 @@ class ZImageFamily(Family):
         vlm, device = inputs.vlm, mm.get_torch_device()
         ds, _report = build_zimage_dataset(model_patcher, items, self.student_encoder(inputs), inputs.vae,
                                            vlm.folder, vlm.text_encoder_file or inputs.clip, device=device,
-                                           dtype=VLM_DTYPES[vlm.dtype], free_memory=self.release_encoders)
+                                           dtype=VLM_DTYPES[vlm.dtype], free_memory=self.release_encoders,
+                                           prior_captions=prior_captions)
         return ds
 
+
+# Generic prompts for the photo families' automatic prior: everyday subjects a concept LoRA must not change.
+GENERIC_PHOTO_PROMPTS = (
+    "a photo of a man", "a photo of a woman", "a photo of a child", "a photo of a dog", "a photo of a cat",
+    "a city street at night", "a mountain landscape at sunrise", "a bowl of fruit on a wooden table",
+    "a red sports car", "a living room with a sofa", "a close-up portrait, studio lighting",
+    "an oil painting of a harbour", "a watercolor of flowers", "a bird on a branch", "a plate of food",
+)
 
 FAMILIES: tuple[type[Family], ...] = (ToyFamily, Flux2KleinFamily, ZImageFamily)
 SUPPORTED = ", ".join(f.title for f in FAMILIES)

@@ -11,6 +11,7 @@ from ..denoiser import sample
 from ..fileio import save_json
 from ..lora import read_lora_file
 from ..plot import image_grid, save_png
+from ..prior import Prior
 from ..trainer import Callbacks, TrainConfig, Trainer
 from .denoiser import BASE_WEIGHTS, ToyDenoiser, latent_to_image, load_toy_file
 from .evaluator import WEIGHTS as EVALUATOR_WEIGHTS, load_evaluator
@@ -29,13 +30,27 @@ def concept_data(shape: str, root: Path) -> Path:
 
 
 def train_concept(shape: str, method: str, out: Path, data_root: Path, seed: int = 0,
-                  base: Path = BASE_WEIGHTS, init_lora: Path | None = None, on_step=None, **overrides) -> ToyDenoiser:
-    """Trains one LoRA; returns the denoiser with the trained student LoRA attached."""
+                  base: Path = BASE_WEIGHTS, init_lora: Path | None = None, on_step=None,
+                  prior_prompts: list[str] | None = None, **overrides) -> ToyDenoiser:
+    """Trains one LoRA; returns the denoiser with the trained student LoRA attached. prior_prompts: the
+    prior preservation prompts (the config's prior_weight turns the term on)."""
     den = load_toy_file(base)
     records = den.build_records(load_image_folder(concept_data(shape, data_root), den.resolution))
     cfg = TrainConfig(**{**TOY_BUDGET, "method": method, "seed": seed, **overrides})
-    Trainer(den, records, cfg, out, Callbacks(on_step=on_step), init_lora=init_lora).run()
+    prior = Prior(list(prior_prompts), [den.encode_prompt(p) for p in prior_prompts]) if prior_prompts else None
+    Trainer(den, records, cfg, out, Callbacks(on_step=on_step), init_lora=init_lora, prior=prior,
+            trigger=CONCEPT_TOKEN[shape]).run()
     return den
+
+
+def auto_prior(shape: str, data_root: Path, init_lora: Path | None = None, class_word: str | None = None) -> list[str]:
+    """`--prior-prompts auto` for a toy concept (its captions, the empty prompt, an init LoRA's concepts,
+    the toy's generic prompts)."""
+    from ..prior import auto_prior_prompts, earlier_concepts
+    from .metrics import prior_prompts
+    captions = [c for item in load_image_folder(concept_data(shape, data_root), 32) for c in item.captions]
+    earlier = earlier_concepts(read_lora_file(init_lora)[1]) if init_lora else []
+    return auto_prior_prompts(captions, CONCEPT_TOKEN[shape], class_word, prior_prompts(), earlier)
 
 
 def load_with_lora(lora_file: Path, base: Path = BASE_WEIGHTS) -> ToyDenoiser:

@@ -384,3 +384,34 @@ def test_family_inputs_missing_or_blank_show_clear_errors(comfy, data_folder, ca
     nodes = loaders(family) + extra + [dataset_node(folder, family, **overrides)] + _preview_of_dataset()
     msg = run_error(comfy, nodes)
     assert "DopsdError" in msg and needle in msg, msg
+
+
+# --- prior preservation --------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", ["DOPSDTrainer", "DOPSDSFTTrainer"])
+def test_the_prior_keeps_the_trained_model_closer_to_the_base_on_prior_prompts(comfy, data_folder, family, method,
+                                                                               request):
+    """Same data, seed and steps with prior_weight 0 and 5: the trained MODEL's 4-step samples of a prior
+    prompt (the dataset node encoded it) stay measurably closer to the base model's with the prior on."""
+    prompt = "a photo of a red house"
+    drift = {}
+    for weight in (0.0, 5.0):
+        run, tag = fresh_name(f"prior_{weight}"), fresh_name("prior")
+        trainer = trainer_node(run, checkpointing=False)
+        trainer = (trainer[0], method, {k: v for k, v in trainer[2].items()
+                                        if method == "DOPSDTrainer" or k not in ("k", "teacher", "ema_decay",
+                                                                                 "loss_weight", "states")})
+        trainer[2].update(steps=12, prior_weight=weight, prior_batch=1, save_every=12, preview_every=0)
+        nodes = loaders(family, _maybe_vlm(family, request)) + [
+            dataset_node(data_folder, family, prior_prompts=f"{prompt}\n<empty>"), trainer,
+            (20, "CLIPTextEncode", {"clip": ["2", 0], "text": prompt}),
+            (30, "DOPSDFewStepSampler", {"model": ["1", 0], "positive": ["20", 0], "steps": 4, "batch_size": 2,
+                                         "seed": 3, "width": RES, "height": RES, "model_after": ["6", 0]}),
+            (31, "SaveLatent", {"samples": ["30", 0], "filename_prefix": f"latents/{tag}"})]
+        run_ok(comfy, nodes)
+        lat = latest_latent(comfy, tag)  # base (first two), trained (last two), same noise
+        drift[weight] = (lat[2:] - lat[:2]).abs().mean().item()
+        state = json.loads((comfy.output_dir / "dopsd" / run / "state" / "state.json").read_text())
+        assert state["config"]["prior_weight"] == weight
+        assert state["prior_prompts"] == ([prompt, ""] if weight else None)
+    assert drift[0.0] > CHANGED_MIN and drift[5.0] < 0.7 * drift[0.0], drift

@@ -102,3 +102,54 @@ def test_dataset_is_cached_on_disk_by_content(comfy):
     entry = comfy.run(g)
     assert entry["status"]["status_str"] == "success", node_error_text(entry)
     assert len(set(cache_dir.glob("*.safetensors")) - before) == 2
+
+
+def test_auto_prior_prompts_are_built_and_cached_by_the_dataset_node(comfy):
+    """'auto': the captions with the trigger removed (or the class word), the empty prompt and the toy's
+    generic prompts; the cache key covers them (another class word, another cached dataset)."""
+    from dopsd_core.toy.metrics import prior_prompts
+    data = comfy.input_dir / "toy_star_prior"
+    if not data.exists():
+        export_concept_folder("star", data, n=2)
+    cache = comfy.output_dir / "dopsd" / "cache"
+    made = []
+    for class_word in ("", "shape"):
+        before = set(cache.glob("*.safetensors")) if cache.exists() else set()
+        run = fresh_name("toyprior")
+        g = graph(*toy_graph_nodes("toy_star_prior", run, fresh_name("dopsd/toyprior"), steps=2)[:3])
+        g["2"]["inputs"].update(prior_prompts="auto", class_word=class_word)
+        g["3"]["inputs"].update(prior_weight=1.0, prior_batch=2)
+        entry = comfy.run(g)
+        assert entry["status"]["status_str"] == "success", node_error_text(entry)
+        (new,) = set(cache.glob("*.safetensors")) - before
+        from safetensors import safe_open
+        with safe_open(str(new), "pt") as f:
+            prior = json.loads(f.metadata()["dopsd.dataset"])["prior"]["captions"]
+        made.append(prior)
+        state = json.loads((comfy.output_dir / "dopsd" / run / "state" / "state.json").read_text())
+        assert state["prior_prompts"] == prior and state["step"] == 2
+    plain, worded = made
+    assert "" in plain and set(prior_prompts()) <= set(plain)
+    assert any(p.startswith("a") and "[V1]" not in p and "shape" not in p for p in plain[:3])
+    assert any("shape" in p for p in worded[:3]) and not any("[V1]" in p for p in worded)
+
+
+def test_init_lora_warm_starts_a_new_run_from_a_lora_in_models_loras(comfy):
+    """The trainer's init_lora (ComfyUI Train LoRA's existing_lora): a new run starts from a LoRA file
+    picked by name from models/loras; the new LoRA records both concepts."""
+    data = comfy.input_dir / "toy_star"
+    if not data.exists():
+        export_concept_folder("star", data, n=4)
+    first, lora = fresh_name("toyfirst"), fresh_name("dopsd/first")
+    entry = comfy.run(graph(*toy_graph_nodes("toy_star", first, lora, steps=3)[:4]))
+    assert entry["status"]["status_str"] == "success", node_error_text(entry)
+    second = fresh_name("toysecond")
+    g = graph(*toy_graph_nodes("toy_star", second, fresh_name("dopsd/second"), steps=2)[:3])
+    g["3"]["inputs"].update(init_lora=f"{lora}.safetensors", rank=8)
+    entry = comfy.run(g)
+    assert entry["status"]["status_str"] == "success", node_error_text(entry)
+    state = json.loads((comfy.output_dir / "dopsd" / second / "state" / "state.json").read_text())
+    assert state["init_lora"].endswith(f"{lora}.safetensors") and len(state["concepts"]) == 2
+    g["3"]["inputs"].update(init_lora="no_such.safetensors", run_name=fresh_name("toybad"))
+    status, body = comfy.post("/prompt", {"prompt": g, "client_id": "dopsd-tests"})  # refused before it runs
+    assert status == 400 and "init_lora" in json.dumps(body), body
