@@ -2,6 +2,7 @@
 
 Run folder (docs/method.md, "Run folders"):
   lora.safetensors              the latest save's student LoRA, ComfyUI layout + metadata (what users load)
+  lora-NNNNNN.safetensors       the student LoRA of every save point, kept
   state/state.json              the commit record, replaced atomically and written last: step, RNG state,
                                 config, fingerprints, loss history, and which generation holds the tensors
   state/step-NNNNNN/            one save's tensors: lora, teacher (EMA) and optimizer .safetensors
@@ -287,6 +288,8 @@ class Trainer:
         }, d / "state" / "state.json")
         self.last_saved = self.step
         save_tensors(lora_sd, d / "lora.safetensors", metadata)  # the user's copy of the committed LoRA
+        # and one per save point (kohya's save_every_n_steps): fidelity often saturates before the end
+        save_tensors(lora_sd, d / f"lora-{self.step:06d}.safetensors", metadata)
         for old in (d / "state").glob("step-*"):
             if old.name != gen.name:
                 shutil.rmtree(old, ignore_errors=True)

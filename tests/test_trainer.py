@@ -452,3 +452,16 @@ def test_prior_settings_are_validated(tiny_records, tmp_path):
         TrainConfig(prior_batch=0).validate()
     with pytest.raises(DopsdError, match="needs prior prompts"):
         Trainer(*tiny_records(), TrainConfig(steps=2, **{**CFG, "prior_weight": 1.0}), tmp_path / "r")
+
+
+def test_every_save_point_keeps_its_lora(tiny_records, tmp_path):
+    den, records = tiny_records()
+    run = tmp_path / "run"
+    Trainer(den, records, TrainConfig(steps=6, save_every=2, **CFG), run).run()
+    files = sorted(p.name for p in run.glob("lora-*.safetensors"))
+    assert files == ["lora-000002.safetensors", "lora-000004.safetensors", "lora-000006.safetensors"]
+    last, meta = read_lora_file(run / "lora-000006.safetensors")
+    final, _ = read_lora_file(run / "lora.safetensors")
+    assert meta["dopsd.step"] == "6" and all(torch.equal(last[k], final[k]) for k in final)
+    early, meta2 = read_lora_file(run / "lora-000002.safetensors")
+    assert meta2["dopsd.step"] == "2" and any(not torch.equal(early[k], final[k]) for k in final)

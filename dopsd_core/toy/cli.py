@@ -64,6 +64,9 @@ def _add_demo_parsers(sub) -> None:
     p = sub.add_parser("experiment", help="D-OPSD vs SFT on the toy model: main table, ablations, continual")
     p.add_argument("--out", required=True, help="results folder (finished runs are cached and skipped)")
     p.add_argument("--quick", action="store_true", help="a few steps per run (CI)")
+    p.add_argument("--stage", choices=["prune", "main"],
+                   help="the trade-off study instead (toy/study.py): prune = the lr grid on the star, "
+                        "main = the kept lrs on every concept and seed; resumable")
     p.set_defaults(func=cmd_experiment)
 
 
@@ -111,6 +114,11 @@ def cmd_experiment(args) -> int:
     from .experiment import run_experiment
     _require_toy_weights()
     out = _writable_dir(Path(args.out))
+    if args.stage:
+        from .study import run_study
+        run_study(out, args.stage)
+        print((out / "results.md").read_text())
+        return 0
     run_experiment(out, quick=args.quick)
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")

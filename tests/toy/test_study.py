@@ -1,0 +1,64 @@
+"""toy/study.py: prompt sets, compute counts, matched points, lr choice, and a tiny resumable stage."""
+import json
+
+import pytest
+
+from dopsd_core.toy import study
+from dopsd_core.toy.metrics import prior_prompts, unrelated_prompts
+from testutil import needs_weights
+
+
+def test_selection_prompts_are_separate_from_the_evaluation_and_prior_sets():
+    sel = {p for p, *_ in study.selection_prompts()}
+    assert len(sel) > 40 and not sel & {p for p, *_ in unrelated_prompts()} and not sel & set(prior_prompts())
+
+
+def test_model_evaluations_per_step():
+    assert study.evals_per_step("dopsd", False, k=4, batch=4) == 3 * 4 * 4
+    assert study.evals_per_step("dopsd", True, k=4, batch=4) == 3 * 4 * (4 + study.PRIOR["prior_batch"])
+    assert study.evals_per_step("sft", False, k=4, batch=4) == 2 * 4
+    assert study.setup_evals("sft", True, 10, k=4) == 32 * 4 and study.setup_evals("dopsd", True, 10) == 0
+
+
+def _p(step, fid, sel):
+    return {"step": step, "concept_fidelity": fid, "retention_selection": sel}
+
+
+def test_matched_point_and_lr_choice():
+    points = [_p(10, 0.2, 0.9), _p(20, 0.5, 0.82), _p(40, 0.9, 0.6)]
+    assert study.matched(points, 0.8)["step"] == 20 and study.matched(points, 0.6)["step"] == 40
+    assert study.matched(points, 0.95) is None
+    runs = [{"variant": "dopsd", "run": {"lr": 1e-3}, "points": points},
+            {"variant": "dopsd", "run": {"lr": 1e-4}, "points": [_p(10, 0.1, 0.9), _p(20, 0.6, 0.85)]},
+            {"variant": "sft", "run": {"lr": 1e-3}, "points": [_p(10, 0.3, 0.5)]}]
+    chosen = study.choose_lr(runs)
+    assert chosen["dopsd"] == {"lr": 1e-4, "tau": 0.8, "fidelity": 0.6}
+    assert chosen["sft"]["lr"] is None  # never reached 0.6
+
+
+@needs_weights
+def test_a_tiny_prune_stage_runs_caches_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "CHECKPOINTS", (2, 4))
+    monkeypatch.setattr(study, "LRS", (1e-3,))
+    monkeypatch.setattr(study, "VARIANTS", (("dopsd", False), ("sft", True)))
+    monkeypatch.setattr(study, "N_UNRELATED", 12)
+    res = study.run_study(tmp_path, "prune", log=lambda *_: None)
+    runs = res["runs"]
+    assert len(runs) == 2 and all([p["step"] for p in r["points"]] == [2, 4] for r in runs.values())
+    sft = next(r for r in runs.values() if r["variant"] == "sft + prior")
+    assert sft["prior_prompts"] > 80 and sft["points"][1]["model_evals"] == sft["setup_evals"] + 4 * 16
+    for r in runs.values():
+        for p in r["points"]:
+            assert len(p["hits"]["concept_fidelity"]) == 96 and 0 <= p["retention_selection"] <= 1
+    assert "| dopsd | 0.001 | 4 |" in (tmp_path / "results.md").read_text()
+    # resumable: a lost evaluation is recomputed from the kept LoRA, nothing is retrained
+    name = next(iter(runs))
+    (tmp_path / "runs" / name / "result.json").unlink()
+    lost = tmp_path / "runs" / name / "eval" / "step-000004.json"
+    before = lost.read_text()
+    lost.unlink()
+    lora = tmp_path / "runs" / name / "train" / "lora-000004.safetensors"
+    mtime = lora.stat().st_mtime_ns
+    again = study.run_study(tmp_path, "prune", log=lambda *_: None)
+    assert lora.stat().st_mtime_ns == mtime and json.loads(lost.read_text()) == json.loads(before)
+    assert again["summary"] == res["summary"]
