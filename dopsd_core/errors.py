@@ -10,7 +10,8 @@ class NonFiniteLoss(RuntimeError):
 
     def __init__(self, step: int, last_saved_step: int | None, value: float):
         self.step, self.last_saved_step, self.value = step, last_saved_step, value
-        kept = f"the run folder keeps step {last_saved_step}" if last_saved_step else "nothing had been saved yet"
+        kept = f"the run folder keeps step {last_saved_step}" if last_saved_step is not None else \
+            "nothing had been saved yet"
         super().__init__(f"loss became {value} at step {step}; training stopped and {kept}. "
                          "Lower --lr or check the data, then --resume the run folder.")
 
@@ -18,4 +19,5 @@ class NonFiniteLoss(RuntimeError):
 class TrainingCancelled(RuntimeError):
     def __init__(self, step: int, last_saved_step: int | None):
         self.step, self.last_saved_step = step, last_saved_step
-        super().__init__(f"training cancelled at step {step}; the run folder keeps step {last_saved_step}")
+        kept = f"the run folder keeps step {last_saved_step}" if last_saved_step is not None else "nothing was saved"
+        super().__init__(f"training cancelled at step {step}; {kept}")

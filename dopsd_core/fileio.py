@@ -36,9 +36,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     out, seen = {}, set()
     for k, v in tensors.items():
         v = v.detach().contiguous().cpu()
-        if v.numel() and v.data_ptr() in seen:  # safetensors refuses shared storage (e.g. bnb's qmaps)
+        storage = v.untyped_storage().data_ptr()
+        if v.numel() and storage in seen:  # safetensors refuses shared storage (bnb's qmaps, views, slices)
             v = v.clone()
-        seen.add(v.data_ptr())
+            storage = v.untyped_storage().data_ptr()
+        seen.add(storage)
         out[k] = v
     tensors = out
     _atomic_replace(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

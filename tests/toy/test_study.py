@@ -1,7 +1,6 @@
 """toy/study.py: prompt sets, compute counts, matched points, lr choice, and a tiny resumable stage."""
 import json
 
-import pytest
 
 from dopsd_core.toy import study
 from dopsd_core.toy.metrics import prior_prompts, unrelated_prompts
