@@ -143,9 +143,11 @@ class DOPSDDataset(io.ComfyNode):
         trigger = trigger.strip() or trigger_or_none(captions)
         prior = _prior_prompts(prior_prompts, captions, trigger, class_word.strip() or None, family)
         cache = dataset_cache_file(Path(folder_paths.get_output_directory()) / "dopsd" / "cache", model, family,
-                                   items, inputs, prior, trigger)
+                                   items, inputs, prior)
         if cache.is_file():
-            return io.NodeOutput(load_dataset(cache))
+            ds = load_dataset(cache)
+            ds.trigger = trigger  # metadata only: the tensors do not depend on it
+            return io.NodeOutput(ds)
         ds = family.build_dataset(model, items, inputs, prior)
         ds.trigger = trigger
         save_dataset(ds, cache)

@@ -136,14 +136,12 @@ def dataset_cache_key(family: str, model_id: str, encoder_id: str, items: list[I
 
 
 def dataset_cache_file(cache_dir: Path, model_patcher, family, items: list[ImageItem], inputs,
-                       prior_captions: list[str] | None = None, trigger: str | None = None) -> Path:
+                       prior_captions: list[str] | None = None) -> Path:
     """Where the dataset of these images, encoded with these inputs (and prior prompts) for this MODEL,
-    is cached. Without prior prompts and trigger the key is the one earlier versions computed."""
+    is cached. Without prior prompts the key is the one earlier versions computed."""
     encoder_id, extra = family.cache_identity(inputs)
     if prior_captions:
         extra += "|prior=" + "\n".join(prior_captions)
-    if trigger:
-        extra += f"|trigger={trigger}"
     model_id = ComfyDenoiser(model_patcher, family).fingerprint()
     return Path(cache_dir) / f"{dataset_cache_key(family.name, model_id, encoder_id, items, extra)}.safetensors"
 
