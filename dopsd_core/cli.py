@@ -221,25 +221,30 @@ def add_sample_parser(sub) -> None:
     p.set_defaults(func=cmd_sample)
 
 
-def cmd_sample(args) -> int:
-    import torch
-
-    from .denoiser import sample
+def _sampling_model(args, lora: str | None):
+    """Checks --steps, --n and --out, loads the model and applies the LoRA file if one is given."""
     from .lora import lora_file_shape, read_lora_file
-    from .plot import save_png, to_pil
-
     if args.steps < 1 or args.n < 1:
         raise DopsdError("--steps and --n must be >= 1")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DopsdError(f"output path {out} is a file; pass a folder for --out")
     den = load_model(args.model, args.weights)
-    if args.lora:
-        sd, meta = read_lora_file(Path(args.lora))
-        rank, alpha = lora_file_shape(meta, sd)
-        den.add_lora(rank, alpha).load_state_dict_comfy(sd, source=args.lora)
+    if lora:
+        sd, meta = read_lora_file(Path(lora))
+        den.add_lora(*lora_file_shape(meta, sd)).load_state_dict_comfy(sd, source=lora)
+    return den, out
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from .denoiser import sample
+    from .plot import save_png, to_pil
+
+    den, out = _sampling_model(args, args.lora)
     ctx = den.batch_contexts([den.encode_prompt(args.prompt)] * args.n)
-    latents = sample(den, ctx, (args.n, *den.latent_shape), den.sigma_grid(args.steps),
+    latents = sample(den, ctx, (args.n, *den.latent_shape), den.sigma_grid(args.steps, den.latent_shape),
                      torch.Generator().manual_seed(args.seed))
     images = den.decode(latents)
     for i, img in enumerate(images):
@@ -268,19 +273,10 @@ def cmd_preview_teacher(args) -> int:
     from .data import load_image_folder
     from .denoiser import sample
     from .fileio import save_json
-    from .lora import lora_file_shape, read_lora_file
     from .plot import image_grid, save_png
 
-    if args.steps < 1 or args.n < 1:
-        raise DopsdError("--steps and --n must be >= 1")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise DopsdError(f"output path {out} is a file; pass a folder for --out")
-    den = load_model(args.model, args.weights)
+    den, out = _sampling_model(args, args.init_lora)
     records = den.build_records(load_image_folder(Path(args.data), den.resolution))
-    if args.init_lora:
-        sd, meta = read_lora_file(Path(args.init_lora))
-        den.add_lora(*lora_file_shape(meta, sd)).load_state_dict_comfy(sd, source=args.init_lora)
     verdict = _toy_verdict() if args.model == "toy" else None
     report = []
     for r in records:
