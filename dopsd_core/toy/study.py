@@ -164,18 +164,17 @@ def matched(points: list[dict], tau: float) -> dict | None:
 
 
 def choose_lr(results: list[dict]) -> dict[str, dict]:
-    """Per variant, the lr whose matched fidelity is best at the strictest tau any lr reaches."""
+    """Per variant, the lr with the largest sum of matched fidelities over TAUS (0 where a tau is not
+    reached): a coarse area under the fidelity-retention front; ties go to the smaller lr."""
     chosen = {}
     for variant in sorted({r["variant"] for r in results}):
-        rs = [r for r in results if r["variant"] == variant]
-        for tau in TAUS:
-            scored = [(m["concept_fidelity"], r) for r in rs if (m := matched(r["points"], tau))]
-            if scored:
-                fid, best = max(scored, key=lambda t: t[0])
-                chosen[variant] = {"lr": best["run"]["lr"], "tau": tau, "fidelity": fid}
-                break
-        else:
-            chosen[variant] = {"lr": None, "tau": None, "fidelity": None}
+        scored = []
+        for r in results:
+            if r["variant"] == variant:
+                at = {tau: (m["concept_fidelity"] if (m := matched(r["points"], tau)) else 0.0) for tau in TAUS}
+                scored.append((sum(at.values()), -r["run"]["lr"], r["run"]["lr"], at))
+        score, _, lr, at = max(scored)
+        chosen[variant] = {"lr": lr if score > 0 else None, "score": score, "fidelity_at": at}
     return chosen
 
 
@@ -193,7 +192,8 @@ def run_study(out: Path, stage: str = "prune", log=print) -> dict:
     if stage == "main":
         kept = {v: c["lr"] for v, c in summary["prune"]["kept_lr"].items()}
         if any(lr is None for lr in kept.values()):
-            raise DopsdError(f"no lr reached retention {TAUS[-1]} for some variant ({kept}); see results.md")
+            raise DopsdError(f"no lr gave fidelity at retention >= {TAUS[-1]} for some variant ({kept}); "
+                             "see results.md")
         main = [run_one(r, out, metrics, log) for r in main_plan(kept)]
         summary["main"] = {"runs": [r["name"] for r in main]}
     results = {"stamp": stamp, "summary": summary,
@@ -232,8 +232,9 @@ def study_markdown(results: dict) -> str:
                          f"fid {_pct(m['concept_fidelity'])} @{m['step']} (ret {_pct(m['retention'])}, "
                          f"leak {_pct(m['leak'])})")
         lines.append(f"| {r['variant']} | {r['run']['lr']:g} | " + " | ".join(cells) + " |")
-    lines += ["", "Kept lr per variant (best matched fidelity at the strictest tau any lr reaches):", ""]
+    lines += ["", "Kept lr per variant (largest sum of matched fidelities over the taus):", ""]
     for v, c in results["summary"]["prune"]["kept_lr"].items():
-        lines.append(f"- {v}: " + ("none reached tau 0.6" if c["lr"] is None else
-                                   f"lr {c['lr']:g} (tau {c['tau']}, fidelity {_pct(c['fidelity'])})"))
+        at = ", ".join(f"tau {t}: {_pct(f)}" for t, f in c["fidelity_at"].items())
+        lines.append(f"- {v}: " + ("no lr reached any tau with fidelity > 0" if c["lr"] is None else
+                                   f"lr {c['lr']:g} ({at})"))
     return "\n".join(lines) + "\n"

@@ -30,9 +30,11 @@ def test_matched_point_and_lr_choice():
     runs = [{"variant": "dopsd", "run": {"lr": 1e-3}, "points": points},
             {"variant": "dopsd", "run": {"lr": 1e-4}, "points": [_p(10, 0.1, 0.9), _p(20, 0.6, 0.85)]},
             {"variant": "sft", "run": {"lr": 1e-3}, "points": [_p(10, 0.3, 0.5)]}]
-    chosen = study.choose_lr(runs)
-    assert chosen["dopsd"] == {"lr": 1e-4, "tau": 0.8, "fidelity": 0.6}
+    chosen = study.choose_lr(runs)  # 1e-3: 0.5 + 0.5 + 0.9 = 1.9 against 1e-4: 0.6 + 0.6 + 0.6 = 1.8
+    assert chosen["dopsd"]["lr"] == 1e-3 and chosen["dopsd"]["fidelity_at"] == {0.8: 0.5, 0.7: 0.5, 0.6: 0.9}
     assert chosen["sft"]["lr"] is None  # never reached 0.6
+    tie = [{"variant": "v", "run": {"lr": lr}, "points": [_p(10, 0.4, 0.9)]} for lr in (1e-3, 1e-4)]
+    assert study.choose_lr(tie)["v"]["lr"] == 1e-4
 
 
 @needs_weights
