@@ -64,9 +64,10 @@ def _add_demo_parsers(sub) -> None:
     p = sub.add_parser("experiment", help="D-OPSD vs SFT on the toy model: main table, ablations, continual")
     p.add_argument("--out", required=True, help="results folder (finished runs are cached and skipped)")
     p.add_argument("--quick", action="store_true", help="a few steps per run (CI)")
-    p.add_argument("--stage", choices=["prune", "main"],
+    p.add_argument("--stage", choices=["prune", "main", "report"],
                    help="the trade-off study instead (toy/study.py): prune = the lr grid on the star, "
-                        "main = the kept lrs on every concept and seed; resumable")
+                        "main = the kept lrs on every concept and seed (resumable), report = results from the "
+                        "cached runs only")
     p.set_defaults(func=cmd_experiment)
 
 
@@ -115,8 +116,8 @@ def cmd_experiment(args) -> int:
     _require_toy_weights()
     out = _writable_dir(Path(args.out))
     if args.stage:
-        from .study import run_study
-        run_study(out, args.stage)
+        from .study import report, run_study
+        report(out) if args.stage == "report" else run_study(out, args.stage)
         print((out / "results.md").read_text())
         return 0
     run_experiment(out, quick=args.quick)

@@ -188,16 +188,81 @@ def run_study(out: Path, stage: str = "prune", log=print) -> dict:
     save_json(stamp, stamp_file)
     metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
     prune = [run_one(r, out, metrics, log) for r in prune_plan()]
-    summary = {"prune": {"runs": [r["name"] for r in prune], "kept_lr": choose_lr(prune)}}
     if stage == "main":
-        kept = {v: c["lr"] for v, c in summary["prune"]["kept_lr"].items()}
+        kept = {v: c["lr"] for v, c in choose_lr(prune).items()}
         if any(lr is None for lr in kept.values()):
             raise DopsdError(f"no lr gave fidelity at retention >= {TAUS[-1]} for some variant ({kept}); "
                              "see results.md")
-        main = [run_one(r, out, metrics, log) for r in main_plan(kept)]
-        summary["main"] = {"runs": [r["name"] for r in main]}
-    results = {"stamp": stamp, "summary": summary,
-               "runs": {r["name"]: r for r in prune + ([] if stage != "main" else main)}}
+        for r in main_plan(kept):
+            run_one(r, out, metrics, log)
+            report(out)  # after every run: a study cut short still reports what it has
+    return report(out)
+
+
+PAIRS = (("dopsd + prior", "sft + prior"), ("dopsd", "sft"))
+
+
+def _at(points: list[dict], tau: float) -> dict:
+    """The matched point's metrics and fidelity hits; a tau not reached counts as fidelity 0."""
+    m = matched(points, tau)
+    if m is None:
+        n = len(points[0]["hits"]["concept_fidelity"])
+        return {"reached": False, "concept_fidelity": 0.0, "fid_hits": "0" * n}
+    return {"reached": True, "step": m["step"], "model_evals": m["model_evals"],
+            "fid_hits": m["hits"]["concept_fidelity"],
+            **{k: m[k] for k in ("concept_fidelity", "retention", "retention_selection", "leak", "cross_token")}}
+
+
+def _mean(points: list[dict], key: str, reached_only: bool) -> float | None:
+    values = [p[key] for p in points if p["reached"] or not reached_only]
+    return sum(values) / len(values) if values else None
+
+
+def main_summary(runs: list[dict]) -> dict:
+    """Per concept and variant, the matched points of every seed at each tau (means over seeds), and
+    D-OPSD minus SFT (with and without prior) with bootstrap intervals over seeds, then prompts."""
+    from .metrics import FIDELITY_SEEDS
+    from .stats import bootstrap_difference, per_prompt
+    out = {}
+    for concept in sorted({r["run"]["concept"] for r in runs}):
+        by_variant = {}
+        for r in runs:
+            if r["run"]["concept"] == concept and r["run"]["rank"] != SMALL_RANK:
+                by_variant.setdefault(r["variant"], []).append(r)
+        entry = {}
+        for tau in TAUS:
+            at = {v: [_at(r["points"], tau) for r in rs] for v, rs in by_variant.items()}
+            row = {v: {"seeds": len(ps), "reached": sum(p["reached"] for p in ps),
+                       "concept_fidelity": _mean(ps, "concept_fidelity", reached_only=False),
+                       **{k: _mean(ps, k, reached_only=True) for k in ("retention", "leak", "cross_token")}}
+                   for v, ps in at.items()}
+            for a, b in PAIRS:
+                if a in at and b in at:
+                    row[f"{a} - {b}"] = bootstrap_difference(
+                        *[[per_prompt(p["fid_hits"], FIDELITY_SEEDS) for p in at[v]] for v in (a, b)])
+            entry[str(tau)] = row
+        out[concept] = entry
+    return out
+
+
+def report(out: Path) -> dict:
+    """results.json and results.md from whatever runs are cached (no training): a study spread over
+    sessions reports what it has."""
+    out = Path(out)
+    cached = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
+    prune = [cached[r.name] for r in prune_plan() if r.name in cached]
+    summary = {"prune": {"runs": [r["name"] for r in prune], "complete": len(prune) == len(prune_plan())}}
+    main = []
+    if summary["prune"]["complete"]:
+        summary["prune"]["kept_lr"] = choose_lr(prune)
+        kept = {v: c["lr"] for v, c in summary["prune"]["kept_lr"].items()}
+        if all(lr is not None for lr in kept.values()):
+            plan = main_plan(kept)
+            main = [cached[r.name] for r in plan if r.name in cached]
+            summary["main"] = {"runs": [r["name"] for r in main], "planned": len(plan),
+                               "by_concept": main_summary(main)}
+    results = {"stamp": json.loads((out / "stamp.json").read_text()), "summary": summary,
+               "runs": {r["name"]: r for r in prune + main}}
     save_json(results, out / "results.json")
     save_bytes(study_markdown(results).encode(), out / "results.md")
     return results
@@ -233,8 +298,33 @@ def study_markdown(results: dict) -> str:
                          f"leak {_pct(m['leak'])})")
         lines.append(f"| {r['variant']} | {r['run']['lr']:g} | " + " | ".join(cells) + " |")
     lines += ["", "Kept lr per variant (largest sum of matched fidelities over the taus):", ""]
+    if "kept_lr" not in results["summary"]["prune"]:
+        return "\n".join(lines[:-2]) + "\n"
     for v, c in results["summary"]["prune"]["kept_lr"].items():
         at = ", ".join(f"tau {t}: {_pct(f)}" for t, f in c["fidelity_at"].items())
         lines.append(f"- {v}: " + ("no lr reached any tau with fidelity > 0" if c["lr"] is None else
                                    f"lr {c['lr']:g} ({at})"))
+    main = results["summary"].get("main")
+    if main:
+        lines += ["", f"## Main: kept lrs, rank 16 ({len(main['runs'])} of {main['planned']} planned runs cached)", "",
+                  "Means over the seeds run so far of the matched point per seed (fidelity counts 0 where tau "
+                  "is not reached; retention, leak and cross_token are means over the seeds that reached it). "
+                  "Differences: D-OPSD minus SFT fidelity, 95 % bootstrap interval over seeds, then prompts.", ""]
+        for concept, by_tau in main["by_concept"].items():
+            lines += [f"### {concept}", "", "| tau | variant | seeds (reached) | fidelity | retention | leak | "
+                      "cross_token |", "|---|---|---|---|---|---|---|"]
+            for tau, row in by_tau.items():
+                for v, m in row.items():
+                    if " - " in v:
+                        continue
+                    lines.append(f"| {tau} | {v} | {m['seeds']} ({m['reached']}) | {_pct(m['concept_fidelity'])} | "
+                                 + (" | ".join(_pct(m[k]) for k in ("retention", "leak", "cross_token"))
+                                    if m["reached"] else "– | – | –") + " |")
+            lines += ["", "| tau | difference | fidelity difference | 95 % interval |", "|---|---|---|---|"]
+            for tau, row in by_tau.items():
+                for v, d in row.items():
+                    if " - " in v:
+                        lines.append(f"| {tau} | {v} | {100 * d['diff']:+.0f} points | "
+                                     f"[{100 * d['lo']:+.0f}, {100 * d['hi']:+.0f}] |")
+            lines.append("")
     return "\n".join(lines) + "\n"

@@ -63,3 +63,30 @@ def test_a_tiny_prune_stage_runs_caches_and_resumes(tmp_path, monkeypatch):
     again = study.run_study(tmp_path, "prune", log=lambda *_: None)
     assert lora.stat().st_mtime_ns == mtime and json.loads(lost.read_text()) == json.loads(before)
     assert again["summary"] == res["summary"]
+
+
+def _run(variant, seed, points, concept="star"):
+    method, prior = ("dopsd" if variant.startswith("dopsd") else "sft"), "prior" in variant
+    return {"variant": variant, "name": f"{variant}{seed}",
+            "run": {"concept": concept, "method": method, "prior": prior, "lr": 1e-3, "seed": seed, "rank": 16},
+            "points": points}
+
+
+def _pt(step, fid_hits: str, sel, ret=0.5, leak=0.1, cross=0.2):
+    return {"step": step, "model_evals": step * 10, "concept_fidelity": fid_hits.count("1") / len(fid_hits),
+            "retention_selection": sel, "retention": ret, "leak": leak, "cross_token": cross,
+            "hits": {"concept_fidelity": fid_hits}}
+
+
+def test_main_summary_means_over_seeds_and_intervals_between_methods():
+    ones, zeros = "1" * 96, "0" * 96
+    runs = [_run("dopsd + prior", 0, [_pt(10, ones, 0.9)]), _run("dopsd + prior", 1, [_pt(10, ones, 0.85)]),
+            _run("sft + prior", 0, [_pt(10, zeros, 0.9)]), _run("sft + prior", 1, [_pt(10, ones, 0.5)])]
+    row = study.main_summary(runs)["star"]["0.8"]
+    assert row["dopsd + prior"]["concept_fidelity"] == 1.0 and row["dopsd + prior"]["reached"] == 2
+    # SFT seed 1 never reached 0.8: its fidelity counts 0, retention is the mean over the seed that did
+    assert row["sft + prior"]["concept_fidelity"] == 0.0 and row["sft + prior"]["reached"] == 1
+    assert row["sft + prior"]["retention"] == 0.5
+    diff = row["dopsd + prior - sft + prior"]
+    assert diff["diff"] == 1.0 and diff["lo"] == diff["hi"] == 1.0 and diff["runs"] == [2, 2]
+    assert "dopsd - sft" not in row  # no plain variants in these runs
