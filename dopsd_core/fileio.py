@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,6 +58,27 @@ def save_json(obj, path: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
     _atomic_replace(path, write)
+
+
+def link_file(src: Path, dst: Path) -> None:
+    """dst becomes the same file as src, atomically: a hard link (no second write of a large file), or
+    a copy where the filesystem has no hard links. Files here are only ever replaced, never edited in
+    place, so the two names never diverge by accident."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def save_bytes(data: bytes, path: Path) -> None:

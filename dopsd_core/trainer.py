@@ -31,7 +31,7 @@ import torch
 from . import __version__
 from .denoiser import Denoiser, Record, sample
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
-from .fileio import load_tensors, save_json, save_tensors
+from .fileio import link_file, load_tensors, save_json, save_tensors
 from .lora import lora_metadata, read_lora_file
 from .objectives import LOSS_WEIGHTS, STATES, TEACHERS, Batch, dopsd_backward, sft_backward
 from .optim import (OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, optimizer_state_from_tensors,
@@ -287,9 +287,10 @@ class Trainer:
             "concepts": self.concepts, "prior_prompts": self.prior.captions if self.prior else None,
         }, d / "state" / "state.json")
         self.last_saved = self.step
-        save_tensors(lora_sd, d / "lora.safetensors", metadata)  # the user's copy of the committed LoRA
-        # and one per save point (kohya's save_every_n_steps): fidelity often saturates before the end
-        save_tensors(lora_sd, d / f"lora-{self.step:06d}.safetensors", metadata)
+        # the user's names of the committed LoRA: the latest, and one per save point (kohya's
+        # save_every_n_steps; fidelity often saturates before the end). Links, not second writes.
+        link_file(gen / "lora.safetensors", d / f"lora-{self.step:06d}.safetensors")
+        link_file(gen / "lora.safetensors", d / "lora.safetensors")
         for old in (d / "state").glob("step-*"):
             if old.name != gen.name:
                 shutil.rmtree(old, ignore_errors=True)

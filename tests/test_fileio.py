@@ -169,3 +169,21 @@ def test_replacing_a_private_file_gives_the_normal_mode(tmp_path):
     (tmp_path / "plain").write_bytes(b"")
     save_json({"a": 1}, path)
     assert _mode(path) == _mode(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_link_file_gives_a_second_name_that_later_saves_do_not_touch(tmp_path, monkeypatch, hard_links):
+    from dopsd_core.fileio import link_file
+    if not hard_links:  # a filesystem without hard links: a copy, still atomic
+        def no_link(*_):
+            raise OSError("no hard links here")
+        monkeypatch.setattr("os.link", no_link)
+    src, dst = tmp_path / "gen" / "a.safetensors", tmp_path / "a-1.safetensors"
+    save_tensors({"w": torch.ones(3)}, src)
+    dst.write_bytes(b"old")
+    link_file(src, dst)
+    assert torch.equal(load_tensors(dst)[0]["w"], torch.ones(3))
+    assert (os.stat(src).st_ino == os.stat(dst).st_ino) == hard_links
+    save_tensors({"w": torch.zeros(3)}, src)  # the next save replaces src; the linked name keeps its data
+    assert torch.equal(load_tensors(dst)[0]["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-1.safetensors", "gen"]  # no temporary left

@@ -71,10 +71,10 @@ class Killed(BaseException):
     """A process killed at this point: nothing after it runs, no cleanup (BaseException: no except catches it)."""
 
 
-@pytest.mark.parametrize("fault_at", range(7))
+@pytest.mark.parametrize("fault_at", range(8))
 def test_a_kill_at_any_write_of_a_save_leaves_a_complete_generation(tiny_records, tmp_path, monkeypatch, fault_at):
     """Saves at step 2, then at step 4 a kill before the fault_at-th file operation of that save (tensor
-    files, the commit, the user's LoRA copy, the cleanup, the loss files): the folder must resume, from
+    files, the commit, the user's LoRA names, the cleanup, the loss files): the folder must resume, from
     step 2 or step 4, and end where an uninterrupted run ends."""
     import dopsd_core.trainer as trainer_mod
     den, records = tiny_records()
@@ -98,6 +98,7 @@ def test_a_kill_at_any_write_of_a_save_leaves_a_complete_generation(tiny_records
     monkeypatch.setattr(trainer_mod, "save_json", counted("save_json", trainer_mod.save_json))
     monkeypatch.setattr(trainer_mod.shutil, "rmtree", counted("rmtree", trainer_mod.shutil.rmtree))
     monkeypatch.setattr(trainer_mod, "write_loss_files", counted("write_loss_files", trainer_mod.write_loss_files))
+    monkeypatch.setattr(trainer_mod, "link_file", counted("link_file", trainer_mod.link_file))
     with pytest.raises(Killed):
         trainer.run()
     monkeypatch.undo()
