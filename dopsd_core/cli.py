@@ -162,9 +162,6 @@ def _prior_prompts(args, captions: list[str], trigger: str | None) -> list[str]:
     from .prior import auto_prior_prompts, earlier_concepts, read_prompt_file
     if args.prior_prompts != "auto":
         return read_prompt_file(Path(args.prior_prompts))
-    if trigger is None:
-        from .prior import find_trigger
-        find_trigger(captions)  # raises: names the problem and --trigger
     earlier = []
     if args.init_lora:
         from .lora import read_lora_file

@@ -44,9 +44,11 @@ def _unique(prompts) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
-def auto_prior_prompts(captions: list[str], trigger: str, class_word: str | None, generic: list[str],
+def auto_prior_prompts(captions: list[str], trigger: str | None, class_word: str | None, generic: list[str],
                        earlier_concepts: list[dict] | None = None) -> list[str]:
-    """captions with the trigger replaced, the empty prompt, earlier concepts' own captions, generic prompts."""
+    """captions with the trigger replaced, the empty prompt, earlier concepts' own captions, generic prompts.
+    trigger None: the captions' bracket token (an error names the fix when there is not exactly one)."""
+    trigger = trigger or find_trigger(captions)
     if not any(trigger in c for c in captions):
         raise DopsdError(f"no caption contains the trigger {trigger!r}; pass the word the captions use with --trigger")
     replaced = [replace_trigger(c, trigger, class_word) for c in captions]

@@ -58,10 +58,8 @@ def _items_from_images(images: torch.Tensor, template: str, resolution: int, buc
 
 
 def _prior_prompts(text: str, captions: list[str], trigger: str | None, class_word: str | None, family):
-    from ..dopsd_core.prior import auto_prior_prompts, find_trigger, parse_prompt_lines
+    from ..dopsd_core.prior import auto_prior_prompts, parse_prompt_lines
     if text.strip().lower() == "auto":
-        if trigger is None:
-            find_trigger(captions)  # raises, naming the problem and the trigger input
         return auto_prior_prompts(captions, trigger, class_word, family.generic_prompts())
     return parse_prompt_lines(text) or None
 
