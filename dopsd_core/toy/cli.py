@@ -64,9 +64,11 @@ def _add_demo_parsers(sub) -> None:
     p = sub.add_parser("experiment", help="D-OPSD vs SFT on the toy model: main table, ablations, continual")
     p.add_argument("--out", required=True, help="results folder (finished runs are cached and skipped)")
     p.add_argument("--quick", action="store_true", help="a few steps per run (CI)")
-    p.add_argument("--stage", choices=["prune", "main", "report"],
-                   help="the trade-off study instead (toy/study.py): prune = the lr grid on the star, "
-                        "main = the kept lrs on every concept and seed (resumable), report = results from the "
+    p.add_argument("--stage", choices=["prune", "main", "gap", "chains", "lambda", "report"],
+                   help="the trade-off study instead (toy/study.py), each stage resumable and running the ones "
+                        "before it first: prune = the lr grid on the star, main = the kept lrs on every concept "
+                        "and seed, gap = 4- vs 32-step quality at the matched points, chains = continual "
+                        "star -> heart -> crescent, lambda = the prior's weight; report = results from the "
                         "cached runs only")
     p.set_defaults(func=cmd_experiment)
 
@@ -116,7 +118,8 @@ def cmd_experiment(args) -> int:
     _require_toy_weights()
     out = _writable_dir(Path(args.out))
     if args.stage:
-        from .study import report, run_study
+        from .study import run_study
+        from .study_report import report
         report(out) if args.stage == "report" else run_study(out, args.stage)
         print((out / "results.md").read_text())
         return 0

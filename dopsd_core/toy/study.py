@@ -10,6 +10,9 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
   prune  the star, seed 0, rank 16: every variant at lr 1e-4, 3e-4 and 1e-3 -> the lr kept per variant
   main   the kept lr per variant x 3 concepts x 3 seeds, rank 16; and rank 3 (1.9 % of the toy's width,
          like the paper's rank 64 on its models) for the star
+  gap    the 4- and 32-step toy-FID of the unrelated prompts at every main run's matched points
+  chains continual tuning star -> heart -> crescent with the prior, 3 seeds (toy/chains.py)
+  lambda the prior's weight: 0.3 and 3 against main's 1, both methods, the star, seed 0
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
 Compute is counted in model evaluations (a forward or a backward of one sample), not in seconds.
 """
@@ -24,20 +27,22 @@ from pathlib import Path
 import torch
 
 from ..errors import DopsdError
-from ..fileio import save_bytes, save_json
+from ..fileio import save_json
 from .denoiser import BASE_WEIGHTS, load_toy_file
 from .evaluator import load_evaluator
 from .metrics import ToyMetrics, concept_training_set, generate, hit_string
 from .render import HELD_OUT_SHAPES
-from .runs import TOY_BUDGET, auto_prior, load_with_lora, train_concept
+from .runs import TOY_BUDGET, TOY_PRIOR, auto_prior, load_with_lora, train_concept
 from .text import BACKGROUNDS, COLOURS, SEEN_SHAPES
 
 CHECKPOINTS = (10, 20, 40, 80, 140, 200)
 LRS = (1e-4, 3e-4, 1e-3)
 VARIANTS = (("dopsd", False), ("dopsd", True), ("sft", False), ("sft", True))
 TAUS = (0.8, 0.7, 0.6)
-PRIOR = dict(prior_weight=1.0, prior_batch=4)
+PRIOR = TOY_PRIOR  # lambda 1, 4 prior samples per step
 SMALL_RANK = 3
+LAMBDAS = (0.3, 3.0)  # the lambda stage's prior weights (main runs have PRIOR's 1)
+LAMBDA_CONCEPTS = ("star",)
 N_UNRELATED = 192  # the evaluation set of retention and leak (toy/metrics.py)
 
 
@@ -49,10 +54,12 @@ class StudyRun:
     lr: float
     seed: int = 0
     rank: int = 16
+    prior_weight: float = 1.0  # lambda, when prior
 
     @property
     def name(self) -> str:
-        return (f"{self.concept}_{self.method}{'_prior' if self.prior else ''}_lr{self.lr:g}_r{self.rank}"
+        weight = f"_w{self.prior_weight:g}" if self.prior and self.prior_weight != PRIOR["prior_weight"] else ""
+        return (f"{self.concept}_{self.method}{'_prior' if self.prior else ''}{weight}_lr{self.lr:g}_r{self.rank}"
                 f"_s{self.seed}")
 
     @property
@@ -115,6 +122,11 @@ def main_plan(kept_lr: dict[str, float]) -> list[StudyRun]:
     return runs
 
 
+def lambda_plan(kept_lr: dict[str, float]) -> list[StudyRun]:
+    return [StudyRun(c, m, True, kept_lr[StudyRun("", m, True, 0).variant], 0, prior_weight=w)
+            for c in LAMBDA_CONCEPTS for m in ("dopsd", "sft") for w in LAMBDAS]
+
+
 def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
     """Train (cached: a finished run is not retrained) and evaluate every checkpoint (cached per step)."""
     run_dir = out / "runs" / run.name
@@ -132,7 +144,7 @@ def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
         assert all(c % every == 0 for c in CHECKPOINTS), "checkpoints must be multiples of the first"
         train_concept(run.concept, run.method, train_dir, out, seed=run.seed, lr=run.lr, rank=run.rank,
                       alpha=float(run.rank), steps=CHECKPOINTS[-1], save_every=every, prior_prompts=prompts,
-                      **(PRIOR if run.prior else {}))
+                      **({**PRIOR, "prior_weight": run.prior_weight} if run.prior else {}))
     train_s = time.perf_counter() - t0
     captions = [caps[0] for caps in concept_training_set(run.concept)[1]]
     per_step = evals_per_step(run.method, run.prior)
@@ -157,9 +169,10 @@ def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
     return result
 
 
-def matched(points: list[dict], tau: float) -> dict | None:
-    """The checkpoint with the best fidelity among those whose selection-set retention is >= tau."""
-    ok = [p for p in points if p["retention_selection"] >= tau]
+def matched(points: list[dict], tau: float, max_evals: int | None = None) -> dict | None:
+    """The checkpoint with the best fidelity among those whose selection-set retention is >= tau
+    (max_evals: only checkpoints within that many model evaluations: the equal-compute front)."""
+    ok = [p for p in points if p["retention_selection"] >= tau and (max_evals is None or p["model_evals"] <= max_evals)]
     return max(ok, key=lambda p: (p["concept_fidelity"], p["retention_selection"])) if ok else None
 
 
@@ -178,7 +191,23 @@ def choose_lr(results: list[dict]) -> dict[str, dict]:
     return chosen
 
 
+def kept_lrs(prune: list[dict]) -> dict[str, float]:
+    kept = {v: c["lr"] for v, c in choose_lr(prune).items()}
+    if any(lr is None for lr in kept.values()):
+        raise DopsdError(f"no lr gave fidelity at retention >= {TAUS[-1]} for some variant ({kept}); "
+                         "see results.md")
+    return kept
+
+
+STAGES = ("prune", "main", "gap", "chains", "lambda")
+
+
 def run_study(out: Path, stage: str = "prune", log=print) -> dict:
+    """Runs the stages up to and including `stage` that are not cached yet (each is resumable), then
+    writes the report from everything cached."""
+    from .study_report import report
+    if stage not in STAGES:
+        raise DopsdError(f"unknown study stage {stage!r}; choose one of {', '.join(STAGES)} (or report)")
     out = Path(out)
     base = load_toy_file(BASE_WEIGHTS)
     stamp = {"base": base.fingerprint(), "study": 1}
@@ -188,143 +217,56 @@ def run_study(out: Path, stage: str = "prune", log=print) -> dict:
     save_json(stamp, stamp_file)
     metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
     prune = [run_one(r, out, metrics, log) for r in prune_plan()]
-    if stage == "main":
-        kept = {v: c["lr"] for v, c in choose_lr(prune).items()}
-        if any(lr is None for lr in kept.values()):
-            raise DopsdError(f"no lr gave fidelity at retention >= {TAUS[-1]} for some variant ({kept}); "
-                             "see results.md")
+    todo = STAGES[:STAGES.index(stage) + 1]
+    if "main" in todo:
+        kept = kept_lrs(prune)
+        main = []
         for r in main_plan(kept):
-            run_one(r, out, metrics, log)
+            main.append(run_one(r, out, metrics, log))
             report(out)  # after every run: a study cut short still reports what it has
+        if "gap" in todo:
+            gap_stage(out, metrics, base, main, log)
+            report(out)
+        if "chains" in todo:
+            from .chains import run_chains
+            run_chains(out, metrics, kept, log, on_stage=lambda: report(out))
+        if "lambda" in todo:
+            for r in lambda_plan(kept):
+                run_one(r, out, metrics, log)
+                report(out)
     return report(out)
 
 
-PAIRS = (("dopsd + prior", "sft + prior"), ("dopsd", "sft"))
+def gap_points(run: dict) -> list[int]:
+    """The steps of a run's matched points (at every tau), each once."""
+    return sorted({m["step"] for tau in TAUS if (m := matched(run["points"], tau))})
 
 
-def _at(points: list[dict], tau: float) -> dict:
-    """The matched point's metrics and fidelity hits; a tau not reached counts as fidelity 0."""
-    m = matched(points, tau)
-    if m is None:
-        n = len(points[0]["hits"]["concept_fidelity"])
-        return {"reached": False, "concept_fidelity": 0.0, "fid_hits": "0" * n}
-    return {"reached": True, "step": m["step"], "model_evals": m["model_evals"],
-            "fid_hits": m["hits"]["concept_fidelity"],
-            **{k: m[k] for k in ("concept_fidelity", "retention", "retention_selection", "leak", "cross_token")}}
+@torch.no_grad()
+def quality_gap(metrics: StudyMetrics, den) -> dict:
+    """toy-FID of 4- and 32-step samples of the unrelated prompts (lower is better) and their difference:
+    how much a model needs more steps (the distilled base needs none: 32 steps are worse than 4)."""
+    prompts = [p for p, *_ in metrics.unrelated]
+    q4 = metrics.quality(generate(den, prompts, 4, metrics.seed))
+    q32 = metrics.quality(generate(den, prompts, 32, metrics.seed))
+    return {"quality_4": q4, "quality_32": q32, "few_step_gap": q4 - q32}
 
 
-def _mean(points: list[dict], key: str, reached_only: bool) -> float | None:
-    values = [p[key] for p in points if p["reached"] or not reached_only]
-    return sum(values) / len(values) if values else None
-
-
-def main_summary(runs: list[dict]) -> dict:
-    """Per concept and variant, the matched points of every seed at each tau (means over seeds), and
-    D-OPSD minus SFT (with and without prior) with bootstrap intervals over seeds, then prompts."""
-    from .metrics import FIDELITY_SEEDS
-    from .stats import bootstrap_difference, per_prompt
-    out = {}
-    for concept in sorted({r["run"]["concept"] for r in runs}):
-        by_variant = {}
-        for r in runs:
-            if r["run"]["concept"] == concept and r["run"]["rank"] != SMALL_RANK:
-                by_variant.setdefault(r["variant"], []).append(r)
-        entry = {}
-        for tau in TAUS:
-            at = {v: [_at(r["points"], tau) for r in rs] for v, rs in by_variant.items()}
-            row = {v: {"seeds": len(ps), "reached": sum(p["reached"] for p in ps),
-                       "concept_fidelity": _mean(ps, "concept_fidelity", reached_only=False),
-                       **{k: _mean(ps, k, reached_only=True) for k in ("retention", "leak", "cross_token")}}
-                   for v, ps in at.items()}
-            for a, b in PAIRS:
-                if a in at and b in at:
-                    row[f"{a} - {b}"] = bootstrap_difference(
-                        *[[per_prompt(p["fid_hits"], FIDELITY_SEEDS) for p in at[v]] for v in (a, b)])
-            entry[str(tau)] = row
-        out[concept] = entry
-    return out
-
-
-def report(out: Path) -> dict:
-    """results.json and results.md from whatever runs are cached (no training): a study spread over
-    sessions reports what it has."""
-    out = Path(out)
-    cached = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
-    prune = [cached[r.name] for r in prune_plan() if r.name in cached]
-    summary = {"prune": {"runs": [r["name"] for r in prune], "complete": len(prune) == len(prune_plan())}}
-    main = []
-    if summary["prune"]["complete"]:
-        summary["prune"]["kept_lr"] = choose_lr(prune)
-        kept = {v: c["lr"] for v, c in summary["prune"]["kept_lr"].items()}
-        if all(lr is not None for lr in kept.values()):
-            plan = main_plan(kept)
-            main = [cached[r.name] for r in plan if r.name in cached]
-            summary["main"] = {"runs": [r["name"] for r in main], "planned": len(plan),
-                               "by_concept": main_summary(main)}
-    results = {"stamp": json.loads((out / "stamp.json").read_text()), "summary": summary,
-               "runs": {r["name"]: r for r in prune + main}}
-    save_json(results, out / "results.json")
-    save_bytes(study_markdown(results).encode(), out / "results.md")
-    return results
-
-
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.0f}%"
-
-
-def study_markdown(results: dict) -> str:
-    runs = results["runs"]
-    lines = ["# Toy trade-off study", "",
-             "Generated by `dopsd experiment --stage ...` from results.json; every number below is from it.", "",
-             "## Prune (star, seed 0, rank 16): every checkpoint at 4 steps", "",
-             "| variant | lr | step | fidelity | retention | selection retention | leak | cross_token | model evals |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name in results["summary"]["prune"]["runs"]:
-        r = runs[name]
-        for p in r["points"]:
-            lines.append(f"| {r['variant']} | {r['run']['lr']:g} | {p['step']} | {_pct(p['concept_fidelity'])} | "
-                         f"{_pct(p['retention'])} | {_pct(p['retention_selection'])} | {_pct(p['leak'])} | "
-                         f"{_pct(p['cross_token'])} | {p['model_evals']} |")
-    lines += ["", "## Matched points (best fidelity with selection retention >= tau; retention shown on the "
-              "evaluation prompts)", "", "| variant | lr | " + " | ".join(f"tau {t}" for t in TAUS) + " |",
-              "|---|---|" + "---|" * len(TAUS)]
-    for name in results["summary"]["prune"]["runs"]:
-        r = runs[name]
-        cells = []
-        for tau in TAUS:
-            m = matched(r["points"], tau)
-            cells.append("not reached" if m is None else
-                         f"fid {_pct(m['concept_fidelity'])} @{m['step']} (ret {_pct(m['retention'])}, "
-                         f"leak {_pct(m['leak'])})")
-        lines.append(f"| {r['variant']} | {r['run']['lr']:g} | " + " | ".join(cells) + " |")
-    lines += ["", "Kept lr per variant (largest sum of matched fidelities over the taus):", ""]
-    if "kept_lr" not in results["summary"]["prune"]:
-        return "\n".join(lines[:-2]) + "\n"
-    for v, c in results["summary"]["prune"]["kept_lr"].items():
-        at = ", ".join(f"tau {t}: {_pct(f)}" for t, f in c["fidelity_at"].items())
-        lines.append(f"- {v}: " + ("no lr reached any tau with fidelity > 0" if c["lr"] is None else
-                                   f"lr {c['lr']:g} ({at})"))
-    main = results["summary"].get("main")
-    if main:
-        lines += ["", f"## Main: kept lrs, rank 16 ({len(main['runs'])} of {main['planned']} planned runs cached)", "",
-                  "Means over the seeds run so far of the matched point per seed (fidelity counts 0 where tau "
-                  "is not reached; retention, leak and cross_token are means over the seeds that reached it). "
-                  "Differences: D-OPSD minus SFT fidelity, 95 % bootstrap interval over seeds, then prompts.", ""]
-        for concept, by_tau in main["by_concept"].items():
-            lines += [f"### {concept}", "", "| tau | variant | seeds (reached) | fidelity | retention | leak | "
-                      "cross_token |", "|---|---|---|---|---|---|---|"]
-            for tau, row in by_tau.items():
-                for v, m in row.items():
-                    if " - " in v:
-                        continue
-                    lines.append(f"| {tau} | {v} | {m['seeds']} ({m['reached']}) | {_pct(m['concept_fidelity'])} | "
-                                 + (" | ".join(_pct(m[k]) for k in ("retention", "leak", "cross_token"))
-                                    if m["reached"] else "– | – | –") + " |")
-            lines += ["", "| tau | difference | fidelity difference | 95 % interval |", "|---|---|---|---|"]
-            for tau, row in by_tau.items():
-                for v, d in row.items():
-                    if " - " in v:
-                        lines.append(f"| {tau} | {v} | {100 * d['diff']:+.0f} points | "
-                                     f"[{100 * d['lo']:+.0f}, {100 * d['hi']:+.0f}] |")
-            lines.append("")
-    return "\n".join(lines) + "\n"
+def gap_stage(out: Path, metrics: StudyMetrics, base, main: list[dict], log=print) -> None:
+    """The 4-vs-32-step gap of the base and at every main run's matched points (cached per point)."""
+    base_file = out / "base_gap.json"
+    if not base_file.is_file():
+        save_json(quality_gap(metrics, base), base_file)
+    for r in main:
+        run_dir = out / "runs" / r["name"]
+        for step in gap_points(r):
+            f = run_dir / "eval" / f"gap-{step:06d}.json"
+            if f.is_file():
+                continue
+            lora = run_dir / "train" / f"lora-{step:06d}.safetensors"
+            if not lora.is_file():
+                raise DopsdError(f"{lora} is missing (the gap stage needs the run's LoRAs); delete "
+                                 f"{run_dir / 'result.json'} to retrain the run")
+            g = quality_gap(metrics, load_with_lora(lora))
+            save_json({"step": step, **g}, f)
+            log(f"{r['name']} @{step}: toy-FID 4 steps {g['quality_4']:.0f}, 32 steps {g['quality_32']:.0f}")

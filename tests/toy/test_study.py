@@ -2,7 +2,7 @@
 import json
 
 
-from dopsd_core.toy import study
+from dopsd_core.toy import chains as chains_mod, study, study_report
 from dopsd_core.toy.metrics import prior_prompts, unrelated_prompts
 from testutil import needs_weights
 
@@ -82,7 +82,7 @@ def test_main_summary_means_over_seeds_and_intervals_between_methods():
     ones, zeros = "1" * 96, "0" * 96
     runs = [_run("dopsd + prior", 0, [_pt(10, ones, 0.9)]), _run("dopsd + prior", 1, [_pt(10, ones, 0.85)]),
             _run("sft + prior", 0, [_pt(10, zeros, 0.9)]), _run("sft + prior", 1, [_pt(10, ones, 0.5)])]
-    row = study.main_summary(runs)["star"]["0.8"]
+    row = study_report.main_summary(runs)["star"]["0.8"]
     assert row["dopsd + prior"]["concept_fidelity"] == 1.0 and row["dopsd + prior"]["reached"] == 2
     # SFT seed 1 never reached 0.8: its fidelity counts 0, retention is the mean over the seed that did
     assert row["sft + prior"]["concept_fidelity"] == 0.0 and row["sft + prior"]["reached"] == 1
@@ -90,3 +90,67 @@ def test_main_summary_means_over_seeds_and_intervals_between_methods():
     diff = row["dopsd + prior - sft + prior"]
     assert diff["diff"] == 1.0 and diff["lo"] == diff["hi"] == 1.0 and diff["runs"] == [2, 2]
     assert "dopsd - sft" not in row  # no plain variants in these runs
+
+
+def test_equal_compute_gives_dopsd_only_the_sft_runs_model_evaluations():
+    ones, zeros = "1" * 96, "0" * 96
+    dopsd = _run("dopsd + prior", 0, [_pt(10, zeros, 0.9), _pt(40, ones, 0.9)])  # model_evals 100, 400
+    sft = _run("sft + prior", 0, [_pt(10, zeros, 0.9), _pt(20, zeros, 0.9)])  # the whole run: 200 evals
+    row = study_report.main_summary([dopsd, sft])["star"]["0.8"]
+    assert row["dopsd + prior - sft + prior"]["diff"] == 1.0  # equal steps: D-OPSD's step 40 counts
+    equal = row["dopsd + prior - sft + prior, equal compute"]
+    assert equal["diff"] == 0.0 and equal["dopsd_fidelity"] == 0.0  # step 40 costs 400 > 200
+
+
+def _concept_runs(variant, lr, fids, sels):
+    return [_run(variant, 0, [_pt(200, "1" * int(96 * f) + "0" * (96 - int(96 * f)), s)], concept=c) | {"run": {
+        "concept": c, "method": variant.split()[0], "prior": "prior" in variant, "lr": lr, "seed": 0, "rank": 16}}
+        for c, f, s in zip(("star", "heart", "crescent"), fids, sels)]
+
+
+def test_default_is_the_best_mean_fidelity_that_keeps_mean_retention():
+    runs = (_concept_runs("dopsd", 1e-4, (1.0, 1.0, 1.0), (0.5, 0.6, 0.7))  # best fidelity, retention too low
+            + _concept_runs("dopsd + prior", 1e-3, (0.5, 0.25, 0.75), (0.7, 0.8, 0.9))
+            + _concept_runs("sft + prior", 3e-4, (0.25, 0.25, 0.25), (0.9, 0.9, 0.9)))
+    d = study_report.default_choice(runs, tau=0.7)
+    assert (d["variant"], d["lr"], d["step"], d["runs"]) == ("dopsd + prior", 1e-3, 200, 3)
+    assert d["concept_fidelity"] == 0.5 and abs(d["retention_selection"] - 0.8) < 1e-9
+    assert study_report.default_choice(runs[:2], tau=0.0) is None  # not every concept: no default
+    lines = study_report.aims_table(d)
+    assert "| concept_fidelity | >= 80% | 50% (not met) |" in lines
+
+
+def test_chain_summary_keeps_share_against_each_concepts_own_run():
+    def stage(concept, fids, ret):
+        return {"concept": concept, "retention": ret,
+                "concepts": {c: {"concept_fidelity": f, "leak": 0.1, "cross_token": 0.0} for c, f in fids.items()}}
+    chains = [{"variant": "sft + prior", "method": "sft", "seed": s, "model_evals": 100,
+               "stages": [stage("star", {"star": 0.8}, 0.8), stage("heart", {"star": 0.4, "heart": 0.6}, 0.7)]}
+              for s in (0, 1)]
+    single = {("star", "sft", 0): 0.8, ("star", "sft", 1): 0.8, ("heart", "sft", 0): 0.3, ("heart", "sft", 1): 0.9}
+    s = chains_mod.chain_summary(chains, single)["sft + prior"]
+    assert s["seeds"] == 2 and [st["concept"] for st in s["stages"]] == ["star", "heart"]
+    assert s["kept"]["star"]["kept_share"] == 0.5 and s["kept"]["heart"]["kept_share"] == 1.0
+    assert abs(s["stages"][1]["retention"] - 0.7) < 1e-12
+
+
+@needs_weights
+def test_a_tiny_chain_warm_starts_each_stage_and_measures_every_concept_so_far(tmp_path, monkeypatch):
+    for mod in (study, chains_mod):
+        monkeypatch.setattr(mod, "CHECKPOINTS", (2, 4))
+    from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
+    from dopsd_core.toy.evaluator import load_evaluator
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12)
+    kept = {"dopsd + prior": 1e-3, "sft + prior": 3e-4}
+    chain = chains_mod.Chain("dopsd + prior, base teacher", 0)
+    r = chains_mod.run_chain(chain, tmp_path, metrics, kept, log=lambda *_: None)
+    assert [s["concept"] for s in r["stages"]] == ["star", "heart", "crescent"]
+    assert list(r["stages"][2]["concepts"]) == ["star", "heart", "crescent"] and r["teacher"] == "frozen"
+    # the crescent stage started from the heart stage's LoRA, whose concepts its prior prompts include
+    from dopsd_core.lora import read_lora_file
+    meta = read_lora_file(tmp_path / r["stages"][2]["lora"])[1]
+    assert [c["trigger"] for c in json.loads(meta["dopsd.concepts"])] == ["[V1]", "[V2]", "[V3]"]
+    assert r["stages"][2]["prior_prompts"] > r["stages"][1]["prior_prompts"]
+    assert (tmp_path / "chains" / chain.name / "chain.json").is_file()
+    again = chains_mod.run_chain(chain, tmp_path, metrics, kept, log=lambda *_: None)  # cached
+    assert again == r

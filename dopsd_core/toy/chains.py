@@ -1,0 +1,149 @@
+"""Continual tuning on the toy: star -> heart -> crescent, each LoRA warm-started from the previous one.
+
+Every stage trains with the prior (auto prompts: the warm start's recorded concepts join them, and its
+LoRA is the prior's anchor), at the study's kept lr for the method and its full run length. Variants:
+  dopsd + prior               the concept teacher is the EMA of the student, which starts at the warm start
+  dopsd + prior, base teacher the concept teacher is the frozen base (--teacher frozen)
+  sft + prior
+The first stage is the study's main run of the star (same method, lr, seed): a fresh run has no warm
+start, so the teacher choice does not arise there. After every stage each concept learned so far is
+measured at 4 steps; a concept's kept share is its fidelity at the end of the chain over its fidelity
+in its own single-concept run (the main stage's run of that concept, same variant and seed).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DopsdError
+from ..fileio import save_json
+from .metrics import concept_training_set
+from .render import HELD_OUT_SHAPES
+from .runs import auto_prior, load_with_lora, train_concept
+from .study import CHECKPOINTS, PRIOR, StudyMetrics, StudyRun, evals_per_step, run_one, setup_evals
+
+SEEDS = (0, 1, 2)
+VARIANTS = {"dopsd + prior": ("dopsd", "ema"), "dopsd + prior, base teacher": ("dopsd", "frozen"),
+            "sft + prior": ("sft", "ema")}  # name -> (method, concept teacher); SFT has no teacher
+
+
+@dataclass(frozen=True)
+class Chain:
+    variant: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return self.variant.replace(" + ", "_").replace(", ", "_").replace(" ", "_") + f"_s{self.seed}"
+
+    @property
+    def method(self) -> str:
+        return VARIANTS[self.variant][0]
+
+    def first_run(self, kept_lr: dict[str, float]) -> StudyRun:
+        return StudyRun(HELD_OUT_SHAPES[0], self.method, True, kept_lr[f"{self.method} + prior"], self.seed)
+
+
+def chain_plan() -> list[Chain]:
+    return [Chain(v, s) for s in SEEDS for v in VARIANTS]
+
+
+def _captions(concept: str) -> list[str]:
+    return [caps[0] for caps in concept_training_set(concept)[1]]
+
+
+def measure(metrics: StudyMetrics, den, concepts: list[str]) -> dict:
+    """Each concept's fidelity, leak and cross_token (its fidelity hits kept), and the retention."""
+    out = {"concepts": {}}
+    for c in concepts:
+        m = metrics.evaluate(den, c, _captions(c), quality=False)
+        out["retention"] = m["retention"]
+        out["concepts"][c] = {k: m[k] for k in ("concept_fidelity", "leak", "cross_token")}
+        out["concepts"][c]["fid_hits"] = m["hits"]["concept_fidelity"]
+    return out
+
+
+def run_chain(chain: Chain, out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], log=print) -> dict:
+    """Trains and measures every stage not cached yet; returns the chain's result (also chain.json)."""
+    folder = out / "chains" / chain.name
+    result_file = folder / "chain.json"
+    if result_file.is_file():
+        return json.loads(result_file.read_text())
+    method, teacher = VARIANTS[chain.variant]
+    lr = kept_lr[f"{method} + prior"]
+    first = run_one(chain.first_run(kept_lr), out, metrics, log)
+    lora = out / "runs" / first["name"] / "train" / f"lora-{CHECKPOINTS[-1]:06d}.safetensors"
+    if not lora.is_file():
+        raise DopsdError(f"{lora} is missing (a chain starts from the main run's final LoRA); delete "
+                         f"{out / 'runs' / first['name'] / 'result.json'} to retrain that run")
+    last = first["points"][-1]
+    stages = [{"concept": HELD_OUT_SHAPES[0], "lora": str(lora.relative_to(out)), "retention": last["retention"],
+               "concepts": {HELD_OUT_SHAPES[0]: {"concept_fidelity": last["concept_fidelity"], "leak": last["leak"],
+                                                 "cross_token": last["cross_token"],
+                                                 "fid_hits": last["hits"]["concept_fidelity"]}}}]
+    n_prompts = first["prior_prompts"]
+    evals = first["setup_evals"] + CHECKPOINTS[-1] * first["evals_per_step"]
+    for i, concept in enumerate(HELD_OUT_SHAPES[1:], start=2):
+        stage_dir = folder / f"{i}_{concept}"
+        stage_file = stage_dir / "stage.json"
+        prompts = auto_prior(concept, out, init_lora=lora)
+        n_prompts = len(prompts)
+        evals += setup_evals(method, True, n_prompts) + CHECKPOINTS[-1] * evals_per_step(method, True)
+        if not stage_file.is_file():
+            train_dir = stage_dir / "train"
+            if train_dir.exists():  # an interrupted stage: start it over
+                shutil.rmtree(train_dir)
+            train_concept(concept, method, train_dir, out, seed=chain.seed, lr=lr, steps=CHECKPOINTS[-1],
+                          init_lora=lora, prior_prompts=prompts, teacher=teacher, **PRIOR)
+            m = measure(metrics, load_with_lora(train_dir / "lora.safetensors"), list(HELD_OUT_SHAPES[:i]))
+            save_json({"concept": concept, "lora": str((train_dir / "lora.safetensors").relative_to(out)),
+                       "prior_prompts": n_prompts, **m}, stage_file)
+        stage = json.loads(stage_file.read_text())
+        stages.append(stage)
+        lora = out / stage["lora"]
+        log(f"{chain.name} stage {i} ({concept}): " + ", ".join(
+            f"{c} {v['concept_fidelity']:.2f}" for c, v in stage["concepts"].items())
+            + f", retention {stage['retention']:.2f}")
+    result = {"variant": chain.variant, "seed": chain.seed, "method": method, "teacher": teacher, "lr": lr,
+              "steps_per_stage": CHECKPOINTS[-1], "model_evals": evals, "stages": stages}
+    save_json(result, result_file)
+    return result
+
+
+def run_chains(out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], log=print, on_stage=None) -> list[dict]:
+    results = []
+    for chain in chain_plan():
+        results.append(run_chain(chain, out, metrics, kept_lr, log))
+        if on_stage:
+            on_stage()
+    return results
+
+
+def chain_summary(chains: list[dict], single: dict[tuple[str, str, int], float]) -> dict:
+    """Per variant, means over seeds after each stage, and at the end each concept's kept share.
+    single: (concept, method, seed) -> fidelity of the concept's own run at the chain's step count."""
+    out = {}
+    for variant in VARIANTS:
+        rs = [c for c in chains if c["variant"] == variant]
+        if not rs:
+            continue
+        n_stages = min(len(c["stages"]) for c in rs)
+        stages = []
+        for i in range(n_stages):
+            concepts = list(rs[0]["stages"][i]["concepts"])
+            stages.append({"concept": rs[0]["stages"][i]["concept"],
+                           "retention": sum(c["stages"][i]["retention"] for c in rs) / len(rs),
+                           "fidelity": {k: sum(c["stages"][i]["concepts"][k]["concept_fidelity"] for c in rs) / len(rs)
+                                        for k in concepts},
+                           "leak": sum(c["stages"][i]["concepts"][concepts[-1]]["leak"] for c in rs) / len(rs)})
+        end, kept = stages[-1], {}
+        for k in end["fidelity"]:
+            ref = [single.get((k, rs[0]["method"], c["seed"])) for c in rs]
+            if all(v is not None for v in ref) and sum(ref) > 0:
+                kept[k] = {"single_run": sum(ref) / len(ref), "after_chain": end["fidelity"][k],
+                           "kept_share": end["fidelity"][k] / (sum(ref) / len(ref))}
+        out[variant] = {"seeds": len(rs), "stages": stages, "kept": kept,
+                        "model_evals": sum(c["model_evals"] for c in rs) / len(rs)}
+    return out

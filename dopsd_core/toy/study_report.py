@@ -1,0 +1,420 @@
+"""The trade-off study's report: results.json, results.md, fronts.png and the README's results section,
+all computed from the cached runs (no training), so a study spread over sessions reports what it has."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from ..fileio import save_bytes, save_json
+from ..plot import save_png
+from .study import (CHECKPOINTS, PRIOR, SMALL_RANK, TAUS, choose_lr, lambda_plan, main_plan, matched,
+                    prune_plan)
+
+PAIRS = (("dopsd + prior", "sft + prior"), ("dopsd", "sft"))
+AIMS = {"concept_fidelity": (">=", 0.80), "retention": (">=", 0.85), "leak": ("<=", 0.05)}
+DEFAULT_TAU = 0.7  # the default is the best mean fidelity whose mean selection retention is >= this
+
+
+def _at(points: list[dict], tau: float, max_evals: int | None = None) -> dict:
+    """The matched point's metrics and fidelity hits; a tau not reached counts as fidelity 0."""
+    m = matched(points, tau, max_evals)
+    if m is None:
+        n = len(points[0]["hits"]["concept_fidelity"])
+        return {"reached": False, "concept_fidelity": 0.0, "fid_hits": "0" * n}
+    return {"reached": True, "step": m["step"], "model_evals": m["model_evals"],
+            "fid_hits": m["hits"]["concept_fidelity"],
+            **{k: m[k] for k in ("concept_fidelity", "retention", "retention_selection", "leak", "cross_token")}}
+
+
+def _mean(points: list[dict], key: str, reached_only: bool) -> float | None:
+    values = [p[key] for p in points if p["reached"] or not reached_only]
+    return sum(values) / len(values) if values else None
+
+
+def _difference(a: list[dict], b: list[dict]) -> dict:
+    from .metrics import FIDELITY_SEEDS
+    from .stats import bootstrap_difference, per_prompt
+    return bootstrap_difference(*[[per_prompt(p["fid_hits"], FIDELITY_SEEDS) for p in ps] for ps in (a, b)])
+
+
+def main_summary(runs: list[dict]) -> dict:
+    """Per concept and tau: each variant's matched points (means over seeds); D-OPSD minus SFT fidelity
+    (with and without the prior) with bootstrap intervals over seeds, then prompts, at equal steps (both
+    runs' whole length) and at equal compute (D-OPSD's checkpoints within the SFT run's model evaluations,
+    same seed)."""
+    out = {}
+    for concept in sorted({r["run"]["concept"] for r in runs}):
+        by_variant = {}
+        for r in sorted(runs, key=lambda r: r["run"]["seed"]):
+            if r["run"]["concept"] == concept and r["run"]["rank"] != SMALL_RANK:
+                by_variant.setdefault(r["variant"], []).append(r)
+        entry = {}
+        for tau in TAUS:
+            at = {v: [_at(r["points"], tau) for r in rs] for v, rs in by_variant.items()}
+            row = {v: {"seeds": len(ps), "reached": sum(p["reached"] for p in ps),
+                       "concept_fidelity": _mean(ps, "concept_fidelity", reached_only=False),
+                       **{k: _mean(ps, k, reached_only=True) for k in ("retention", "leak", "cross_token")}}
+                   for v, ps in at.items()}
+            for a, b in PAIRS:
+                if a not in at or b not in at:
+                    continue
+                row[f"{a} - {b}"] = _difference(at[a], at[b])
+                sft_budget = {r["run"]["seed"]: r["points"][-1]["model_evals"] for r in by_variant[b]}
+                equal = [_at(r["points"], tau, sft_budget[r["run"]["seed"]]) for r in by_variant[a]
+                         if r["run"]["seed"] in sft_budget]
+                paired = [p for r, p in zip(by_variant[b], at[b]) if r["run"]["seed"] in
+                          {x["run"]["seed"] for x in by_variant[a]}]
+                if equal and paired:
+                    row[f"{a} - {b}, equal compute"] = {**_difference(equal, paired),
+                                                        "dopsd_fidelity": _mean(equal, "concept_fidelity", False)}
+            entry[str(tau)] = row
+        out[concept] = entry
+    return out
+
+
+def default_choice(runs: list[dict], tau: float = DEFAULT_TAU) -> dict | None:
+    """The variant and checkpoint with the best fidelity, averaged over every concept and seed, whose
+    averaged selection retention is >= tau: the defaults the toy ships. Needs every concept."""
+    cells = {}
+    for r in runs:
+        if r["run"]["rank"] == SMALL_RANK:
+            continue
+        for p in r["points"]:
+            cells.setdefault((r["variant"], r["run"]["lr"], p["step"]), []).append((r["run"]["concept"], p))
+    best = None
+    for (variant, lr, step), cps in cells.items():
+        if len({c for c, _ in cps}) < 3:
+            continue
+        mean = {k: sum(p[k] for _, p in cps) / len(cps)
+                for k in ("concept_fidelity", "retention", "retention_selection", "leak", "cross_token")}
+        if mean["retention_selection"] >= tau and (best is None or mean["concept_fidelity"] > best["concept_fidelity"]):
+            best = {"variant": variant, "lr": lr, "step": step, "runs": len(cps), **mean}
+    return best
+
+
+BEST_TAUS = (0.85, 0.8, 0.7)
+
+
+def best_found(runs: list[dict]) -> dict:
+    """At each retention level, the single best checkpoint of any main run (selection retention >= tau):
+    the best point the study found, whatever it cost."""
+    out = {}
+    for tau in BEST_TAUS:
+        cands = [(p["concept_fidelity"], p["retention_selection"], r["name"], p) for r in runs for p in r["points"]
+                 if p["retention_selection"] >= tau]
+        if cands:
+            fid, _, name, p = max(cands, key=lambda c: (c[0], c[1]))
+            out[str(tau)] = {"run": name, "step": p["step"],
+                             **{k: p[k] for k in ("concept_fidelity", "retention", "leak", "cross_token")}}
+    return out
+
+
+def gap_summary(out: Path, main: list[dict]) -> dict:
+    """Per variant and tau, the mean 4-/32-step toy-FID at the matched points the gap stage measured."""
+    base_file = out / "base_gap.json"
+    if not base_file.is_file():
+        return {}
+    res = {"base": json.loads(base_file.read_text()), "variants": {}}
+    for tau in TAUS:
+        for r in main:
+            if r["run"]["rank"] == SMALL_RANK or (m := matched(r["points"], tau)) is None:
+                continue
+            f = out / "runs" / r["name"] / "eval" / f"gap-{m['step']:06d}.json"
+            if f.is_file():
+                res["variants"].setdefault(r["variant"], {}).setdefault(str(tau), []).append(json.loads(f.read_text()))
+    for v, by_tau in res["variants"].items():
+        for tau, gs in by_tau.items():
+            by_tau[tau] = {"points": len(gs), **{k: sum(g[k] for g in gs) / len(gs)
+                                                 for k in ("quality_4", "quality_32", "few_step_gap")}}
+    return res
+
+
+def _single_fidelity(main: list[dict]) -> dict:
+    return {(r["run"]["concept"], r["run"]["method"], r["run"]["seed"]): r["points"][-1]["concept_fidelity"]
+            for r in main if r["run"]["prior"] and r["run"]["rank"] != SMALL_RANK}
+
+
+def report(out: Path) -> dict:
+    """results.json, results.md and fronts.png from whatever runs are cached."""
+    from .chains import chain_summary
+    out = Path(out)
+    cached = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
+    prune = [cached[r.name] for r in prune_plan() if r.name in cached]
+    summary = {"prune": {"runs": [r["name"] for r in prune], "complete": len(prune) == len(prune_plan())}}
+    main, lam = [], []
+    if summary["prune"]["complete"]:
+        summary["prune"]["kept_lr"] = choose_lr(prune)
+        kept = {v: c["lr"] for v, c in summary["prune"]["kept_lr"].items()}
+        if all(lr is not None for lr in kept.values()):
+            plan = main_plan(kept)
+            main = [cached[r.name] for r in plan if r.name in cached]
+            summary["main"] = {"runs": [r["name"] for r in main], "planned": len(plan),
+                               "by_concept": main_summary(main), "default": default_choice(main),
+                               "best_found": best_found(main)}
+            summary["gap"] = gap_summary(out, main)
+            chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
+            if chains:
+                summary["chains"] = chain_summary(chains, _single_fidelity(main))
+            lam = [cached[r.name] for r in lambda_plan(kept) if r.name in cached]
+            if lam:
+                summary["lambda"] = {"runs": [r["name"] for r in lam], "planned": len(lambda_plan(kept))}
+    results = {"stamp": json.loads((out / "stamp.json").read_text()), "summary": summary,
+               "runs": {r["name"]: r for r in prune + main + lam}}
+    save_json(results, out / "results.json")
+    save_bytes(study_markdown(results).encode(), out / "results.md")
+    if main:
+        save_png(fronts_figure(main), out / "fronts.png")
+    return results
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.0f}%"
+
+
+def _interval(d: dict) -> str:
+    return f"{100 * d['diff']:+.0f} [{100 * d['lo']:+.0f}, {100 * d['hi']:+.0f}]"
+
+
+def _point_cells(m: dict | None) -> str:
+    return "not reached" if m is None else (f"fid {_pct(m['concept_fidelity'])} @{m['step']} "
+                                            f"(ret {_pct(m['retention'])}, leak {_pct(m['leak'])})")
+
+
+def aims_table(default: dict) -> list[str]:
+    lines = ["| metric | aim | measured |", "|---|---|---|"]
+    for k, (op, v) in AIMS.items():
+        met = default[k] >= v if op == ">=" else default[k] <= v
+        lines.append(f"| {k} | {op} {_pct(v)} | {_pct(default[k])} ({'met' if met else 'not met'}) |")
+    return lines
+
+
+def best_table(best: dict) -> list[str]:
+    lines = ["| selection retention >= | run | step | fidelity | retention | leak | cross_token |",
+             "|---|---|---|---|---|---|---|"]
+    for tau, b in best.items():
+        lines.append(f"| {tau} | {b['run']} | {b['step']} | " + " | ".join(
+            _pct(b[k]) for k in ("concept_fidelity", "retention", "leak", "cross_token")) + " |")
+    return lines
+
+
+def differences_table(by_concept: dict) -> list[str]:
+    lines = ["| concept | tau | with prior, equal steps | with prior, equal compute | no prior, equal steps | "
+             "no prior, equal compute |", "|---|---|---|---|---|---|"]
+    for concept, by_tau in by_concept.items():
+        for tau, row in by_tau.items():
+            cells = [_interval(row[k]) if k in row else "–" for a, b in PAIRS
+                     for k in (f"{a} - {b}", f"{a} - {b}, equal compute")]
+            lines.append(f"| {concept} | {tau} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def fronts_table(by_concept: dict) -> list[str]:
+    lines = ["| concept | tau | " + " | ".join(v for pair in PAIRS for v in pair) + " |",
+             "|---|---|" + "---|" * 4]
+    for concept, by_tau in by_concept.items():
+        for tau, row in by_tau.items():
+            cells = []
+            for v in (v for pair in PAIRS for v in pair):
+                m = row.get(v)
+                cells.append("–" if m is None else f"{_pct(m['concept_fidelity'])} ({m['reached']}/{m['seeds']})")
+            lines.append(f"| {concept} | {tau} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def gap_table(gap: dict) -> list[str]:
+    b = gap["base"]
+    lines = ["| model | tau | points | toy-FID 4 steps | toy-FID 32 steps | 4 minus 32 |", "|---|---|---|---|---|---|",
+             f"| base | – | 1 | {b['quality_4']:.0f} | {b['quality_32']:.0f} | {b['few_step_gap']:+.0f} |"]
+    for v, by_tau in sorted(gap["variants"].items()):
+        for tau, g in by_tau.items():
+            lines.append(f"| {v} | {tau} | {g['points']} | {g['quality_4']:.0f} | {g['quality_32']:.0f} | "
+                         f"{g['few_step_gap']:+.0f} |")
+    return lines
+
+
+def chains_table(chains: dict) -> list[str]:
+    lines = ["| variant | seeds | after stage | star | heart | crescent | retention | newest concept's leak |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v, c in chains.items():
+        for s in c["stages"]:
+            fid = [_pct(s["fidelity"].get(k)) for k in ("star", "heart", "crescent")]
+            lines.append(f"| {v} | {c['seeds']} | {s['concept']} | " + " | ".join(fid)
+                         + f" | {_pct(s['retention'])} | {_pct(s['leak'])} |")
+    lines += ["", "| variant | concept | own run | after the chain | kept share |", "|---|---|---|---|---|"]
+    for v, c in chains.items():
+        for k, m in c["kept"].items():
+            lines.append(f"| {v} | {k} | {_pct(m['single_run'])} | {_pct(m['after_chain'])} | {_pct(m['kept_share'])} |")
+    return lines
+
+
+def lambda_table(runs: dict, names: list[str], main: dict) -> list[str]:
+    lines = ["| concept | variant | lambda | " + " | ".join(f"tau {t}" for t in TAUS) + " | step 200 |",
+             "|---|---|---|" + "---|" * (len(TAUS) + 1)]
+    rows = [runs[n] for n in names]
+    for r in rows:  # main's lambda-1 run of the same concept, variant and seed, for comparison
+        twin = next((m for m in main.values() if m["run"]["concept"] == r["run"]["concept"] and
+                     m["variant"] == r["variant"] and m["run"]["seed"] == r["run"]["seed"]
+                     and m["run"]["rank"] == r["run"]["rank"]), None)
+        if twin and twin not in rows:
+            rows.append(twin)
+    rows.sort(key=lambda r: (r["run"]["concept"], r["variant"], r["run"].get("prior_weight", PRIOR["prior_weight"])))
+    for r in rows:
+        last = r["points"][-1]
+        lines.append(f"| {r['run']['concept']} | {r['variant']} | {r['run'].get('prior_weight', PRIOR['prior_weight']):g} | "
+                     + " | ".join(_point_cells(matched(r["points"], t)) for t in TAUS)
+                     + f" | fid {_pct(last['concept_fidelity'])}, ret {_pct(last['retention'])} |")
+    return lines
+
+
+def study_markdown(results: dict) -> str:
+    runs = results["runs"]
+    s = results["summary"]
+    lines = ["# Toy trade-off study", "",
+             "Generated by `dopsd experiment --stage ...` from results.json; every number below is from it.", ""]
+    main = s.get("main")
+    if main and main.get("default"):
+        d = main["default"]
+        lines += ["## Defaults chosen and the aims", "",
+                  f"Best mean fidelity over every concept and seed whose mean selection retention is >= "
+                  f"{DEFAULT_TAU}: **{d['variant']}, lr {d['lr']:g}, step {d['step']}** ({d['runs']} runs). "
+                  "At 4 steps, on the evaluation prompts:", "", *aims_table(d), ""]
+    lines += ["## Prune (star, seed 0, rank 16): every checkpoint at 4 steps", "",
+              "| variant | lr | step | fidelity | retention | selection retention | leak | cross_token | model evals |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name in s["prune"]["runs"]:
+        r = runs[name]
+        for p in r["points"]:
+            lines.append(f"| {r['variant']} | {r['run']['lr']:g} | {p['step']} | {_pct(p['concept_fidelity'])} | "
+                         f"{_pct(p['retention'])} | {_pct(p['retention_selection'])} | {_pct(p['leak'])} | "
+                         f"{_pct(p['cross_token'])} | {p['model_evals']} |")
+    lines += ["", "## Matched points (best fidelity with selection retention >= tau; retention shown on the "
+              "evaluation prompts)", "", "| variant | lr | " + " | ".join(f"tau {t}" for t in TAUS) + " |",
+              "|---|---|" + "---|" * len(TAUS)]
+    for name in s["prune"]["runs"]:
+        r = runs[name]
+        lines.append(f"| {r['variant']} | {r['run']['lr']:g} | "
+                     + " | ".join(_point_cells(matched(r["points"], t)) for t in TAUS) + " |")
+    if "kept_lr" not in s["prune"]:
+        return "\n".join(lines) + "\n"
+    lines += ["", "Kept lr per variant (largest sum of matched fidelities over the taus):", ""]
+    for v, c in s["prune"]["kept_lr"].items():
+        at = ", ".join(f"tau {t}: {_pct(f)}" for t, f in c["fidelity_at"].items())
+        lines.append(f"- {v}: " + ("no lr reached any tau with fidelity > 0" if c["lr"] is None else
+                                   f"lr {c['lr']:g} ({at})"))
+    if not main:
+        return "\n".join(lines) + "\n"
+    lines += ["", f"## Main: kept lrs, rank 16 ({len(main['runs'])} of {main['planned']} planned runs cached)", "",
+              "Means over the seeds of the matched point per seed (fidelity counts 0 where tau is not reached; "
+              "retention, leak and cross_token are means over the seeds that reached it). Fronts: fronts.png "
+              "(every checkpoint, means over seeds).", ""]
+    for concept, by_tau in main["by_concept"].items():
+        lines += [f"### {concept}", "", "| tau | variant | seeds (reached) | fidelity | retention | leak | "
+                  "cross_token |", "|---|---|---|---|---|---|---|"]
+        for tau, row in by_tau.items():
+            for v, m in row.items():
+                if " - " in v:
+                    continue
+                lines.append(f"| {tau} | {v} | {m['seeds']} ({m['reached']}) | {_pct(m['concept_fidelity'])} | "
+                             + (" | ".join(_pct(m[k]) for k in ("retention", "leak", "cross_token"))
+                                if m["reached"] else "– | – | –") + " |")
+        lines.append("")
+    lines += ["### D-OPSD minus SFT", "",
+              "Fidelity difference in points at the matched points, 95 % bootstrap interval over seeds, then "
+              "prompts. Equal compute: D-OPSD's checkpoints within the model evaluations of the whole SFT run "
+              "of the same seed.", "", *differences_table(main["by_concept"]), ""]
+    if main.get("best_found"):
+        lines += ["### The best single checkpoints found", "",
+                  "Over every main run and checkpoint (any concept, variant and seed): the highest fidelity at each "
+                  "retention level.", "", *best_table(main["best_found"]), ""]
+    small = [r for r in (runs.get(n) for n in main["runs"]) if r and r["run"]["rank"] == SMALL_RANK]
+    if small:
+        lines += [f"### Rank {SMALL_RANK} against rank 16 (star, seed 0)", "",
+                  "| variant | rank | " + " | ".join(f"tau {t}" for t in TAUS) + " |", "|---|---|" + "---|" * len(TAUS)]
+        for r in small:
+            twin = next((m for m in (runs.get(n) for n in main["runs"]) if m and m["variant"] == r["variant"]
+                         and m["run"]["concept"] == r["run"]["concept"] and m["run"]["seed"] == r["run"]["seed"]
+                         and m["run"]["rank"] != SMALL_RANK), None)
+            for x in (twin, r):
+                if x:
+                    lines.append(f"| {x['variant']} | {x['run']['rank']} | "
+                                 + " | ".join(_point_cells(matched(x["points"], t)) for t in TAUS) + " |")
+        lines.append("")
+    if s.get("gap"):
+        lines += ["## Few-step gap at the matched points", "",
+                  "toy-FID (lower is better) of the 192 unrelated prompts at 4 and 32 steps, means over the "
+                  "matched points of every concept and seed.", "", *gap_table(s["gap"]), ""]
+    if s.get("chains"):
+        lines += ["## Continual chains: star -> heart -> crescent, with the prior", "",
+                  "Fidelity of each concept after each stage, means over seeds; the kept share compares the end "
+                  f"of the chain with the concept's own main run (step {CHECKPOINTS[-1]}, same method and seed).", "",
+                  *chains_table(s["chains"]), ""]
+    if s.get("lambda"):
+        lines += ["## The prior's weight (seed 0)", "", *lambda_table(runs, s["lambda"]["runs"], runs), ""]
+    return "\n".join(lines) + "\n"
+
+
+def readme_section(results: dict) -> str:
+    """The README's results section, generated from results.json (a test keeps the two equal)."""
+    s = results["summary"]
+    main = s.get("main", {})
+    lines = [f"Study: {len(main.get('runs', []))} of {main.get('planned', '?')} main runs (3 concepts x 3 seeds "
+             "x 4 variants, and rank 3 on the star), each evaluated at steps " + "/".join(map(str, CHECKPOINTS))
+             + " at 4 sampling steps (96 fidelity samples, 192 unrelated prompts)."]
+    d = main.get("default")
+    if d:
+        lines += ["", f"**Defaults chosen from it:** {d['variant']}, lr {d['lr']:g}, {d['step']} steps (the best mean "
+                  f"fidelity over all concepts and seeds with mean selection retention >= {DEFAULT_TAU}). Against "
+                  "the aims, mean over 3 concepts x 3 seeds:", "", *aims_table(d)]
+    if main.get("by_concept"):
+        lines += ["", "**Fronts.** Fidelity at the matched point (best fidelity with retention >= tau on a separate "
+                  "prompt set), mean over seeds (seeds that reached tau / seeds):", "", *fronts_table(main["by_concept"]),
+                  "", "**D-OPSD minus SFT**, fidelity points with 95 % bootstrap intervals (seeds, then prompts); "
+                  "equal compute gives D-OPSD only the model evaluations of the SFT run:", "",
+                  *differences_table(main["by_concept"])]
+    if main.get("best_found"):
+        lines += ["", "**The best single checkpoints found** (any concept, variant and seed):", "",
+                  *best_table(main["best_found"])]
+    if s.get("gap"):
+        lines += ["", "**Few-step gap** (toy-FID, lower is better; the base is a 4-step model):", "", *gap_table(s["gap"])]
+    if s.get("chains"):
+        lines += ["", "**Continual chains** (star -> heart -> crescent, prior on, 3 seeds):", "", *chains_table(s["chains"])]
+    if s.get("lambda"):
+        lines += ["", "**The prior's weight** (seed 0):", "", *lambda_table(results["runs"], s["lambda"]["runs"],
+                                                                           results["runs"])]
+    return "\n".join(lines) + "\n"
+
+
+VARIANT_COLOURS = {"dopsd": (40, 90, 190), "dopsd + prior": (20, 160, 200), "sft": (220, 120, 60),
+                   "sft + prior": (190, 40, 60)}
+
+
+def fronts_figure(main: list[dict], panel: int = 260) -> Image.Image:
+    """Fidelity (y) against retention (x) per concept: each variant's checkpoints in step order, means
+    over seeds (rank 16)."""
+    concepts = sorted({r["run"]["concept"] for r in main})
+    img = Image.new("RGB", (panel * len(concepts), panel + 40), "white")
+    d = ImageDraw.Draw(img)
+    for i, concept in enumerate(concepts):
+        x0, y0, size = i * panel + 30, 20, panel - 45
+        d.rectangle([x0, y0, x0 + size, y0 + size], outline=(150, 150, 150))
+        d.text((x0, 4), f"{concept}: fidelity vs retention", fill=(0, 0, 0))
+        for v, colour in VARIANT_COLOURS.items():
+            rs = [r for r in main if r["run"]["concept"] == concept and r["variant"] == v and r["run"]["rank"] != SMALL_RANK]
+            if not rs:
+                continue
+            pts = []
+            for j in range(min(len(r["points"]) for r in rs)):
+                ret = sum(r["points"][j]["retention"] for r in rs) / len(rs)
+                fid = sum(r["points"][j]["concept_fidelity"] for r in rs) / len(rs)
+                pts.append((x0 + ret * size, y0 + (1 - fid) * size))
+            d.line(pts, fill=colour, width=2)
+            for x, y in pts:
+                d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        d.text((x0, y0 + size + 3), "0      retention      1", fill=(0, 0, 0))
+    x = 30
+    for v, colour in VARIANT_COLOURS.items():
+        d.text((x, panel + 22), v, fill=colour)
+        x += 14 + 7 * len(v)
+    return img
