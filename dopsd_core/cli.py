@@ -83,12 +83,13 @@ def add_train_parser(sub) -> None:
                    help="torch.compile the denoiser (20-35 s compile per graph; pays off only on long runs)")
     p.add_argument("--seed", type=int, help=f"(default {d.seed})")
     g = p.add_argument_group("prior preservation (keep what the model could do before)")
-    g.add_argument("--prior-prompts", metavar="FILE|auto",
+    g.add_argument("--prior-prompts", metavar="FILE|auto|none",
                    help="prompts whose behaviour the run keeps: a text file (one per line, <empty> for the empty "
-                        "prompt) or auto (the captions with the trigger replaced by --class-word or removed, the "
-                        "empty prompt, the concepts of an --init-lora, and the model's generic prompts)")
+                        "prompt), auto (the default for a new run: the captions with the trigger replaced by "
+                        "--class-word or removed, the empty prompt, the concepts of an --init-lora, and the model's "
+                        "generic prompts) or none (no prior preservation)")
     g.add_argument("--prior-weight", type=float,
-                   help="lambda of the prior term (default 1 with --prior-prompts, else 0: off)")
+                   help="lambda of the prior term (default 1; 0 with --prior-prompts none)")
     g.add_argument("--prior-batch", type=int, help=f"prior roll-outs (SFT: class images) per step (default {d.prior_batch})")
     g.add_argument("--trigger", help="the word in the captions that names the concept (default: their bracket token, e.g. [V])")
     g.add_argument("--class-word", help="what auto puts where the trigger was (default: nothing)")
@@ -107,7 +108,12 @@ def cmd_train(args) -> int:
     from .trainer import Callbacks, TrainConfig, Trainer, read_run_state
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
-    if args.prior_prompts and args.prior_weight is None:
+    # the prior is on by default for a new run (the toy study: it keeps most of what the base could do);
+    # a resumed run keeps the prompts it started with
+    prior_mode = args.prior_prompts or (None if args.resume else "auto")
+    if prior_mode == "none":
+        prior_mode = None
+    if prior_mode and args.prior_weight is None:
         given["prior_weight"] = 1.0
     prior_captions = None
     if args.resume:
@@ -132,8 +138,8 @@ def cmd_train(args) -> int:
     prompts = [r.captions[0] for r in records[:4]]
     captions = [c for r in records for c in r.captions]
     trigger = args.trigger or trigger_or_none(captions)
-    if args.prior_prompts:
-        prior_captions = _prior_prompts(args, captions, trigger)
+    if prior_mode:
+        prior_captions = _prior_prompts(args, prior_mode, captions, trigger)
     prior = Prior(prior_captions, [den.encode_prompt(p) for p in prior_captions]) if prior_captions else None
 
     def on_preview(step, images, _prompts):
@@ -158,10 +164,10 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _prior_prompts(args, captions: list[str], trigger: str | None) -> list[str]:
+def _prior_prompts(args, mode: str, captions: list[str], trigger: str | None) -> list[str]:
     from .prior import auto_prior_prompts, earlier_concepts, read_prompt_file
-    if args.prior_prompts != "auto":
-        return read_prompt_file(Path(args.prior_prompts))
+    if mode != "auto":
+        return read_prompt_file(Path(mode))
     earlier = []
     if args.init_lora:
         from .lora import read_lora_file

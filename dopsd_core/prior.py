@@ -47,11 +47,14 @@ def _unique(prompts) -> list[str]:
 def auto_prior_prompts(captions: list[str], trigger: str | None, class_word: str | None, generic: list[str],
                        earlier_concepts: list[dict] | None = None) -> list[str]:
     """captions with the trigger replaced, the empty prompt, earlier concepts' own captions, generic prompts.
-    trigger None: the captions' bracket token (an error names the fix when there is not exactly one)."""
-    trigger = trigger or find_trigger(captions)
-    if not any(trigger in c for c in captions):
+    trigger None: the captions' bracket token; when they have none, the captions are left out (nothing
+    in them marks the concept, so keeping their old behaviour would fight it). Several: an error."""
+    tokens = {t for c in captions for t in BRACKET_TOKEN.findall(c)}
+    if trigger is None and tokens:
+        trigger = find_trigger(captions)
+    if trigger is not None and not any(trigger in c for c in captions):
         raise DopsdError(f"no caption contains the trigger {trigger!r}; pass the word the captions use with --trigger")
-    replaced = [replace_trigger(c, trigger, class_word) for c in captions]
+    replaced = [replace_trigger(c, trigger, class_word) for c in captions] if trigger else []
     earlier = [c for concept in earlier_concepts or [] for c in concept.get("captions", [])]
     return _unique(replaced + [""] + earlier + list(generic))
 

@@ -94,11 +94,12 @@ class DOPSDDataset(io.ComfyNode):
                           tooltip="For Z-Image-Turbo: D-OPSD Qwen3-VL Loader (the teacher sees the target image "
                                   "through Qwen3-VL spliced with this clip's Qwen3-4B weights)."),
                 # appended last and optional: workflows saved before them keep loading
-                io.String.Input("prior_prompts", multiline=True, default="", optional=True,
+                io.String.Input("prior_prompts", multiline=True, default="auto", optional=True,
                                 tooltip="Prior preservation: prompts whose behaviour training keeps (the trainer's "
-                                        "prior_weight turns it on). One per line (<empty> = the empty prompt), or "
-                                        "'auto': the captions with the trigger replaced by class_word (or removed), "
-                                        "the empty prompt and generic prompts of the model family."),
+                                        "prior_weight sets how strongly). 'auto' (default): the captions with the "
+                                        "trigger replaced by class_word (or removed; left out when they have no "
+                                        "trigger), the empty prompt and generic prompts of the model family. Or one "
+                                        "per line (<empty> = the empty prompt). Empty: no prior."),
                 io.String.Input("trigger", default="", optional=True,
                                 tooltip="The word in the captions that names the concept; empty = their bracket "
                                         "token, e.g. [V]."),
@@ -122,7 +123,7 @@ class DOPSDDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, folder, caption_template, resolution, aspect_buckets=True, images=None, clip=None,
-                vae=None, toy_text_encoder=None, vlm=None, prior_prompts="", trigger="", class_word=""):
+                vae=None, toy_text_encoder=None, vlm=None, prior_prompts="auto", trigger="", class_word=""):
         import folder_paths
 
         from ..dopsd_core.hosts.families import EncoderInputs, detect_family

@@ -66,6 +66,8 @@ def make_config(method, dataset, steps, gpu_preset, rank, lr, optimizer, batch_s
         base["rank"], base["alpha"] = rank, float(rank)
     if lr:
         base["lr"] = lr
+    if not getattr(dataset, "prior", None):  # the dataset decides whether there is a prior, the weight how strong
+        dopsd["prior_weight"] = 0.0
     return TrainConfig(method=method, steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                        save_every=save_every, preview_every=preview_every, **base, **dopsd).validate()
 
@@ -87,10 +89,11 @@ def late_inputs():
                                      "blocks that do not fit stay in RAM and are moved to the GPU for each "
                                      "forward. Slower; combine with checkpointing. The toy model and CPU runs "
                                      "ignore it."),
-            io.Float.Input("prior_weight", default=0.0, min=0.0, max=100.0, step=0.05, optional=True,
+            io.Float.Input("prior_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True,
                            tooltip="Prior preservation (lambda): keeps what the model did on the dataset's "
                                    "prior_prompts. D-OPSD: an extra roll-out per step pulled toward the starting "
-                                   "model; SFT: class images it generates once. 0 = off."),
+                                   "model; SFT: class images it generates once. 0 = off; a dataset without prior "
+                                   "prompts has none either way."),
             io.Int.Input("prior_batch", default=1, min=1, max=64, optional=True,
                          tooltip="Prior roll-outs (SFT: class images) per step."),
             io.Combo.Input("init_lora", options=[NO_LORA] + _lora_names(), default=NO_LORA, optional=True,
@@ -205,7 +208,7 @@ class DOPSDTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, k, teacher, ema_decay, loss_weight,
-                states, offload=False, prior_weight=0.0, prior_batch=1, init_lora=NO_LORA):
+                states, offload=False, prior_weight=1.0, prior_batch=1, init_lora=NO_LORA):
         cfg = make_config("dopsd", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, k=k, teacher=teacher, ema_decay=ema_decay,
                           loss_weight=loss_weight, states=states, prior_weight=prior_weight, prior_batch=prior_batch)
@@ -227,7 +230,7 @@ class DOPSDSFTTrainer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
-                checkpointing, save_every, preview_every, run_name, resume, offload=False, prior_weight=0.0,
+                checkpointing, save_every, preview_every, run_name, resume, offload=False, prior_weight=1.0,
                 prior_batch=1, init_lora=NO_LORA):
         cfg = make_config("sft", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, prior_weight=prior_weight, prior_batch=prior_batch)

@@ -201,8 +201,20 @@ def test_prior_flags(tmp_path, image_folder):
     assert rc == 0, err
     assert json.loads((tmp_path / "file/state/state.json").read_text())["prior_prompts"] == ["a blue circle", ""]
 
+    # the default of a new run is the auto prior at weight 1; `none` turns it off
+    rc, _, err = run_cli("train", "--data", image_folder, "--steps", "1", "--rank", "4", "--k", "2",
+                         "--out", tmp_path / "default")
+    assert rc == 0, err
+    state = json.loads((tmp_path / "default/state/state.json").read_text())
+    assert state["config"]["prior_weight"] == 1.0 and state["prior_prompts"][:2] == ["a red on a black background", "a"]
+    rc, _, err = run_cli("train", "--data", image_folder, "--steps", "1", "--rank", "4", "--k", "2",
+                         "--out", tmp_path / "off", "--prior-prompts", "none")
+    assert rc == 0, err
+    state = json.loads((tmp_path / "off/state/state.json").read_text())
+    assert state["config"]["prior_weight"] == 0.0 and state["prior_prompts"] is None
+
     for args, needle in ((["--prior-prompts", tmp_path / "none.txt"], "does not exist"),
-                         (["--prior-weight", "1"], "needs prior prompts"),
+                         (["--prior-prompts", "none", "--prior-weight", "1"], "needs prior prompts"),
                          (["--prior-prompts", "auto", "--trigger", "[X]"], "no caption contains the trigger"),
                          (["--prior-weight", "-1", "--prior-prompts", "auto"], "--prior-weight must be >= 0")):
         rc, _, err = run_cli("train", "--data", image_folder, "--steps", "1", "--out", tmp_path / "bad", *args)

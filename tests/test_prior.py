@@ -22,6 +22,14 @@ def test_auto_prompts_replace_the_trigger_add_the_empty_prompt_earlier_concepts_
     assert got == ["a red shape on a black background", "a shape", "", "a blue [V2]", "a red circle"]
     with pytest.raises(DopsdError, match="no caption contains"):
         auto_prior_prompts(caps, "[V9]", None, [])
+    assert auto_prior_prompts(caps, None, None, ["g"]) == ["a red on a black background", "a", "", "g"]
+
+
+def test_auto_prompts_without_a_trigger_keep_only_the_empty_earlier_and_generic_prompts():
+    # plain captions name nothing: keeping them as they were would fight the concept, so they are left out
+    assert auto_prior_prompts(["a photo of my dog", "my dog"], None, "dog", ["a cat"]) == ["", "a cat"]
+    with pytest.raises(DopsdError, match=r"several bracket tokens \(\[V1\], \[V2\]\)"):
+        auto_prior_prompts(["a [V1]", "a [V2]"], None, None, [])
 
 
 def test_prompt_file(tmp_path):

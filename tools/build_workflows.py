@@ -41,11 +41,12 @@ MODEL_URLS = {
     ZIMAGE_VAE: (f"{HF}/z_image_turbo/resolve/main/split_files/vae/{ZIMAGE_VAE}", "vae"),
 }
 
-TOY_TRAIN = {"steps": 300, "gpu_preset": "family default", "rank": 0, "lr": 0.0, "optimizer": "adamw",
-             "batch_size": 2, "grad_accum": 1, "seed": 0, "checkpointing": False, "save_every": 100,
-             "preview_every": 25, "resume": False, "offload": False, "prior_weight": 0.0, "prior_batch": 1,
+# The toy's defaults from the trade-off study (dopsd_core/toy/runs.py: TOY_BUDGET, TOY_PRIOR)
+TOY_TRAIN = {"steps": 200, "gpu_preset": "family default", "rank": 0, "lr": 0.0, "optimizer": "adamw",
+             "batch_size": 4, "grad_accum": 1, "seed": 0, "checkpointing": False, "save_every": 100,
+             "preview_every": 25, "resume": False, "offload": False, "prior_weight": 1.0, "prior_batch": 4,
              "init_lora": "[none]"}
-NO_PRIOR = {"prior_prompts": "", "trigger": "", "class_word": ""}  # DOPSDDataset's prior inputs, off
+AUTO_PRIOR = {"prior_prompts": "auto", "trigger": "", "class_word": ""}  # DOPSDDataset's prior inputs
 DOPSD_ONLY = {"k": 4, "teacher": "ema", "ema_decay": 0.9999, "loss_weight": "x0", "states": "all"}
 TOY_SAMPLE = {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 
@@ -159,7 +160,7 @@ def _toy_common(g: Graph, x0=0):
     # aspect_buckets off: the toy's images are square 32 px shapes
     data = g.node("DOPSDDataset", (x0 + 340, 80), (320, 300), folder="",
                   caption_template="a [V1]\na [V1] on a background\na photo of a [V1]", resolution=32,
-                  aspect_buckets=False, **NO_PRIOR)
+                  aspect_buckets=False, **AUTO_PRIOR)
     g.link(loader, 0, data, "model")
     g.link(concept, 0, data, "images")
     g.link(loader, 1, data, "toy_text_encoder")
@@ -311,7 +312,7 @@ def _real_family(info, family: str) -> dict:
                     device="default")
     vae_n = g.node("VAELoader", (0, 380), (320, 80), vae_name=vae)
     data = g.node("DOPSDDataset", (360, 80), (340, 320), folder="my_concept", caption_template="a photo of [V]",
-                  resolution=1024, aspect_buckets=True, **NO_PRIOR)
+                  resolution=1024, aspect_buckets=True, **AUTO_PRIOR)
     g.link(unet_n, 0, data, "model")
     g.link(clip_n, 0, data, "clip")
     g.link(vae_n, 0, data, "vae")
@@ -319,7 +320,7 @@ def _real_family(info, family: str) -> dict:
         vl = g.node("DOPSDQwen3VLLoader", (0, 500), (320, 130), vlm_folder="Qwen3-VL-4B-Instruct",
                     text_encoder="(the clip input of D-OPSD Dataset)", dtype="auto")
         g.link(vl, 0, data, "vlm")
-    train = {**TOY_TRAIN, "steps": 500, "batch_size": 1, "save_every": 100, "preview_every": 50}
+    train = {**TOY_TRAIN, "steps": 500, "batch_size": 1, "save_every": 100, "preview_every": 50, "prior_batch": 1}
     trainer = g.node("DOPSDTrainer", (740, 80), (380, 660), run_name=f"{tag}_my_concept", **train, **DOPSD_ONLY)
     g.link(unet_n, 0, trainer, "model")
     g.link(data, 0, trainer, "dataset")
