@@ -123,8 +123,8 @@ def main_plan(kept_lr: dict[str, float]) -> list[StudyRun]:
 
 
 def lambda_plan(kept_lr: dict[str, float]) -> list[StudyRun]:
-    return [StudyRun(c, m, True, kept_lr[StudyRun("", m, True, 0).variant], 0, prior_weight=w)
-            for c in LAMBDA_CONCEPTS for m in ("dopsd", "sft") for w in LAMBDAS]
+    return [StudyRun(c, m, True, kept_lr[f"{m} + prior"], 0, prior_weight=w)
+            for c in LAMBDA_CONCEPTS for m in ("dopsd", "sft") if f"{m} + prior" in kept_lr for w in LAMBDAS]
 
 
 def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:

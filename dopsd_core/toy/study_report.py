@@ -390,16 +390,21 @@ VARIANT_COLOURS = {"dopsd": (40, 90, 190), "dopsd + prior": (20, 160, 200), "sft
                    "sft + prior": (190, 40, 60)}
 
 
-def fronts_figure(main: list[dict], panel: int = 260) -> Image.Image:
-    """Fidelity (y) against retention (x) per concept: each variant's checkpoints in step order, means
-    over seeds (rank 16)."""
+def fronts_figure(main: list[dict], panel: int = 280) -> Image.Image:
+    """Fidelity (y) against retention (x) per concept: each variant's checkpoints in step order (the
+    first one ringed), means over seeds (rank 16); the grey line is retention 0.8."""
     concepts = sorted({r["run"]["concept"] for r in main})
     img = Image.new("RGB", (panel * len(concepts), panel + 40), "white")
     d = ImageDraw.Draw(img)
     for i, concept in enumerate(concepts):
-        x0, y0, size = i * panel + 30, 20, panel - 45
+        x0, y0, size = i * panel + 40, 20, panel - 60
         d.rectangle([x0, y0, x0 + size, y0 + size], outline=(150, 150, 150))
-        d.text((x0, 4), f"{concept}: fidelity vs retention", fill=(0, 0, 0))
+        d.line([(x0 + 0.8 * size, y0), (x0 + 0.8 * size, y0 + size)], fill=(210, 210, 210))
+        d.text((x0, 4), f"{concept}: fidelity (y) vs retention (x)", fill=(0, 0, 0))
+        d.text((x0 - 10, y0 - 4), "1", fill=(0, 0, 0))
+        d.text((x0 - 10, y0 + size - 8), "0", fill=(0, 0, 0))
+        d.text((x0 + size - 4, y0 + size + 3), "1", fill=(0, 0, 0))
+        d.text((x0 + size // 2 - 24, y0 + size + 3), "retention", fill=(0, 0, 0))
         for v, colour in VARIANT_COLOURS.items():
             rs = [r for r in main if r["run"]["concept"] == concept and r["variant"] == v and r["run"]["rank"] != SMALL_RANK]
             if not rs:
@@ -412,9 +417,10 @@ def fronts_figure(main: list[dict], panel: int = 260) -> Image.Image:
             d.line(pts, fill=colour, width=2)
             for x, y in pts:
                 d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        d.text((x0, y0 + size + 3), "0      retention      1", fill=(0, 0, 0))
-    x = 30
+            d.ellipse([pts[0][0] - 5, pts[0][1] - 5, pts[0][0] + 5, pts[0][1] + 5], outline=colour)
+    x = 40
     for v, colour in VARIANT_COLOURS.items():
         d.text((x, panel + 22), v, fill=colour)
-        x += 14 + 7 * len(v)
+        x += 20 + 7 * len(v)
+    d.text((x, panel + 22), "(ringed: step 10)", fill=(0, 0, 0))
     return img

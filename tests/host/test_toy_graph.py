@@ -109,8 +109,8 @@ def test_auto_prior_prompts_are_built_and_cached_by_the_dataset_node(comfy):
     generic prompts; the cache key covers them (another class word, another cached dataset)."""
     from dopsd_core.toy.metrics import prior_prompts
     data = comfy.input_dir / "toy_star_prior"
-    if not data.exists():
-        export_concept_folder("star", data, n=2)
+    if not data.exists():  # 3 images: no other test's data, so its datasets are cached here first
+        export_concept_folder("star", data, n=3)
     cache = comfy.output_dir / "dopsd" / "cache"
     made = []
     for class_word in ("", "shape"):

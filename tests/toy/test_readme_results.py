@@ -1,0 +1,35 @@
+"""tools/readme_results.py: the README's measured results equal what the committed results files say."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("dopsd_readme_results", ROOT / "tools" / "readme_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_results_are_the_generated_ones():
+    tool = _tool()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert tool.render(readme, tool.blocks()) == readme, "README results are stale: run python tools/readme_results.py"
+
+
+def test_the_blocks_come_from_the_files_and_a_missing_block_is_named():
+    tool = _tool()
+    demo = json.loads(tool.DEMO.read_text())
+    block = tool.blocks()["demo"]
+    assert f"to {100 * demo['lora']['concept_fidelity']:.0f} %" in block
+    study = json.loads(tool.STUDY.read_text())
+    d = study["summary"]["main"]["default"]
+    assert f"{100 * d['concept_fidelity']:.0f}%" in tool.blocks()["study"]
+    text = "a\n<!-- demo:begin -->\nold\n<!-- demo:end -->\nb\n"
+    assert tool.render(text, {"demo": "new\n"}) == "a\n<!-- demo:begin -->\nnew\n<!-- demo:end -->\nb\n"
+    with pytest.raises(SystemExit, match="study:begin"):
+        tool.render(text, {"study": "x\n"})
