@@ -11,7 +11,8 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
   main   the kept lr per variant x 3 concepts x 3 seeds, rank 16; and rank 3 (1.9 % of the toy's width,
          like the paper's rank 64 on its models) for the star
   gap    the 4- and 32-step toy-FID of the unrelated prompts at every main run's matched points
-  chains continual tuning star -> heart -> crescent with the prior, 3 seeds (toy/chains.py)
+  chains continual tuning star -> heart -> crescent with the prior, 3 seeds, and the warm-start teachers
+         (toy/chains.py)
   lambda the prior's weight: 0.3 and 3 against main's 1, both methods, the star, seed 0
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
 Compute is counted in model evaluations (a forward or a backward of one sample), not in seconds.
@@ -228,8 +229,9 @@ def run_study(out: Path, stage: str = "prune", log=print) -> dict:
             gap_stage(out, metrics, base, main, log)
             report(out)
         if "chains" in todo:
-            from .chains import run_chains
+            from .chains import run_chains, teacher_check
             run_chains(out, metrics, kept, log, on_stage=lambda: report(out))
+            teacher_check(out, metrics, log)
         if "lambda" in todo:
             for r in lambda_plan(kept):
                 run_one(r, out, metrics, log)
@@ -258,6 +260,8 @@ def gap_stage(out: Path, metrics: StudyMetrics, base, main: list[dict], log=prin
     if not base_file.is_file():
         save_json(quality_gap(metrics, base), base_file)
     for r in main:
+        if r["run"]["rank"] == SMALL_RANK:  # the report compares rank 3 at 4 steps only
+            continue
         run_dir = out / "runs" / r["name"]
         for step in gap_points(r):
             f = run_dir / "eval" / f"gap-{step:06d}.json"

@@ -138,7 +138,7 @@ def _single_fidelity(main: list[dict]) -> dict:
 
 def report(out: Path) -> dict:
     """results.json, results.md and fronts.png from whatever runs are cached."""
-    from .chains import chain_summary
+    from .chains import chain_summary, teacher_summary
     out = Path(out)
     cached = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
     prune = [cached[r.name] for r in prune_plan() if r.name in cached]
@@ -157,6 +157,7 @@ def report(out: Path) -> dict:
             chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
             if chains:
                 summary["chains"] = chain_summary(chains, _single_fidelity(main))
+                summary["chain_teachers"] = teacher_summary(out)
             lam = [cached[r.name] for r in lambda_plan(kept) if r.name in cached]
             if lam:
                 summary["lambda"] = {"runs": [r["name"] for r in lam], "planned": len(lambda_plan(kept))}
@@ -246,6 +247,13 @@ def chains_table(chains: dict) -> list[str]:
     for v, c in chains.items():
         for k, m in c["kept"].items():
             lines.append(f"| {v} | {k} | {_pct(m['single_run'])} | {_pct(m['after_chain'])} | {_pct(m['kept_share'])} |")
+    return lines
+
+
+def teacher_table(teachers: dict) -> list[str]:
+    lines = ["| new concept | chains | base teacher | warm-start teacher |", "|---|---|---|---|"]
+    for concept, t in teachers.items():
+        lines.append(f"| {concept} | {t['chains']} | {_pct(t['base'])} | {_pct(t['warm_start'])} |")
     return lines
 
 
@@ -350,6 +358,10 @@ def study_markdown(results: dict) -> str:
                   "Fidelity of each concept after each stage, means over seeds; the kept share compares the end "
                   f"of the chain with the concept's own main run (step {CHECKPOINTS[-1]}, same method and seed).", "",
                   *chains_table(s["chains"]), ""]
+        if s.get("chain_teachers"):
+            lines += ["Teacher fidelity on each warm-started stage's new concept (its target in context, 4 steps), "
+                      "in the D-OPSD + prior chains whose teacher is the EMA of the warm start:", "",
+                      *teacher_table(s["chain_teachers"]), ""]
     if s.get("lambda"):
         lines += ["## The prior's weight (seed 0)", "", *lambda_table(runs, s["lambda"]["runs"], runs), ""]
     return "\n".join(lines) + "\n"
@@ -380,6 +392,9 @@ def readme_section(results: dict) -> str:
         lines += ["", "**Few-step gap** (toy-FID, lower is better; the base is a 4-step model):", "", *gap_table(s["gap"])]
     if s.get("chains"):
         lines += ["", "**Continual chains** (star -> heart -> crescent, prior on, 3 seeds):", "", *chains_table(s["chains"])]
+        if s.get("chain_teachers"):
+            lines += ["", "Teacher fidelity on a warm-started stage's new concept (target in context), base vs the warm "
+                      "start's LoRA:", "", *teacher_table(s["chain_teachers"])]
     if s.get("lambda"):
         lines += ["", "**The prior's weight** (seed 0):", "", *lambda_table(results["runs"], s["lambda"]["runs"],
                                                                            results["runs"])]

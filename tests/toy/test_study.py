@@ -142,10 +142,10 @@ def test_a_tiny_chain_warm_starts_each_stage_and_measures_every_concept_so_far(t
     from dopsd_core.toy.evaluator import load_evaluator
     metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12)
     kept = {"dopsd + prior": 1e-3, "sft + prior": 3e-4}
-    chain = chains_mod.Chain("dopsd + prior, base teacher", 0)
+    chain = chains_mod.Chain("dopsd + prior", 0)
     r = chains_mod.run_chain(chain, tmp_path, metrics, kept, log=lambda *_: None)
     assert [s["concept"] for s in r["stages"]] == ["star", "heart", "crescent"]
-    assert list(r["stages"][2]["concepts"]) == ["star", "heart", "crescent"] and r["teacher"] == "frozen"
+    assert list(r["stages"][2]["concepts"]) == ["star", "heart", "crescent"] and r["teacher"] == "ema"
     # the crescent stage started from the heart stage's LoRA, whose concepts its prior prompts include
     from dopsd_core.lora import read_lora_file
     meta = read_lora_file(tmp_path / r["stages"][2]["lora"])[1]
@@ -154,3 +154,25 @@ def test_a_tiny_chain_warm_starts_each_stage_and_measures_every_concept_so_far(t
     assert (tmp_path / "chains" / chain.name / "chain.json").is_file()
     again = chains_mod.run_chain(chain, tmp_path, metrics, kept, log=lambda *_: None)  # cached
     assert again == r
+    # the EMA chain's teachers: each new concept with the warm start's LoRA, against the base's
+    chains_mod.teacher_check(tmp_path, metrics, log=lambda *_: None)
+    t = chains_mod.teacher_summary(tmp_path)
+    assert set(t) == {"heart", "crescent"} and all(0 <= v["warm_start"] <= 1 and v["chains"] == 1 for v in t.values())
+    assert t["heart"]["base"] >= 0.8  # the shipped base copies the heart from its reference
+
+
+def test_gap_points_and_their_summary_over_the_matched_points(tmp_path):
+    from dopsd_core.fileio import save_json
+    points = [_pt(10, "0" * 96, 0.9), _pt(20, "1" * 96, 0.75), _pt(40, "1" * 96, 0.5)]
+    run = _run("sft + prior", 0, points) | {"name": "r0"}
+    assert study.gap_points(run) == [10, 20]  # tau 0.8 -> step 10; 0.7 and 0.6 -> step 20; 40 never
+    save_json({"quality_4": 100.0, "quality_32": 150.0, "few_step_gap": -50.0}, tmp_path / "base_gap.json")
+    for step, q4, q32 in ((10, 200.0, 220.0), (20, 400.0, 300.0)):
+        save_json({"step": step, "quality_4": q4, "quality_32": q32, "few_step_gap": q4 - q32},
+                  tmp_path / "runs" / "r0" / "eval" / f"gap-{step:06d}.json")
+    g = study_report.gap_summary(tmp_path, [run])
+    assert g["base"]["few_step_gap"] == -50.0
+    assert g["variants"]["sft + prior"]["0.8"] == {"points": 1, "quality_4": 200.0, "quality_32": 220.0,
+                                                   "few_step_gap": -20.0}
+    assert g["variants"]["sft + prior"]["0.6"]["few_step_gap"] == 100.0
+    assert "| sft + prior | 0.7 | 1 | 400 | 300 | +100 |" in study_report.gap_table(g)
