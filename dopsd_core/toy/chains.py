@@ -122,10 +122,12 @@ def run_chains(out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], log=
     return results
 
 
-def teacher_check(out: Path, metrics: StudyMetrics, log=print) -> None:
+def teacher_check(out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], log=print) -> None:
     """For every finished EMA-teacher chain, each warm-started stage's teacher fidelity on its new concept
     (caption + target in context, 4 steps) with the teacher it had, the warm start's LoRA (the EMA starts
-    there and moves about 2 % in 200 steps at decay 0.9999), against the base's. Cached in teacher.json."""
+    there and moves about 2 % in 200 steps at decay 0.9999), against the base's; and for the second
+    stage, what the teacher would be after a star run without the prior (the main stage's D-OPSD run of
+    the same seed). Cached in teacher.json."""
     base_fid = {}
     for chain_file in sorted((out / "chains").glob("*/chain.json")):
         chain = json.loads(chain_file.read_text())
@@ -140,6 +142,12 @@ def teacher_check(out: Path, metrics: StudyMetrics, log=print) -> None:
                 base_fid[concept] = metrics.teacher_fidelity(load_toy_file(BASE_WEIGHTS), concept, images, captions)
             warm = metrics.teacher_fidelity(load_with_lora(out / prev["lora"]), concept, images, captions)
             res[concept] = {"base": base_fid[concept], "warm_start": warm}
+            if concept == HELD_OUT_SHAPES[1]:
+                plain = StudyRun(HELD_OUT_SHAPES[0], "dopsd", False, kept_lr["dopsd"], chain["seed"])
+                lora = out / "runs" / plain.name / "train" / f"lora-{CHECKPOINTS[-1]:06d}.safetensors"
+                if lora.is_file():
+                    res[concept]["warm_start_without_prior"] = metrics.teacher_fidelity(
+                        load_with_lora(lora), concept, images, captions)
             log(f"{chain_file.parent.name}: {concept} teacher fidelity, base {base_fid[concept]:.2f}, warm start {warm:.2f}")
         save_json(res, f)
 
@@ -153,6 +161,9 @@ def teacher_summary(out: Path) -> dict:
         if vals:
             out_[concept] = {"chains": len(vals), "base": vals[0]["base"],
                              "warm_start": sum(v["warm_start"] for v in vals) / len(vals)}
+            plain = [v["warm_start_without_prior"] for v in vals if "warm_start_without_prior" in v]
+            if plain:
+                out_[concept]["warm_start_without_prior"] = sum(plain) / len(plain)
     return out_
 
 

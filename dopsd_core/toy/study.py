@@ -231,7 +231,7 @@ def run_study(out: Path, stage: str = "prune", log=print) -> dict:
         if "chains" in todo:
             from .chains import run_chains, teacher_check
             run_chains(out, metrics, kept, log, on_stage=lambda: report(out))
-            teacher_check(out, metrics, log)
+            teacher_check(out, metrics, kept, log)
         if "lambda" in todo:
             for r in lambda_plan(kept):
                 run_one(r, out, metrics, log)

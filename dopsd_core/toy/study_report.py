@@ -251,9 +251,11 @@ def chains_table(chains: dict) -> list[str]:
 
 
 def teacher_table(teachers: dict) -> list[str]:
-    lines = ["| new concept | chains | base teacher | warm-start teacher |", "|---|---|---|---|"]
+    lines = ["| new concept | chains | base teacher | warm-start teacher | warm start trained without the prior |",
+             "|---|---|---|---|---|"]
     for concept, t in teachers.items():
-        lines.append(f"| {concept} | {t['chains']} | {_pct(t['base'])} | {_pct(t['warm_start'])} |")
+        lines.append(f"| {concept} | {t['chains']} | {_pct(t['base'])} | {_pct(t['warm_start'])} | "
+                     f"{_pct(t.get('warm_start_without_prior'))} |")
     return lines
 
 
@@ -264,7 +266,8 @@ def lambda_table(runs: dict, names: list[str], main: dict) -> list[str]:
     for r in rows:  # main's lambda-1 run of the same concept, variant and seed, for comparison
         twin = next((m for m in main.values() if m["run"]["concept"] == r["run"]["concept"] and
                      m["variant"] == r["variant"] and m["run"]["seed"] == r["run"]["seed"]
-                     and m["run"]["rank"] == r["run"]["rank"]), None)
+                     and m["run"]["rank"] == r["run"]["rank"] and m["run"]["lr"] == r["run"]["lr"]
+                     and m["run"].get("prior_weight", PRIOR["prior_weight"]) == PRIOR["prior_weight"]), None)
         if twin and twin not in rows:
             rows.append(twin)
     rows.sort(key=lambda r: (r["run"]["concept"], r["variant"], r["run"].get("prior_weight", PRIOR["prior_weight"])))

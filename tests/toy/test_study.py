@@ -155,7 +155,7 @@ def test_a_tiny_chain_warm_starts_each_stage_and_measures_every_concept_so_far(t
     again = chains_mod.run_chain(chain, tmp_path, metrics, kept, log=lambda *_: None)  # cached
     assert again == r
     # the EMA chain's teachers: each new concept with the warm start's LoRA, against the base's
-    chains_mod.teacher_check(tmp_path, metrics, log=lambda *_: None)
+    chains_mod.teacher_check(tmp_path, metrics, kept, log=lambda *_: None)
     t = chains_mod.teacher_summary(tmp_path)
     assert set(t) == {"heart", "crescent"} and all(0 <= v["warm_start"] <= 1 and v["chains"] == 1 for v in t.values())
     assert t["heart"]["base"] >= 0.8  # the shipped base copies the heart from its reference
@@ -176,3 +176,15 @@ def test_gap_points_and_their_summary_over_the_matched_points(tmp_path):
                                                    "few_step_gap": -20.0}
     assert g["variants"]["sft + prior"]["0.6"]["few_step_gap"] == 100.0
     assert "| sft + prior | 0.7 | 1 | 400 | 300 | +100 |" in study_report.gap_table(g)
+
+
+def test_lambda_table_compares_with_mains_run_of_the_same_lr():
+    def run(name, lr, weight, fid):
+        r = _run("dopsd + prior", 0, [_pt(200, "1" * int(96 * fid) + "0" * (96 - int(96 * fid)), 0.9)])
+        r["run"].update(lr=lr, prior_weight=weight)
+        return r | {"name": name}
+    runs = {"prune_lr1e-4": run("prune_lr1e-4", 1e-4, 1.0, 0.75), "main": run("main", 1e-3, 1.0, 0.25),
+            "w3": run("w3", 1e-3, 3.0, 0.5)}
+    lines = study_report.lambda_table(runs, ["w3"], runs)
+    assert len(lines) == 4  # header, rule, lambda 1 (main's run at lr 1e-3) and lambda 3
+    assert "| 1 | fid 25% @200" in lines[2] and "| 3 | fid 50% @200" in lines[3]
