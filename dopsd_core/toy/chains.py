@@ -142,7 +142,7 @@ def teacher_check(out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], l
                 base_fid[concept] = metrics.teacher_fidelity(load_toy_file(BASE_WEIGHTS), concept, images, captions)
             warm = metrics.teacher_fidelity(load_with_lora(out / prev["lora"]), concept, images, captions)
             res[concept] = {"base": base_fid[concept], "warm_start": warm}
-            if concept == HELD_OUT_SHAPES[1]:
+            if concept == HELD_OUT_SHAPES[1] and "dopsd" in kept_lr:
                 plain = StudyRun(HELD_OUT_SHAPES[0], "dopsd", False, kept_lr["dopsd"], chain["seed"])
                 lora = out / "runs" / plain.name / "train" / f"lora-{CHECKPOINTS[-1]:06d}.safetensors"
                 if lora.is_file():
