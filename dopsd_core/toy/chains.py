@@ -57,12 +57,11 @@ def _captions(concept: str) -> list[str]:
 
 def measure(metrics: StudyMetrics, den, concepts: list[str]) -> dict:
     """Each concept's fidelity, leak and cross_token (its fidelity hits kept), and the retention."""
-    out = {"concepts": {}}
+    s4 = metrics.unrelated_samples(den)  # once: every concept's leak is measured on the same samples
+    out = {"concepts": {}, "retention": metrics.retention(s4)}
     for c in concepts:
-        m = metrics.evaluate(den, c, _captions(c), quality=False)
-        out["retention"] = m["retention"]
-        out["concepts"][c] = {k: m[k] for k in ("concept_fidelity", "leak", "cross_token")}
-        out["concepts"][c]["fid_hits"] = m["hits"]["concept_fidelity"]
+        values, hits = metrics.concept_metrics(den, c, _captions(c), s4)
+        out["concepts"][c] = {**values, "fid_hits": hits["concept_fidelity"]}
     return out
 
 

@@ -104,7 +104,7 @@ class ToyMetrics:
         self.ev, self.seed = evaluator, seed
         self.unrelated = unrelated_prompts(n_unrelated, seed)
         self.real_features = evaluator.features(real_renderings(self.unrelated, seed))
-        self.base_samples_4 = generate(base, [p for p, *_ in self.unrelated], 4, seed)
+        self.base_samples_4 = self.unrelated_samples(base)
 
     def retention_hits(self, images: torch.Tensor) -> list[bool]:
         shapes, colours = self.ev.classify(images)
@@ -131,28 +131,43 @@ class ToyMetrics:
         """The metrics above; with a concept also its per-sample outcomes under "hits" (fidelity: prompt-major,
         seed-minor; retention and leak: the unrelated prompts in order; cross_token: other tokens' prompts).
         quality=False skips the 32-step samples (quality_32, few_step_gap): 4-step metrics only."""
-        prompts = [p for p, *_ in self.unrelated]
-        s4 = generate(den, prompts, 4, self.seed)
-        q4 = self.quality(s4)
+        s4 = self.unrelated_samples(den)
         retention = self.retention_hits(s4)
-        out = {"retention": sum(retention) / len(retention), "quality_4": q4,
+        out = {"retention": sum(retention) / len(retention), "quality_4": self.quality(s4),
                "drift": (s4 - self.base_samples_4).flatten(1).norm(dim=1).mean().item()}
         if quality:
-            q32 = self.quality(generate(den, prompts, 32, self.seed))
-            out.update(quality_32=q32, few_step_gap=q4 - q32)
+            out.update(self.few_step_quality(den, out["quality_4"]))
         if concept:
-            cp = concept_prompts(concept, train_captions or [], seed=self.seed)
-            per_seed = [self.shape_hits(generate(den, cp, 4, self.seed + 1 + k), concept) for k in range(FIDELITY_SEEDS)]
-            fidelity = [h for prompt_hits in zip(*per_seed) for h in prompt_hits]  # prompt-major
-            leak = self.shape_hits(s4, concept)
-            cross = self.shape_hits(generate(den, cross_token_prompts(concept, seed=self.seed), 4, self.seed + 1),
-                                    concept)
-            out.update(concept_fidelity=sum(fidelity) / len(fidelity), leak=sum(leak) / len(leak),
-                       cross_token=sum(cross) / len(cross),
-                       hits={"concept_fidelity": hit_string(fidelity), "fidelity_seeds": FIDELITY_SEEDS,
-                             "retention": hit_string(retention), "leak": hit_string(leak),
-                             "cross_token": hit_string(cross)})
+            values, hits = self.concept_metrics(den, concept, train_captions or [], s4)
+            out.update(values, hits={**hits, "retention": hit_string(retention)})
         return out
+
+    def unrelated_samples(self, den: ToyDenoiser, steps: int = 4) -> torch.Tensor:
+        return generate(den, [p for p, *_ in self.unrelated], steps, self.seed)
+
+    @torch.no_grad()
+    def few_step_quality(self, den: ToyDenoiser, quality_4: float | None = None) -> dict:
+        """toy-FID of the unrelated prompts' 4- and 32-step samples and their difference (quality_4: already
+        measured on the same samples)."""
+        q4 = self.quality(self.unrelated_samples(den)) if quality_4 is None else quality_4
+        q32 = self.quality(self.unrelated_samples(den, 32))
+        return {"quality_4": q4, "quality_32": q32, "few_step_gap": q4 - q32}
+
+    @torch.no_grad()
+    def concept_metrics(self, den: ToyDenoiser, concept: str, train_captions: list[str],
+                        unrelated_4: torch.Tensor) -> tuple[dict, dict]:
+        """concept_fidelity, leak (on unrelated_4, the unrelated prompts' 4-step samples) and cross_token,
+        and their per-sample hit strings."""
+        cp = concept_prompts(concept, train_captions, seed=self.seed)
+        per_seed = [self.shape_hits(generate(den, cp, 4, self.seed + 1 + k), concept) for k in range(FIDELITY_SEEDS)]
+        fidelity = [h for prompt_hits in zip(*per_seed) for h in prompt_hits]  # prompt-major
+        leak = self.shape_hits(unrelated_4, concept)
+        cross = self.shape_hits(generate(den, cross_token_prompts(concept, seed=self.seed), 4, self.seed + 1), concept)
+        values = {"concept_fidelity": sum(fidelity) / len(fidelity), "leak": sum(leak) / len(leak),
+                  "cross_token": sum(cross) / len(cross)}
+        hits = {"concept_fidelity": hit_string(fidelity), "fidelity_seeds": FIDELITY_SEEDS, "leak": hit_string(leak),
+                "cross_token": hit_string(cross)}
+        return values, hits
 
     @torch.no_grad()
     def teacher_fidelity(self, den: ToyDenoiser, concept: str, images: torch.Tensor, captions: list[list[str]],

@@ -244,21 +244,11 @@ def gap_points(run: dict) -> list[int]:
     return sorted({m["step"] for tau in TAUS if (m := matched(run["points"], tau))})
 
 
-@torch.no_grad()
-def quality_gap(metrics: StudyMetrics, den) -> dict:
-    """toy-FID of 4- and 32-step samples of the unrelated prompts (lower is better) and their difference:
-    how much a model needs more steps (the distilled base needs none: 32 steps are worse than 4)."""
-    prompts = [p for p, *_ in metrics.unrelated]
-    q4 = metrics.quality(generate(den, prompts, 4, metrics.seed))
-    q32 = metrics.quality(generate(den, prompts, 32, metrics.seed))
-    return {"quality_4": q4, "quality_32": q32, "few_step_gap": q4 - q32}
-
-
 def gap_stage(out: Path, metrics: StudyMetrics, base, main: list[dict], log=print) -> None:
     """The 4-vs-32-step gap of the base and at every main run's matched points (cached per point)."""
     base_file = out / "base_gap.json"
     if not base_file.is_file():
-        save_json(quality_gap(metrics, base), base_file)
+        save_json(metrics.few_step_quality(base), base_file)
     for r in main:
         if r["run"]["rank"] == SMALL_RANK:  # the report compares rank 3 at 4 steps only
             continue
@@ -271,6 +261,6 @@ def gap_stage(out: Path, metrics: StudyMetrics, base, main: list[dict], log=prin
             if not lora.is_file():
                 raise DopsdError(f"{lora} is missing (the gap stage needs the run's LoRAs); delete "
                                  f"{run_dir / 'result.json'} to retrain the run")
-            g = quality_gap(metrics, load_with_lora(lora))
+            g = metrics.few_step_quality(load_with_lora(lora))
             save_json({"step": step, **g}, f)
             log(f"{r['name']} @{step}: toy-FID 4 steps {g['quality_4']:.0f}, 32 steps {g['quality_32']:.0f}")
