@@ -62,11 +62,11 @@ def main_summary(runs: list[dict]) -> dict:
                     continue
                 row[f"{a} - {b}"] = _difference(at[a], at[b])
                 sft_budget = {r["run"]["seed"]: r["points"][-1]["model_evals"] for r in by_variant[b]}
+                seeds = sft_budget.keys() & {r["run"]["seed"] for r in by_variant[a]}
                 equal = [_at(r["points"], tau, sft_budget[r["run"]["seed"]]) for r in by_variant[a]
-                         if r["run"]["seed"] in sft_budget]
-                paired = [p for r, p in zip(by_variant[b], at[b]) if r["run"]["seed"] in
-                          {x["run"]["seed"] for x in by_variant[a]}]
-                if equal and paired:
+                         if r["run"]["seed"] in seeds]
+                paired = [p for r, p in zip(by_variant[b], at[b]) if r["run"]["seed"] in seeds]
+                if seeds:
                     row[f"{a} - {b}, equal compute"] = {**_difference(equal, paired),
                                                         "dopsd_fidelity": _mean(equal, "concept_fidelity", False)}
             entry[str(tau)] = row
@@ -102,10 +102,9 @@ def best_found(runs: list[dict]) -> dict:
     the best point the study found, whatever it cost."""
     out = {}
     for tau in BEST_TAUS:
-        cands = [(p["concept_fidelity"], p["retention_selection"], r["name"], p) for r in runs for p in r["points"]
-                 if p["retention_selection"] >= tau]
+        cands = [(r["name"], p) for r in runs for p in r["points"] if p["retention_selection"] >= tau]
         if cands:
-            fid, _, name, p = max(cands, key=lambda c: (c[0], c[1]))
+            name, p = max(cands, key=lambda c: (c[1]["concept_fidelity"], c[1]["retention_selection"]))
             out[str(tau)] = {"run": name, "step": p["step"],
                              **{k: p[k] for k in ("concept_fidelity", "retention", "leak", "cross_token")}}
     return out
@@ -178,105 +177,93 @@ def _interval(d: dict) -> str:
     return f"{100 * d['diff']:+.0f} [{100 * d['lo']:+.0f}, {100 * d['hi']:+.0f}]"
 
 
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table's lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _twin(runs, r: dict, **differs) -> dict | None:
+    """The run of the same concept, variant and seed as r whose run fields equal `differs` (e.g. another rank)."""
+    same = ("concept", "seed")
+    return next((m for m in runs if m["variant"] == r["variant"] and all(m["run"][k] == r["run"][k] for k in same)
+                 and all(m["run"].get(k, PRIOR.get(k)) == v for k, v in differs.items())), None)
+
+
 def _point_cells(m: dict | None) -> str:
     return "not reached" if m is None else (f"fid {_pct(m['concept_fidelity'])} @{m['step']} "
                                             f"(ret {_pct(m['retention'])}, leak {_pct(m['leak'])})")
 
 
 def aims_table(default: dict) -> list[str]:
-    lines = ["| metric | aim | measured |", "|---|---|---|"]
-    for k, (op, v) in AIMS.items():
-        met = default[k] >= v if op == ">=" else default[k] <= v
-        lines.append(f"| {k} | {op} {_pct(v)} | {_pct(default[k])} ({'met' if met else 'not met'}) |")
-    return lines
+    def met(k, op, v):
+        return default[k] >= v if op == ">=" else default[k] <= v
+    return _table(["metric", "aim", "measured"], [
+        [k, f"{op} {_pct(v)}", f"{_pct(default[k])} ({'met' if met(k, op, v) else 'not met'})"]
+        for k, (op, v) in AIMS.items()])
 
 
 def best_table(best: dict) -> list[str]:
-    lines = ["| selection retention >= | run | step | fidelity | retention | leak | cross_token |",
-             "|---|---|---|---|---|---|---|"]
-    for tau, b in best.items():
-        lines.append(f"| {tau} | {b['run']} | {b['step']} | " + " | ".join(
-            _pct(b[k]) for k in ("concept_fidelity", "retention", "leak", "cross_token")) + " |")
-    return lines
+    keys = ("concept_fidelity", "retention", "leak", "cross_token")
+    return _table(["selection retention >=", "run", "step", "fidelity", "retention", "leak", "cross_token"],
+                  [[tau, b["run"], b["step"], *(_pct(b[k]) for k in keys)] for tau, b in best.items()])
 
 
 def differences_table(by_concept: dict) -> list[str]:
-    lines = ["| concept | tau | with prior, equal steps | with prior, equal compute | no prior, equal steps | "
-             "no prior, equal compute |", "|---|---|---|---|---|---|"]
-    for concept, by_tau in by_concept.items():
-        for tau, row in by_tau.items():
-            cells = [_interval(row[k]) if k in row else "–" for a, b in PAIRS
-                     for k in (f"{a} - {b}", f"{a} - {b}, equal compute")]
-            lines.append(f"| {concept} | {tau} | " + " | ".join(cells) + " |")
-    return lines
+    keys = [k for a, b in PAIRS for k in (f"{a} - {b}", f"{a} - {b}, equal compute")]
+    return _table(["concept", "tau", "with prior, equal steps", "with prior, equal compute", "no prior, equal steps",
+                   "no prior, equal compute"],
+                  [[concept, tau, *(_interval(row[k]) if k in row else "–" for k in keys)]
+                   for concept, by_tau in by_concept.items() for tau, row in by_tau.items()])
 
 
 def fronts_table(by_concept: dict) -> list[str]:
-    lines = ["| concept | tau | " + " | ".join(v for pair in PAIRS for v in pair) + " |",
-             "|---|---|" + "---|" * 4]
-    for concept, by_tau in by_concept.items():
-        for tau, row in by_tau.items():
-            cells = []
-            for v in (v for pair in PAIRS for v in pair):
-                m = row.get(v)
-                cells.append("–" if m is None else f"{_pct(m['concept_fidelity'])} ({m['reached']}/{m['seeds']})")
-            lines.append(f"| {concept} | {tau} | " + " | ".join(cells) + " |")
-    return lines
+    variants = [v for pair in PAIRS for v in pair]
+
+    def cell(m):
+        return "–" if m is None else f"{_pct(m['concept_fidelity'])} ({m['reached']}/{m['seeds']})"
+    return _table(["concept", "tau", *variants],
+                  [[concept, tau, *(cell(row.get(v)) for v in variants)]
+                   for concept, by_tau in by_concept.items() for tau, row in by_tau.items()])
 
 
 def gap_table(gap: dict) -> list[str]:
-    b = gap["base"]
-    lines = ["| model | tau | points | toy-FID 4 steps | toy-FID 32 steps | 4 minus 32 |", "|---|---|---|---|---|---|",
-             f"| base | – | 1 | {b['quality_4']:.0f} | {b['quality_32']:.0f} | {b['few_step_gap']:+.0f} |"]
-    for v, by_tau in sorted(gap["variants"].items()):
-        for tau, g in by_tau.items():
-            lines.append(f"| {v} | {tau} | {g['points']} | {g['quality_4']:.0f} | {g['quality_32']:.0f} | "
-                         f"{g['few_step_gap']:+.0f} |")
-    return lines
+    def cells(g):
+        return [f"{g['quality_4']:.0f}", f"{g['quality_32']:.0f}", f"{g['few_step_gap']:+.0f}"]
+    rows = [["base", "–", 1, *cells(gap["base"])]]
+    rows += [[v, tau, g["points"], *cells(g)] for v, by_tau in sorted(gap["variants"].items()) for tau, g in by_tau.items()]
+    return _table(["model", "tau", "points", "toy-FID 4 steps", "toy-FID 32 steps", "4 minus 32"], rows)
 
 
 def chains_table(chains: dict) -> list[str]:
-    lines = ["| variant | seeds | after stage | star | heart | crescent | retention | newest concept's leak |",
-             "|---|---|---|---|---|---|---|---|"]
-    for v, c in chains.items():
-        for s in c["stages"]:
-            fid = [_pct(s["fidelity"].get(k)) for k in ("star", "heart", "crescent")]
-            lines.append(f"| {v} | {c['seeds']} | {s['concept']} | " + " | ".join(fid)
-                         + f" | {_pct(s['retention'])} | {_pct(s['leak'])} |")
-    lines += ["", "| variant | concept | own run | after the chain | kept share |", "|---|---|---|---|---|"]
-    for v, c in chains.items():
-        for k, m in c["kept"].items():
-            lines.append(f"| {v} | {k} | {_pct(m['single_run'])} | {_pct(m['after_chain'])} | {_pct(m['kept_share'])} |")
-    return lines
+    stages = [[v, c["seeds"], s["concept"], *(_pct(s["fidelity"].get(k)) for k in ("star", "heart", "crescent")),
+               _pct(s["retention"]), _pct(s["leak"])] for v, c in chains.items() for s in c["stages"]]
+    kept = [[v, k, _pct(m["single_run"]), _pct(m["after_chain"]), _pct(m["kept_share"])]
+            for v, c in chains.items() for k, m in c["kept"].items()]
+    return (_table(["variant", "seeds", "after stage", "star", "heart", "crescent", "retention",
+                    "newest concept's leak"], stages)
+            + [""] + _table(["variant", "concept", "own run", "after the chain", "kept share"], kept))
 
 
 def teacher_table(teachers: dict) -> list[str]:
-    lines = ["| new concept | chains | base teacher | warm-start teacher | warm start trained without the prior |",
-             "|---|---|---|---|---|"]
-    for concept, t in teachers.items():
-        lines.append(f"| {concept} | {t['chains']} | {_pct(t['base'])} | {_pct(t['warm_start'])} | "
-                     f"{_pct(t.get('warm_start_without_prior'))} |")
-    return lines
+    return _table(["new concept", "chains", "base teacher", "warm-start teacher", "warm start trained without the prior"],
+                  [[concept, t["chains"], _pct(t["base"]), _pct(t["warm_start"]), _pct(t.get("warm_start_without_prior"))]
+                   for concept, t in teachers.items()])
 
 
-def lambda_table(runs: dict, names: list[str], main: dict) -> list[str]:
-    lines = ["| concept | variant | lambda | " + " | ".join(f"tau {t}" for t in TAUS) + " | step 200 |",
-             "|---|---|---|" + "---|" * (len(TAUS) + 1)]
+def lambda_table(runs: dict, names: list[str]) -> list[str]:
+    """The lambda runs next to main's run of the same concept, variant, seed, rank and lr (lambda 1)."""
     rows = [runs[n] for n in names]
-    for r in rows:  # main's lambda-1 run of the same concept, variant and seed, for comparison
-        twin = next((m for m in main.values() if m["run"]["concept"] == r["run"]["concept"] and
-                     m["variant"] == r["variant"] and m["run"]["seed"] == r["run"]["seed"]
-                     and m["run"]["rank"] == r["run"]["rank"] and m["run"]["lr"] == r["run"]["lr"]
-                     and m["run"].get("prior_weight", PRIOR["prior_weight"]) == PRIOR["prior_weight"]), None)
+    for r in list(rows):
+        twin = _twin(runs.values(), r, rank=r["run"]["rank"], lr=r["run"]["lr"], prior_weight=PRIOR["prior_weight"])
         if twin and twin not in rows:
             rows.append(twin)
     rows.sort(key=lambda r: (r["run"]["concept"], r["variant"], r["run"].get("prior_weight", PRIOR["prior_weight"])))
-    for r in rows:
-        last = r["points"][-1]
-        lines.append(f"| {r['run']['concept']} | {r['variant']} | {r['run'].get('prior_weight', PRIOR['prior_weight']):g} | "
-                     + " | ".join(_point_cells(matched(r["points"], t)) for t in TAUS)
-                     + f" | fid {_pct(last['concept_fidelity'])}, ret {_pct(last['retention'])} |")
-    return lines
+    return _table(["concept", "variant", "lambda", *(f"tau {t}" for t in TAUS), "step 200"], [
+        [r["run"]["concept"], r["variant"], f"{r['run'].get('prior_weight', PRIOR['prior_weight']):g}",
+         *(_point_cells(matched(r["points"], t)) for t in TAUS),
+         f"fid {_pct(r['points'][-1]['concept_fidelity'])}, ret {_pct(r['points'][-1]['retention'])}"]
+        for r in rows])
 
 
 def study_markdown(results: dict) -> str:
@@ -291,22 +278,18 @@ def study_markdown(results: dict) -> str:
                   f"Best mean fidelity over every concept and seed whose mean selection retention is >= "
                   f"{DEFAULT_TAU}: **{d['variant']}, lr {d['lr']:g}, step {d['step']}** ({d['runs']} runs). "
                   "At 4 steps, on the evaluation prompts:", "", *aims_table(d), ""]
+    prune = [runs[name] for name in s["prune"]["runs"]]
+    point_keys = ("concept_fidelity", "retention", "retention_selection", "leak", "cross_token")
     lines += ["## Prune (star, seed 0, rank 16): every checkpoint at 4 steps", "",
-              "| variant | lr | step | fidelity | retention | selection retention | leak | cross_token | model evals |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for name in s["prune"]["runs"]:
-        r = runs[name]
-        for p in r["points"]:
-            lines.append(f"| {r['variant']} | {r['run']['lr']:g} | {p['step']} | {_pct(p['concept_fidelity'])} | "
-                         f"{_pct(p['retention'])} | {_pct(p['retention_selection'])} | {_pct(p['leak'])} | "
-                         f"{_pct(p['cross_token'])} | {p['model_evals']} |")
-    lines += ["", "## Matched points (best fidelity with selection retention >= tau; retention shown on the "
-              "evaluation prompts)", "", "| variant | lr | " + " | ".join(f"tau {t}" for t in TAUS) + " |",
-              "|---|---|" + "---|" * len(TAUS)]
-    for name in s["prune"]["runs"]:
-        r = runs[name]
-        lines.append(f"| {r['variant']} | {r['run']['lr']:g} | "
-                     + " | ".join(_point_cells(matched(r["points"], t)) for t in TAUS) + " |")
+              *_table(["variant", "lr", "step", "fidelity", "retention", "selection retention", "leak", "cross_token",
+                       "model evals"],
+                      [[r["variant"], f"{r['run']['lr']:g}", p["step"], *(_pct(p[k]) for k in point_keys),
+                        p["model_evals"]] for r in prune for p in r["points"]]),
+              "", "## Matched points (best fidelity with selection retention >= tau; retention shown on the "
+              "evaluation prompts)", "",
+              *_table(["variant", "lr", *(f"tau {t}" for t in TAUS)],
+                      [[r["variant"], f"{r['run']['lr']:g}", *(_point_cells(matched(r["points"], t)) for t in TAUS)]
+                       for r in prune])]
     if "kept_lr" not in s["prune"]:
         return "\n".join(lines) + "\n"
     lines += ["", "Kept lr per variant (largest sum of matched fidelities over the taus):", ""]
@@ -321,16 +304,11 @@ def study_markdown(results: dict) -> str:
               "retention, leak and cross_token are means over the seeds that reached it). Fronts: fronts.png "
               "(every checkpoint, means over seeds).", ""]
     for concept, by_tau in main["by_concept"].items():
-        lines += [f"### {concept}", "", "| tau | variant | seeds (reached) | fidelity | retention | leak | "
-                  "cross_token |", "|---|---|---|---|---|---|---|"]
-        for tau, row in by_tau.items():
-            for v, m in row.items():
-                if " - " in v:
-                    continue
-                lines.append(f"| {tau} | {v} | {m['seeds']} ({m['reached']}) | {_pct(m['concept_fidelity'])} | "
-                             + (" | ".join(_pct(m[k]) for k in ("retention", "leak", "cross_token"))
-                                if m["reached"] else "– | – | –") + " |")
-        lines.append("")
+        rows = [[tau, v, f"{m['seeds']} ({m['reached']})", _pct(m["concept_fidelity"]),
+                 *(_pct(m[k]) if m["reached"] else "–" for k in ("retention", "leak", "cross_token"))]
+                for tau, row in by_tau.items() for v, m in row.items() if " - " not in v]
+        lines += [f"### {concept}", "",
+                  *_table(["tau", "variant", "seeds (reached)", "fidelity", "retention", "leak", "cross_token"], rows), ""]
     lines += ["### D-OPSD minus SFT", "",
               "Fidelity difference in points at the matched points, 95 % bootstrap interval over seeds, then "
               "prompts. Equal compute: D-OPSD's checkpoints within the model evaluations of the whole SFT run "
@@ -339,19 +317,15 @@ def study_markdown(results: dict) -> str:
         lines += ["### The best single checkpoints found", "",
                   "Over every main run and checkpoint (any concept, variant and seed): the highest fidelity at each "
                   "retention level.", "", *best_table(main["best_found"]), ""]
-    small = [r for r in (runs.get(n) for n in main["runs"]) if r and r["run"]["rank"] == SMALL_RANK]
+    main_runs = [runs[n] for n in main["runs"] if n in runs]
+    small = [r for r in main_runs if r["run"]["rank"] == SMALL_RANK]
     if small:
+        large = [r for r in main_runs if r["run"]["rank"] != SMALL_RANK]
+        pairs = [x for r in small for x in (_twin(large, r), r) if x]
         lines += [f"### Rank {SMALL_RANK} against rank 16 (star, seed 0)", "",
-                  "| variant | rank | " + " | ".join(f"tau {t}" for t in TAUS) + " |", "|---|---|" + "---|" * len(TAUS)]
-        for r in small:
-            twin = next((m for m in (runs.get(n) for n in main["runs"]) if m and m["variant"] == r["variant"]
-                         and m["run"]["concept"] == r["run"]["concept"] and m["run"]["seed"] == r["run"]["seed"]
-                         and m["run"]["rank"] != SMALL_RANK), None)
-            for x in (twin, r):
-                if x:
-                    lines.append(f"| {x['variant']} | {x['run']['rank']} | "
-                                 + " | ".join(_point_cells(matched(x["points"], t)) for t in TAUS) + " |")
-        lines.append("")
+                  *_table(["variant", "rank", *(f"tau {t}" for t in TAUS)],
+                          [[x["variant"], x["run"]["rank"], *(_point_cells(matched(x["points"], t)) for t in TAUS)]
+                           for x in pairs]), ""]
     if s.get("gap"):
         lines += ["## Few-step gap at the matched points", "",
                   "toy-FID (lower is better) of the 192 unrelated prompts at 4 and 32 steps, means over the "
@@ -366,7 +340,7 @@ def study_markdown(results: dict) -> str:
                       "in the D-OPSD + prior chains whose teacher is the EMA of the warm start:", "",
                       *teacher_table(s["chain_teachers"]), ""]
     if s.get("lambda"):
-        lines += ["## The prior's weight (seed 0)", "", *lambda_table(runs, s["lambda"]["runs"], runs), ""]
+        lines += ["## The prior's weight (seed 0)", "", *lambda_table(runs, s["lambda"]["runs"]), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -399,8 +373,7 @@ def readme_section(results: dict) -> str:
             lines += ["", "Teacher fidelity on a warm-started stage's new concept (target in context), base vs the warm "
                       "start's LoRA:", "", *teacher_table(s["chain_teachers"])]
     if s.get("lambda"):
-        lines += ["", "**The prior's weight** (seed 0):", "", *lambda_table(results["runs"], s["lambda"]["runs"],
-                                                                           results["runs"])]
+        lines += ["", "**The prior's weight** (seed 0):", "", *lambda_table(results["runs"], s["lambda"]["runs"])]
     return "\n".join(lines) + "\n"
 
 

@@ -185,6 +185,6 @@ def test_lambda_table_compares_with_mains_run_of_the_same_lr():
         return r | {"name": name}
     runs = {"prune_lr1e-4": run("prune_lr1e-4", 1e-4, 1.0, 0.75), "main": run("main", 1e-3, 1.0, 0.25),
             "w3": run("w3", 1e-3, 3.0, 0.5)}
-    lines = study_report.lambda_table(runs, ["w3"], runs)
+    lines = study_report.lambda_table(runs, ["w3"])
     assert len(lines) == 4  # header, rule, lambda 1 (main's run at lr 1e-3) and lambda 3
     assert "| 1 | fid 25% @200" in lines[2] and "| 3 | fid 50% @200" in lines[3]
