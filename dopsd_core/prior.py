@@ -49,8 +49,7 @@ def auto_prior_prompts(captions: list[str], trigger: str | None, class_word: str
     """captions with the trigger replaced, the empty prompt, earlier concepts' own captions, generic prompts.
     trigger None: the captions' bracket token; when they have none, the captions are left out (nothing
     in them marks the concept, so keeping their old behaviour would fight it). Several: an error."""
-    tokens = {t for c in captions for t in BRACKET_TOKEN.findall(c)}
-    if trigger is None and tokens:
+    if trigger is None and any(BRACKET_TOKEN.search(c) for c in captions):
         trigger = find_trigger(captions)
     if trigger is not None and not any(trigger in c for c in captions):
         raise DopsdError(f"no caption contains the trigger {trigger!r}; pass the word the captions use with --trigger")

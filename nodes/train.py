@@ -66,7 +66,7 @@ def make_config(method, dataset, steps, gpu_preset, rank, lr, optimizer, batch_s
         base["rank"], base["alpha"] = rank, float(rank)
     if lr:
         base["lr"] = lr
-    if not getattr(dataset, "prior", None):  # the dataset decides whether there is a prior, the weight how strong
+    if not dataset.prior:  # the dataset decides whether there is a prior, the weight how strong
         dopsd["prior_weight"] = 0.0
     return TrainConfig(method=method, steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
                        save_every=save_every, preview_every=preview_every, **base, **dopsd).validate()

@@ -83,14 +83,12 @@ def run_chain(chain: Chain, out: Path, metrics: StudyMetrics, kept_lr: dict[str,
                "concepts": {HELD_OUT_SHAPES[0]: {"concept_fidelity": last["concept_fidelity"], "leak": last["leak"],
                                                  "cross_token": last["cross_token"],
                                                  "fid_hits": last["hits"]["concept_fidelity"]}}}]
-    n_prompts = first["prior_prompts"]
     evals = first["setup_evals"] + CHECKPOINTS[-1] * first["evals_per_step"]
     for i, concept in enumerate(HELD_OUT_SHAPES[1:], start=2):
         stage_dir = folder / f"{i}_{concept}"
         stage_file = stage_dir / "stage.json"
         prompts = auto_prior(concept, out, init_lora=lora)
-        n_prompts = len(prompts)
-        evals += setup_evals(method, True, n_prompts) + CHECKPOINTS[-1] * evals_per_step(method, True)
+        evals += setup_evals(method, True, len(prompts)) + CHECKPOINTS[-1] * evals_per_step(method, True)
         if not stage_file.is_file():
             train_dir = stage_dir / "train"
             if train_dir.exists():  # an interrupted stage: start it over
@@ -99,7 +97,7 @@ def run_chain(chain: Chain, out: Path, metrics: StudyMetrics, kept_lr: dict[str,
                           init_lora=lora, prior_prompts=prompts, teacher=teacher, **PRIOR)
             m = measure(metrics, load_with_lora(train_dir / "lora.safetensors"), list(HELD_OUT_SHAPES[:i]))
             save_json({"concept": concept, "lora": str((train_dir / "lora.safetensors").relative_to(out)),
-                       "prior_prompts": n_prompts, **m}, stage_file)
+                       "prior_prompts": len(prompts), **m}, stage_file)
         stage = json.loads(stage_file.read_text())
         stages.append(stage)
         lora = out / stage["lora"]
