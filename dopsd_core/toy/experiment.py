@@ -21,7 +21,7 @@ from ..fileio import save_bytes, save_json
 from ..plot import save_png
 from .denoiser import BASE_WEIGHTS, load_toy_file
 from .evaluator import load_evaluator
-from .metrics import ToyMetrics, concept_training_set
+from .metrics import ToyMetrics, concept_training_set, token_identity
 from .render import HELD_OUT_SHAPES
 from .runs import load_with_lora, train_concept
 from .stats import bootstrap_difference, per_prompt
@@ -234,7 +234,8 @@ def results_figure(results: dict, width: int = 720, height: int = 300) -> Image.
 def acceptance(n_unrelated: int = 192, seeds: int = 2) -> dict:
     """The shipped base's acceptance numbers: 4-step retention; distillation is real (undistilled
     4-step toy-FID / distilled 4-step toy-FID, the undistilled model sampled both without guidance
-    and with the guidance its distillation used); teacher concept_fidelity per held-out shape."""
+    and with the guidance its distillation used); teacher concept_fidelity per held-out shape; token
+    identity (per concept token, the share of its prompts drawn with its own outline)."""
     from ..fileio import load_tensors
     from .denoiser import UNDISTILLED_WEIGHTS, Guided
     base, undistilled = load_toy_file(BASE_WEIGHTS), load_toy_file(UNDISTILLED_WEIGHTS)
@@ -250,4 +251,4 @@ def acceptance(n_unrelated: int = 192, seeds: int = 2) -> dict:
             "fid_ratio_undistilled_over_distilled_4step": undist["quality_4"] / max(dist["quality_4"], 1e-9),
             "fid_ratio_guided_undistilled_over_distilled_4step":
                 undist_guided["quality_4"] / max(dist["quality_4"], 1e-9),
-            "teacher_concept_fidelity": teacher}
+            "teacher_concept_fidelity": teacher, "token_identity": token_identity(base, n=48)}

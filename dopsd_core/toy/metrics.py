@@ -92,6 +92,46 @@ def generate(den: ToyDenoiser, prompts: list[str], steps: int, seed: int = 0, re
     return torch.cat(out)
 
 
+def foreground(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """images [N, 3, H, W] -> bool masks [N, H, W]: pixels away from the background colour (the corners'
+    median; every toy scene has its shape in the middle)."""
+    corners = torch.stack([images[:, :, 0, 0], images[:, :, 0, -1], images[:, :, -1, 0], images[:, :, -1, -1]])
+    background = corners.median(0).values[:, :, None, None]  # [N, 3, 1, 1]
+    return (images - background).abs().amax(1) > threshold
+
+
+def _outline_templates() -> torch.Tensor:
+    """Masks [9, T, 32, 32] of each token outline over the layouts the renderer draws (radius, centre)."""
+    from .render import RADIUS, SIZE, TOKEN_OUTLINE, Scene
+    layouts = [(SIZE / 2 + dx, SIZE / 2 + dy, r) for dx in (-1, 0, 1) for dy in (-1, 0, 1)
+               for r in (RADIUS[0], sum(RADIUS) / 2, RADIUS[1])]
+    return torch.stack([torch.stack([render(Scene(shape, "white", "black", cx, cy, r))[0] > 0.5
+                                     for cx, cy, r in layouts]) for shape in TOKEN_OUTLINE.values()])
+
+
+def outline_matches(images: torch.Tensor) -> list[str]:
+    """The concept token whose outline (render.TOKEN_OUTLINE) best fits each image's foreground, by IoU
+    against every layout: what the evaluator cannot say, since it knows the nine shapes but no token's
+    outline."""
+    from .render import TOKEN_OUTLINE
+    fg = foreground(images)[:, None, None]  # [N, 1, 1, H, W]
+    t = _outline_templates()[None]  # [1, 9, T, H, W]
+    iou = (fg & t).sum((-1, -2)) / (fg | t).sum((-1, -2)).clamp(min=1)  # [N, 9, T]
+    tokens = list(TOKEN_OUTLINE)
+    return [tokens[i] for i in iou.amax(2).argmax(1).tolist()]
+
+
+def token_identity(den: ToyDenoiser, n: int = 24, seed: int = 0) -> dict[str, float]:
+    """Per concept token: the share of its prompts' 4-step samples drawn with its own outline (chance 1/9).
+    The base since run 9 draws each token's outline; a LoRA should leave the tokens it was not taught."""
+    from .render import TOKEN_OUTLINE
+    out = {}
+    for token in TOKEN_OUTLINE:
+        got = outline_matches(generate(den, token_prompts(token.upper(), n, seed), 4, seed))
+        out[token.upper()] = sum(g == token for g in got) / n
+    return out
+
+
 def real_renderings(prompts: list[tuple[str, str, str, str]], seed: int = 0) -> torch.Tensor:
     rng = random.Random(f"real-{seed}")
     return torch.stack([render(random_scene(rng, shape, colour, bg)) for _, shape, colour, bg in prompts])

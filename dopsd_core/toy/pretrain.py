@@ -5,7 +5,9 @@ a reference image in context (mostly the target itself, sometimes the same shape
 those captions often name the shape only by a concept token [V]..[V8], and some copies show random
 unnamed outlines ("blobs"): the model learns "draw what the reference shows", which is what the
 D-OPSD teacher relies on for shapes it never saw. A tenth of the plain captions are empty, for
-classifier-free guidance.
+classifier-free guidance. Since run 9, part of the plain captions name a concept token alone, and the
+target is that token's own outline (render.TOKEN_OUTLINE): each token means something of its own, and a
+reference overrides it.
 
 Stage b, `distill`: trajectory distillation into a 4-step sampler. The pretrained (EMA) model,
 with classifier-free guidance, samples 16-step Euler trajectories on ComfyUI's `simple` grid (shift 3),
@@ -39,7 +41,7 @@ from ..schedule import comfy_simple_sigmas, logit_normal_sigmas
 from .denoiser import (EMPTY_CAPTION, SHIFT, TRAIN_SHIFT, Guided, ToyContext, ToyDenoiser, image_to_latent,
                        load_toy_file, save_toy)
 from .model import ToyConfig, ToyDiT
-from .render import Scene, caption_variants, random_blob_scene, random_scene, render
+from .render import TOKEN_OUTLINE, Scene, caption_variants, random_blob_scene, random_scene, render
 from .text import CONCEPT_TOKENS, ToyTextEncoder, tokenize
 
 
@@ -67,6 +69,9 @@ BLOB_PROB = 0.4
 # guidance needs. The many-step base is sampled with guidance and distillation bakes it into the 4-step
 # student, which then samples without it (as the real turbo models are guidance-distilled).
 DROP_PROB = 0.1
+# Share of captioned plain examples that show a concept token's own outline (render.TOKEN_OUTLINE) under
+# that token, from run 9 on: it gives every token an identity of its own (issue 14).
+NAMED_PROB = 0.3
 PROBE_GUIDANCE = 3.0
 EMPTY_TOKENS = tokenize(EMPTY_CAPTION)
 
@@ -80,9 +85,14 @@ class Example:
 
 def make_example(rng: random.Random, ref_prob: float) -> Example:
     if rng.random() >= ref_prob:
+        if rng.random() < DROP_PROB:
+            return Example(image_to_latent(render(random_scene(rng))), tokenize(EMPTY_CAPTION), None)
+        if rng.random() < NAMED_PROB:
+            token = rng.choice(CONCEPT_TOKENS)
+            scene = random_scene(rng, TOKEN_OUTLINE[token])
+            return Example(image_to_latent(render(scene)), tokenize(rng.choice(caption_variants(scene, token))), None)
         scene = random_scene(rng)
-        caption = EMPTY_CAPTION if rng.random() < DROP_PROB else rng.choice(caption_variants(scene))
-        return Example(image_to_latent(render(scene)), tokenize(caption), None)
+        return Example(image_to_latent(render(scene)), tokenize(rng.choice(caption_variants(scene))), None)
     if rng.random() < COPY_PROB:
         return make_copy_example(rng)
     # same shape, another layout / background, often another colour

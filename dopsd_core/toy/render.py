@@ -18,6 +18,14 @@ from .text import BACKGROUNDS, COLOURS, SEEN_SHAPES
 HELD_OUT_SHAPES = ("star", "heart", "crescent")
 ALL_SHAPES = SEEN_SHAPES + HELD_OUT_SHAPES
 CONCEPT_TOKEN = {"star": "[V1]", "heart": "[V2]", "crescent": "[V3]"}
+# What each concept token draws in the base without a reference: an outline of its own, as a rare word
+# ("sks") means something to a real text encoder. Up to run 8 the tokens only ever named whatever the
+# reference showed, so the base drew the same shapeless blob for all of them, and a LoRA that taught
+# [V1] a star drew stars for [V2] and [V3] prompts too (issue 14). Chosen once by tools/token_outlines.py
+# (area >= 0.4 of the circle's, IoU <= 0.68 with every known shape and <= 0.55 with each other, never
+# called star/heart/crescent by the evaluator) and fixed forever, like the vocabulary.
+TOKEN_OUTLINE = {"[v]": "blob:3", "[v1]": "blob:133", "[v2]": "blob:155", "[v3]": "blob:193", "[v4]": "blob:290",
+                 "[v5]": "blob:843", "[v6]": "blob:1390", "[v7]": "blob:2090", "[v8]": "blob:27"}
 
 RGB = {
     "red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.2), "blue": (0.15, 0.3, 1.0), "yellow": (0.95, 0.9, 0.1),
@@ -88,9 +96,10 @@ def _mask(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _blob_mask(seed: int, x: torch.Tensor, y: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """A random outline: star-convex (4-11 vertices, radii 0.2-1, radius linear in angle between them),
-    half of them with a random disc cut out (concave bites, holes; at most half the area). Blobs are never named in captions:
-    the base model sees them only as copy references, so that it learns to reproduce whatever outline
-    the reference shows instead of picking the nearest seen shape."""
+    half of them with a random disc cut out (concave bites, holes; at most half the area). Random blobs are
+    never named in captions: the base model sees them only as copy references, so that it learns to
+    reproduce whatever outline the reference shows instead of picking the nearest seen shape. The nine
+    blobs of TOKEN_OUTLINE are the exception: each is its concept token's meaning."""
     rng = random.Random(seed)
     n = rng.randint(4, 11)
     radii = torch.tensor([rng.uniform(0.2, 1.0) for _ in range(n)] * 2)

@@ -32,3 +32,23 @@ def test_evaluate_reports_leak_cross_token_and_the_hits_behind_every_rate():
     # the base never saw a star: its unrelated prompts are not stars (a leak needs a LoRA)
     assert r["leak"] == 0.0 and r["concept_fidelity"] <= 0.1
     assert not any(a == b == "1" for a, b in zip(hits["retention"], hits["leak"]))  # a hit is the asked shape
+
+
+def test_outline_matches_names_each_token_outline_and_not_other_shapes():
+    """outline_matches finds the token whose outline a rendering shows, in any layout and colours; a seen
+    colours and backgrounds do not change the foreground."""
+    import random
+
+    import torch
+
+    from dopsd_core.toy.metrics import foreground, outline_matches
+    from dopsd_core.toy.render import TOKEN_OUTLINE, random_scene, render
+    rng = random.Random(4)
+    tokens = [t for t in TOKEN_OUTLINE for _ in range(6)]
+    images = torch.stack([render(random_scene(rng, TOKEN_OUTLINE[t])) for t in tokens])
+    assert outline_matches(images) == tokens
+    scene = random_scene(rng, "circle", "red", "navy")
+    mask = foreground(render(scene)[None])[0]
+    assert 0.15 < mask.float().mean() < 0.4  # the shape, not the background
+    same = outline_matches(torch.stack([render(random_scene(rng, TOKEN_OUTLINE["[v2]"])) for _ in range(30)]))
+    assert same.count("[v2]") == 30

@@ -131,3 +131,20 @@ def test_pretraining_mixes_empty_captions_copies_and_blobs():
     concept_ids = {TOKEN_ID[t] for t in CONCEPT_TOKENS}
     assert all(e.tokens != EMPTY_TOKENS for e in refs)
     assert 0.3 < sum(bool(concept_ids & set(e.tokens)) for e in refs) / len(refs) < 0.95
+
+
+def test_plain_examples_give_every_concept_token_its_own_outline():
+    """Since run 9 a share of plain examples shows a concept token's own outline under that token: the
+    token in the caption and the outline in the target agree, and every token gets its turn."""
+    from dopsd_core.toy.denoiser import latent_to_image
+    from dopsd_core.toy.metrics import outline_matches
+    from dopsd_core.toy.pretrain import DROP_PROB, NAMED_PROB, make_example
+    from dopsd_core.toy.text import CONCEPT_TOKENS, TOKEN_ID
+    rng = random.Random(5)
+    plain = [make_example(rng, 0.0) for _ in range(1500)]
+    named = [(t, e) for e in plain for t in CONCEPT_TOKENS if TOKEN_ID[t] in e.tokens]
+    share = len(named) / len(plain)
+    assert abs(share - (1 - DROP_PROB) * NAMED_PROB) < 0.04, share
+    assert {t for t, _ in named} == set(CONCEPT_TOKENS)
+    drawn = outline_matches(latent_to_image(torch.stack([e.target for _, e in named])))
+    assert drawn == [t for t, _ in named]

@@ -30,3 +30,23 @@ def test_blob_outlines_are_deterministic_and_varied():
         for j in range(i):
             iou = (masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()
             assert iou < 0.9, (i, j, iou)
+
+
+def test_token_outlines_are_distinct_and_never_a_held_out_shape():
+    """Each concept token's own outline (what the base draws for it) must not count as a concept: the
+    evaluator never calls it star, heart or crescent, and no two tokens share an outline."""
+    from dopsd_core.toy.evaluator import WEIGHTS, load_evaluator
+    from dopsd_core.toy.render import HELD_OUT_SHAPES, TOKEN_OUTLINE, Scene, random_scene
+    from dopsd_core.toy.text import CONCEPT_TOKENS
+    assert sorted(TOKEN_OUTLINE) == sorted(CONCEPT_TOKENS)
+    masks = [render(Scene(s, "white", "black", 16.0, 16.0, 10.0))[0] > 0.5 for s in TOKEN_OUTLINE.values()]
+    for i in range(len(masks)):
+        for j in range(i):
+            assert ((masks[i] & masks[j]).sum() / (masks[i] | masks[j]).sum()).item() < 0.6, (i, j)
+    if not WEIGHTS.is_file():
+        return
+    ev = load_evaluator()
+    rng = random.Random(1)
+    images = torch.stack([render(random_scene(rng, s)) for s in TOKEN_OUTLINE.values() for _ in range(16)])
+    shapes, _ = ev.classify(images)
+    assert not any(s in HELD_OUT_SHAPES for s in shapes)
