@@ -35,10 +35,21 @@ def demo_block(m: dict) -> str:
             "[docs/demo_metrics.json](docs/demo_metrics.json)).\n")
 
 
+def base_notice(measured_on: str, shipped: str) -> str:
+    """A line that says so when a results file describes another toy base than the shipped one."""
+    if measured_on == shipped:
+        return ""
+    return (f"> Measured on an earlier toy base (`{measured_on}`), not the shipped one (`{shipped}`): these "
+            "numbers describe that base until the study is re-run on the shipped one.\n\n")
+
+
 def blocks() -> dict[str, str]:
+    from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
     from dopsd_core.toy.study_report import readme_section
+    study = json.loads(STUDY.read_text())
+    shipped = load_toy_file(BASE_WEIGHTS).fingerprint()
     return {"demo": demo_block(json.loads(DEMO.read_text())),
-            "study": readme_section(json.loads(STUDY.read_text()))}
+            "study": base_notice(study["stamp"]["base"], shipped) + readme_section(study)}
 
 
 def render(readme: str, generated: dict[str, str]) -> str:

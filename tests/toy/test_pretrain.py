@@ -34,7 +34,7 @@ def _teacher_fidelity(m, base, shape):
 @needs_weights
 def test_shipped_base_retains_unrelated_prompts_at_4_steps(shipped):
     base, _, _, m, distilled = shipped
-    assert distilled["retention"] >= 0.85, distilled  # full size: 89.6 % (acceptance >= 90 %: missed by 1 of 192)
+    assert distilled["retention"] >= 0.85, distilled  # full size: 90.1 % (acceptance >= 90 %)
 
 
 @needs_weights
@@ -43,7 +43,7 @@ def test_shipped_base_beats_its_parent_sampled_with_its_guidance_at_4_steps(ship
     from dopsd_core.toy.denoiser import Guided
     _, undistilled, guidance, m, distilled = shipped
     parent = m.evaluate(Guided(undistilled, guidance))
-    assert parent["quality_4"] >= 2 * distilled["quality_4"], (parent, distilled)  # full size: 3.5x
+    assert parent["quality_4"] >= 2 * distilled["quality_4"], (parent, distilled)  # full size: 2.7x
     assert distilled["retention"] > parent["retention"]
 
 
@@ -51,15 +51,25 @@ def test_shipped_base_beats_its_parent_sampled_with_its_guidance_at_4_steps(ship
 @pytest.mark.parametrize("shape", ["star", "heart", "crescent"])
 def test_teacher_reproduces_held_out_shapes(shipped, shape):
     base, _, _, m, _ = shipped
-    assert _teacher_fidelity(m, base, shape) >= 0.8, shape  # full size: star 88 %, heart 100 %, crescent 96 %
+    assert _teacher_fidelity(m, base, shape) >= 0.8, shape  # full size: star 98 %, heart 100 %, crescent 94 %
 
 
 @needs_weights
 @pytest.mark.xfail(strict=True, reason="misses the acceptance (docs/toy_acceptance.json): the unguided parent's "
-                   "4-step toy-FID is 0.54x the distilled model's, not >= 2x; strict, so it turns red once it passes")
+                   "4-step toy-FID is 0.37x the distilled model's, not >= 2x; strict, so it turns red once it passes")
 def test_unguided_parent_is_2x_worse_at_4_steps(shipped):
     _, undistilled, _, m, distilled = shipped
     assert m.evaluate(undistilled)["quality_4"] >= 2 * distilled["quality_4"]
+
+
+@needs_weights
+def test_shipped_base_draws_each_held_out_token_as_its_own_outline():
+    """Each held-out concept token means something of its own in the base (run 9), so a LoRA has a token
+    to rebind that other tokens do not share (full size, 48 prompts: [V1] 94 %, [V2] 75 %, [V3] 100 %;
+    chance 1/9)."""
+    from dopsd_core.toy.metrics import token_identity
+    identity = token_identity(load_toy_file(BASE_WEIGHTS), n=16)
+    assert all(identity[t] >= 0.5 for t in ("[V1]", "[V2]", "[V3]")), identity
 
 
 def test_base_training_stages_run_resume_and_chain(tmp_path):

@@ -33,3 +33,10 @@ def test_the_blocks_come_from_the_files_and_a_missing_block_is_named():
     assert tool.render(text, {"demo": "new\n"}) == "a\n<!-- demo:begin -->\nnew\n<!-- demo:end -->\nb\n"
     with pytest.raises(SystemExit, match="study:begin"):
         tool.render(text, {"study": "x\n"})
+
+
+def test_a_study_of_another_base_says_so():
+    tool = _tool()
+    assert tool.base_notice("toy-a", "toy-a") == ""
+    notice = tool.base_notice("toy-a", "toy-b")
+    assert "`toy-a`" in notice and "`toy-b`" in notice and "earlier toy base" in notice
