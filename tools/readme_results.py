@@ -1,6 +1,6 @@
 """Writes the README's measured results from the committed results files, so that no number in them is
-typed by hand: the demo's paragraph from docs/demo_metrics.json and the trade-off study's tables from
-experiments/toy/study/results.json. Each lives between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
+typed by hand: the demo's paragraph from docs/demo_metrics.json, the first experiment's tables from
+experiments/toy/results.json and the trade-off study's tables from experiments/toy/study/results.json. Each lives between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
 
     python tools/readme_results.py          # rewrite README.md
     python tools/readme_results.py --check  # exit 1 if README.md differs (tests/toy/test_readme_results.py)
@@ -17,6 +17,8 @@ sys.path.insert(0, str(ROOT))
 
 DEMO = ROOT / "docs" / "demo_metrics.json"
 STUDY = ROOT / "experiments" / "toy" / "study" / "results.json"
+EXPERIMENT = ROOT / "experiments" / "toy" / "results.json"
+EXPERIMENT_STAMP = ROOT / "experiments" / "toy" / "base" / "stamp.json"
 
 
 def _pct(v: float) -> str:
@@ -35,6 +37,18 @@ def demo_block(m: dict) -> str:
             "[docs/demo_metrics.json](docs/demo_metrics.json)).\n")
 
 
+def experiment_block(results: dict) -> str:
+    """The first experiment's tables (main, ablations) and its continual line, as in its results.md."""
+    from dopsd_core.toy.experiment import results_markdown
+    keep = [line for line in results_markdown(results).splitlines()
+            if line.startswith("|") or line.startswith("After training")]
+    main = [line for line in keep if line.startswith("| concept |") or line.count("|") == 9]
+    ablations = [line for line in keep if line.startswith("| variant |") or line.count("|") == 7]
+    continual = [line for line in keep if line.startswith("After training")]
+    return ("\n".join(main) + "\n\nAblations on the star (default = D-OPSD, EMA teacher, x0 weight, all K = 4 "
+            "states):\n\n" + "\n".join(ablations) + "\n" + ("\nContinual chain: " + continual[0] + "\n" if continual else ""))
+
+
 def base_notice(measured_on: str, shipped: str) -> str:
     """A line that says so when a results file describes another toy base than the shipped one."""
     if measured_on == shipped:
@@ -48,7 +62,10 @@ def blocks() -> dict[str, str]:
     from dopsd_core.toy.study_report import readme_section
     study = json.loads(STUDY.read_text())
     shipped = load_toy_file(BASE_WEIGHTS).fingerprint()
+    experiment = json.loads(EXPERIMENT.read_text())
     return {"demo": demo_block(json.loads(DEMO.read_text())),
+            "experiment": (base_notice(json.loads(EXPERIMENT_STAMP.read_text())["base"], shipped)
+                           + experiment_block(experiment)),
             "study": base_notice(study["stamp"]["base"], shipped) + readme_section(study)}
 
 
