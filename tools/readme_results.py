@@ -39,14 +39,11 @@ def demo_block(m: dict) -> str:
 
 def experiment_block(results: dict) -> str:
     """The first experiment's tables (main, ablations) and its continual line, as in its results.md."""
-    from dopsd_core.toy.experiment import results_markdown
-    keep = [line for line in results_markdown(results).splitlines()
-            if line.startswith("|") or line.startswith("After training")]
-    main = [line for line in keep if line.startswith("| concept |") or line.count("|") == 9]
-    ablations = [line for line in keep if line.startswith("| variant |") or line.count("|") == 7]
-    continual = [line for line in keep if line.startswith("After training")]
-    return ("\n".join(main) + "\n\nAblations on the star (default = D-OPSD, EMA teacher, x0 weight, all K = 4 "
-            "states):\n\n" + "\n".join(ablations) + "\n" + ("\nContinual chain: " + continual[0] + "\n" if continual else ""))
+    from dopsd_core.toy.experiment import ablation_table, continual_line, main_table
+    continual = continual_line(results)
+    return ("\n".join(main_table(results)) + "\n\nAblations on the star (default = D-OPSD, EMA teacher, x0 weight, "
+            "all K = 4 states):\n\n" + "\n".join(ablation_table(results)) + "\n"
+            + (f"\nContinual chain: {continual}\n" if continual else ""))
 
 
 def base_notice(measured_on: str, shipped: str) -> str:

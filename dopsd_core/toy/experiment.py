@@ -170,12 +170,10 @@ def _fmt(ms: dict | None, pct: bool = False) -> str:
     return f"{ms['mean']:.2f} ± {ms['std']:.2f}"
 
 
-def results_markdown(results: dict) -> str:
+def main_table(results: dict) -> list[str]:
+    """The main table's markdown lines: the base and both methods per concept."""
     s = results["summary"]
-    lines = ["# D-OPSD vs SFT on the toy turbo model", "",
-             "Mean ± std over seeds. fidelity/retention: higher is better; quality (toy-FID), gap, drift: lower is better.",
-             "", "## Main table", "",
-             "| concept | method | concept_fidelity | retention | quality_4 | quality_32 | few_step_gap | drift |",
+    lines = ["| concept | method | concept_fidelity | retention | quality_4 | quality_32 | few_step_gap | drift |",
              "|---|---|---|---|---|---|---|---|"]
     for c in HELD_OUT_SHAPES:
         b = results["base"].get(c)
@@ -188,21 +186,40 @@ def results_markdown(results: dict) -> str:
                 lines.append(f"| {c} | {m} | {_fmt(row.get('concept_fidelity'), True)} | {_fmt(row.get('retention'), True)} | "
                              f"{_fmt(row.get('quality_4'))} | {_fmt(row.get('quality_32'))} | "
                              f"{_fmt(row.get('few_step_gap'))} | {_fmt(row.get('drift'))} |")
-    abl = {k: v for k, v in s.items() if k.startswith("ablation/")}
-    if abl:
-        lines += ["", "## Ablations (concept 1)", "",
-                  "| variant | concept_fidelity | retention | quality_4 | few_step_gap | drift |", "|---|---|---|---|---|---|"]
-        for k, row in sorted(abl.items(), key=lambda kv: kv[0] != "ablation/default"):
-            lines.append(f"| {k.split('/', 1)[1]} | {_fmt(row.get('concept_fidelity'), True)} | "
-                         f"{_fmt(row.get('retention'), True)} | {_fmt(row.get('quality_4'))} | "
-                         f"{_fmt(row.get('few_step_gap'))} | {_fmt(row.get('drift'))} |")
-    if "continual" in s:
-        c = s["continual"]
-        lines += ["", "## Continual tuning", "",
-                  f"After training {c['last_concept']} last (warm-started through the chain): "
-                  f"{c['first_concept']} fidelity {100 * c['first_concept_fidelity_after']:.0f}%, "
-                  f"{c['last_concept']} fidelity {100 * c['last_concept_fidelity']:.0f}%, "
-                  f"few_step_gap {c['few_step_gap_after']:.2f}, retention {100 * c['retention_after']:.0f}%."]
+    return lines
+
+
+def ablation_table(results: dict) -> list[str]:
+    """The ablations' markdown lines (default first), or none."""
+    abl = {k: v for k, v in results["summary"].items() if k.startswith("ablation/")}
+    if not abl:
+        return []
+    lines = ["| variant | concept_fidelity | retention | quality_4 | few_step_gap | drift |", "|---|---|---|---|---|---|"]
+    for k, row in sorted(abl.items(), key=lambda kv: kv[0] != "ablation/default"):
+        lines.append(f"| {k.split('/', 1)[1]} | {_fmt(row.get('concept_fidelity'), True)} | "
+                     f"{_fmt(row.get('retention'), True)} | {_fmt(row.get('quality_4'))} | "
+                     f"{_fmt(row.get('few_step_gap'))} | {_fmt(row.get('drift'))} |")
+    return lines
+
+
+def continual_line(results: dict) -> str | None:
+    c = results["summary"].get("continual")
+    if c is None:
+        return None
+    return (f"After training {c['last_concept']} last (warm-started through the chain): "
+            f"{c['first_concept']} fidelity {100 * c['first_concept_fidelity_after']:.0f}%, "
+            f"{c['last_concept']} fidelity {100 * c['last_concept_fidelity']:.0f}%, "
+            f"few_step_gap {c['few_step_gap_after']:.2f}, retention {100 * c['retention_after']:.0f}%.")
+
+
+def results_markdown(results: dict) -> str:
+    lines = ["# D-OPSD vs SFT on the toy turbo model", "",
+             "Mean ± std over seeds. fidelity/retention: higher is better; quality (toy-FID), gap, drift: lower is better.",
+             "", "## Main table", "", *main_table(results)]
+    if ablations := ablation_table(results):
+        lines += ["", "## Ablations (concept 1)", "", *ablations]
+    if continual := continual_line(results):
+        lines += ["", "## Continual tuning", "", continual]
     lines += ["", f"Compute of all runs: {results['compute_seconds_all_runs'] / 60:.1f} min on this machine."]
     return "\n".join(lines) + "\n"
 

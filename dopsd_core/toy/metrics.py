@@ -13,6 +13,7 @@ drift             mean per-image pixel L2 between the model's and the base's 4-s
 """
 from __future__ import annotations
 
+import functools
 import random
 
 import torch
@@ -100,8 +101,10 @@ def foreground(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
     return (images - background).abs().amax(1) > threshold
 
 
+@functools.lru_cache(maxsize=1)
 def _outline_templates() -> torch.Tensor:
-    """Masks [9, T, 32, 32] of each token outline over the layouts the renderer draws (radius, centre)."""
+    """Masks [9, T, 32, 32] of each token outline over the layouts the renderer draws (radius, centre); built
+    once per process (243 supersampled renders), since token_identity matches nine batches per model."""
     from .render import RADIUS, SIZE, TOKEN_OUTLINE, Scene
     layouts = [(SIZE / 2 + dx, SIZE / 2 + dy, r) for dx in (-1, 0, 1) for dy in (-1, 0, 1)
                for r in (RADIUS[0], sum(RADIUS) / 2, RADIUS[1])]

@@ -34,9 +34,9 @@ def test_evaluate_reports_leak_cross_token_and_the_hits_behind_every_rate():
     assert not any(a == b == "1" for a, b in zip(hits["retention"], hits["leak"]))  # a hit is the asked shape
 
 
-def test_outline_matches_names_each_token_outline_and_not_other_shapes():
-    """outline_matches finds the token whose outline a rendering shows, in any layout and colours; a seen
-    colours and backgrounds do not change the foreground."""
+def test_outline_matches_names_each_token_outline_in_any_layout_and_colours():
+    """outline_matches finds the token whose outline a rendering shows, in any layout, colour and
+    background; the foreground mask is the shape, not the background."""
     import random
 
     import torch
