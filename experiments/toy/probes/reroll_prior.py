@@ -6,41 +6,34 @@ usage: python experiments/toy/probes/reroll_prior.py OUT_DIR CONCEPT reroll|orig
 (generic: the auto prior without the trigger-removed captions)
 """
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from dopsd_core.fileio import load_tensors, save_tensors
+from dopsd_core.data import load_image_folder
 from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.metrics import concept_training_set
 from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
 from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
-from dopsd_core.toy.text import TOKEN_ID
 from dopsd_core.toy.render import CONCEPT_TOKEN
+from reroll import rerolled_base
 
 out, concept, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 prior_mode = sys.argv[4] if len(sys.argv) > 4 else "auto"
-torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 out.mkdir(parents=True, exist_ok=True)
 base_path = BASE_WEIGHTS
 if mode == "reroll":
-    sd, meta = load_tensors(BASE_WEIGHTS)
-    E = sd["text_encoder.embed.weight"].clone()
-    norm = E[[i for i in range(E.shape[0]) if i != TOKEN_ID["<pad>"]]].norm(dim=1).mean()
-    g = torch.Generator().manual_seed(0)
-    for t in ("[v1]", "[v2]", "[v3]"):
-        v = torch.randn(E.shape[1], generator=g)
-        E[TOKEN_ID[t]] = v / v.norm() * norm
-    sd["text_encoder.embed.weight"] = E
-    base_path = out / "base_reroll.safetensors"
-    save_tensors(sd, base_path, meta)
+    base_path = rerolled_base(out)
 run = out / f"{concept}_{mode}_{prior_mode}"
 prior = auto_prior(concept, out)
 if prior_mode == "generic":
-    captions = {c for item in __import__("dopsd_core.data", fromlist=["x"]).load_image_folder(out / "data" / concept, 32) for c in item.captions}
-    prior = [p for p in prior if p not in {" ".join(c.replace(CONCEPT_TOKEN[concept], "").split()) for c in captions}]
+    removed = {" ".join(c.replace(CONCEPT_TOKEN[concept], "").split())
+               for item in load_image_folder(out / "data" / concept, 32) for c in item.captions}
+    prior = [p for p in prior if p not in removed]
 print(len(prior), "prior prompts", flush=True)
 train_concept(concept, "dopsd", run, out, seed=0, base=base_path, prior_prompts=prior, **TOY_PRIOR)
 base = load_toy_file(base_path)

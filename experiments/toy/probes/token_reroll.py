@@ -2,14 +2,12 @@
 import json, sys, time
 from pathlib import Path
 import torch
-from dopsd_core.fileio import load_tensors, save_tensors
 from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
-from dopsd_core.toy.text import TOKEN_ID
 from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.metrics import ToyMetrics, generate, concept_training_set
 from dopsd_core.toy.runs import train_concept
-from dopsd_core.toy.render import CONCEPT_TOKEN
 from dopsd_core.toy.text import COLOURS, BACKGROUNDS
+from reroll import rerolled_base
 import random
 
 torch.set_num_threads(2)
@@ -18,17 +16,7 @@ mode = sys.argv[2]  # reroll | orig
 lr = float(sys.argv[3]); steps = int(sys.argv[4])
 base_path = BASE_WEIGHTS
 if mode == "reroll":
-    sd, meta = load_tensors(BASE_WEIGHTS)
-    E = sd["text_encoder.embed.weight"].clone()
-    keep = [i for i in range(E.shape[0]) if i != TOKEN_ID["<pad>"]]
-    norm = E[keep].norm(dim=1).mean()
-    g = torch.Generator().manual_seed(0)
-    for t in ("[v1]", "[v2]", "[v3]"):
-        v = torch.randn(E.shape[1], generator=g)
-        E[TOKEN_ID[t]] = v / v.norm() * norm
-    sd["text_encoder.embed.weight"] = E
-    base_path = out / "base_reroll.safetensors"
-    save_tensors(sd, base_path, meta)
+    base_path = rerolled_base(out)
 
 ev = load_evaluator()
 base = load_toy_file(base_path)
