@@ -110,15 +110,6 @@ def run_chain(chain: Chain, out: Path, metrics: StudyMetrics, kept_lr: dict[str,
     return result
 
 
-def run_chains(out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], log=print, on_stage=None) -> list[dict]:
-    results = []
-    for chain in chain_plan():
-        results.append(run_chain(chain, out, metrics, kept_lr, log))
-        if on_stage:
-            on_stage()
-    return results
-
-
 def teacher_check(out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], log=print) -> None:
     """For every finished EMA-teacher chain, each warm-started stage's teacher fidelity on its new concept
     (caption + target in context, 4 steps) with the teacher it had, the warm start's LoRA (the EMA starts

@@ -70,6 +70,8 @@ def _add_demo_parsers(sub) -> None:
                         "and seed, gap = 4- vs 32-step quality at the matched points, chains = continual "
                         "star -> heart -> crescent, lambda = the prior's weight; report = results from the "
                         "cached runs only")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="study runs at once, one torch thread each (default 1; 2 on a 2-core machine)")
     p.set_defaults(func=cmd_experiment)
 
 
@@ -120,7 +122,9 @@ def cmd_experiment(args) -> int:
     if args.stage:
         from .study import run_study
         from .study_report import report
-        report(out) if args.stage == "report" else run_study(out, args.stage)
+        if args.jobs < 1:
+            raise DopsdError(f"--jobs must be at least 1, got {args.jobs}")
+        report(out) if args.stage == "report" else run_study(out, args.stage, jobs=args.jobs)
         print((out / "results.md").read_text())
         return 0
     run_experiment(out, quick=args.quick)

@@ -14,14 +14,18 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
   chains continual tuning star -> heart -> crescent with the prior, 3 seeds, and the warm-start teachers
          (toy/chains.py)
   lambda the prior's weight: 0.3 and 3 against main's 1, both methods, the star, seed 0
+Runs are independent, so `jobs` > 1 trains and evaluates that many at once, one torch thread each (on
+2 cores two 1-thread processes outrun one 2-thread process: the toy's matmuls are too small to split).
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
 Compute is counted in model evaluations (a forward or a backward of one sample), not in seconds.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,7 +37,7 @@ from .denoiser import BASE_WEIGHTS, load_toy_file
 from .evaluator import load_evaluator
 from .metrics import ToyMetrics, concept_training_set, generate, hit_string
 from .render import HELD_OUT_SHAPES
-from .runs import TOY_BUDGET, TOY_PRIOR, auto_prior, load_with_lora, train_concept
+from .runs import TOY_BUDGET, TOY_PRIOR, auto_prior, concept_data, load_with_lora, train_concept
 from .text import BACKGROUNDS, COLOURS, SEEN_SHAPES
 
 CHECKPOINTS = (10, 20, 40, 80, 140, 200)
@@ -201,11 +205,47 @@ def kept_lrs(prune: list[dict]) -> dict[str, float]:
 
 
 STAGES = ("prune", "main", "gap", "chains", "lambda")
+_WORKER = None  # a forked worker's (metrics, log), inherited from the parent that started the pool
 
 
-def run_study(out: Path, stage: str = "prune", log=print) -> dict:
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # also keeps OpenMP from touching the parent's thread pool after fork
+
+
+def _worker_call(fn, item, out: Path, extra: tuple):
+    metrics, log = _WORKER
+    return fn(item, out, metrics, *extra, log=log)
+
+
+def map_runs(fn, items: list, out: Path, metrics: StudyMetrics, *extra, jobs: int = 1, log=print,
+             on_done=None) -> list:
+    """fn(item, out, metrics, *extra, log=log) for every item, in `jobs` forked processes when jobs > 1;
+    returns the results in items' order and calls on_done() after each (the report)."""
+    if jobs <= 1 or len(items) <= 1:
+        results = []
+        for item in items:
+            results.append(fn(item, out, metrics, *extra, log=log))
+            if on_done:
+                on_done()
+        return results
+    global _WORKER
+    _WORKER = metrics, log
+    for concept in HELD_OUT_SHAPES:  # the concepts' data folders, written once before workers read them
+        concept_data(concept, out)
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(min(jobs, len(items)), mp_context=ctx, initializer=_worker_init) as pool:
+        futures = {pool.submit(_worker_call, fn, item, out, extra): i for i, item in enumerate(items)}
+        results = [None] * len(items)
+        for f in as_completed(futures):
+            results[futures[f]] = f.result()
+            if on_done:
+                on_done()
+    return results
+
+
+def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict:
     """Runs the stages up to and including `stage` that are not cached yet (each is resumable), then
-    writes the report from everything cached."""
+    writes the report from everything cached. jobs: runs at once (map_runs)."""
     from .study_report import report
     if stage not in STAGES:
         raise DopsdError(f"unknown study stage {stage!r}; choose one of {', '.join(STAGES)} (or report)")
@@ -217,25 +257,23 @@ def run_study(out: Path, stage: str = "prune", log=print) -> dict:
         raise DopsdError(f"{out} holds a study of another toy base ({stamp_file}); use a new --out folder")
     save_json(stamp, stamp_file)
     metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
-    prune = [run_one(r, out, metrics, log) for r in prune_plan()]
+    each = dict(jobs=jobs, log=log, on_done=lambda: report(out))  # a study cut short still reports what it has
+    prune = map_runs(run_one, prune_plan(), out, metrics, **each)
     todo = STAGES[:STAGES.index(stage) + 1]
     if "main" in todo:
         kept = kept_lrs(prune)
-        main = []
-        for r in main_plan(kept):
-            main.append(run_one(r, out, metrics, log))
-            report(out)  # after every run: a study cut short still reports what it has
+        main = map_runs(run_one, main_plan(kept), out, metrics, **each)
         if "gap" in todo:
-            gap_stage(out, metrics, base, main, log)
-            report(out)
+            base_file = out / "base_gap.json"
+            if not base_file.is_file():
+                save_json(metrics.few_step_quality(base), base_file)
+            map_runs(gap_run, [r for r in main if r["run"]["rank"] != SMALL_RANK], out, metrics, **each)
         if "chains" in todo:
-            from .chains import run_chains, teacher_check
-            run_chains(out, metrics, kept, log, on_stage=lambda: report(out))
+            from .chains import chain_plan, run_chain, teacher_check
+            map_runs(run_chain, chain_plan(), out, metrics, kept, **each)
             teacher_check(out, metrics, kept, log)
         if "lambda" in todo:
-            for r in lambda_plan(kept):
-                run_one(r, out, metrics, log)
-                report(out)
+            map_runs(run_one, lambda_plan(kept), out, metrics, **each)
     return report(out)
 
 
@@ -244,23 +282,18 @@ def gap_points(run: dict) -> list[int]:
     return sorted({m["step"] for tau in TAUS if (m := matched(run["points"], tau))})
 
 
-def gap_stage(out: Path, metrics: StudyMetrics, base, main: list[dict], log=print) -> None:
-    """The 4-vs-32-step gap of the base and at every main run's matched points (cached per point)."""
-    base_file = out / "base_gap.json"
-    if not base_file.is_file():
-        save_json(metrics.few_step_quality(base), base_file)
-    for r in main:
-        if r["run"]["rank"] == SMALL_RANK:  # the report compares rank 3 at 4 steps only
+def gap_run(r: dict, out: Path, metrics: StudyMetrics, log=print) -> None:
+    """The 4-vs-32-step gap at one main run's matched points (cached per point; the report compares
+    rank 3 at 4 steps only, so the gap stage skips those runs)."""
+    run_dir = out / "runs" / r["name"]
+    for step in gap_points(r):
+        f = run_dir / "eval" / f"gap-{step:06d}.json"
+        if f.is_file():
             continue
-        run_dir = out / "runs" / r["name"]
-        for step in gap_points(r):
-            f = run_dir / "eval" / f"gap-{step:06d}.json"
-            if f.is_file():
-                continue
-            lora = run_dir / "train" / f"lora-{step:06d}.safetensors"
-            if not lora.is_file():
-                raise DopsdError(f"{lora} is missing (the gap stage needs the run's LoRAs); delete "
-                                 f"{run_dir / 'result.json'} to retrain the run")
-            g = metrics.few_step_quality(load_with_lora(lora))
-            save_json({"step": step, **g}, f)
-            log(f"{r['name']} @{step}: toy-FID 4 steps {g['quality_4']:.0f}, 32 steps {g['quality_32']:.0f}")
+        lora = run_dir / "train" / f"lora-{step:06d}.safetensors"
+        if not lora.is_file():
+            raise DopsdError(f"{lora} is missing (the gap stage needs the run's LoRAs); delete "
+                             f"{run_dir / 'result.json'} to retrain the run")
+        g = metrics.few_step_quality(load_with_lora(lora))
+        save_json({"step": step, **g}, f)
+        log(f"{r['name']} @{step}: toy-FID 4 steps {g['quality_4']:.0f}, 32 steps {g['quality_32']:.0f}")

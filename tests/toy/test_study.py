@@ -65,6 +65,30 @@ def test_a_tiny_prune_stage_runs_caches_and_resumes(tmp_path, monkeypatch):
     assert again["summary"] == res["summary"]
 
 
+
+def _name_and_pid(run, out, metrics, log=print):  # module level: the pool pickles it by name
+    import os
+    return run.name, os.getpid()
+
+
+@needs_weights
+def test_two_jobs_run_the_stage_in_worker_processes_and_report_every_run(tmp_path, monkeypatch):
+    import os
+    monkeypatch.setattr(study, "CHECKPOINTS", (2,))
+    monkeypatch.setattr(study, "LRS", (1e-3,))
+    monkeypatch.setattr(study, "VARIANTS", (("sft", False), ("sft", True)))
+    monkeypatch.setattr(study, "N_UNRELATED", 12)
+    pids = []
+    names = study.map_runs(_name_and_pid, study.prune_plan(), tmp_path, None, jobs=2,
+                           on_done=lambda: pids.append(os.getpid()))
+    # results in plan order, computed in other processes; on_done ran in this one after each run
+    assert [n for n, _ in names] == [r.name for r in study.prune_plan()]
+    assert all(pid != os.getpid() for _, pid in names) and pids == [os.getpid()] * 2
+    assert all(any((tmp_path / "data" / c).glob("*.png")) for c in ("star", "heart", "crescent"))
+    res = study.run_study(tmp_path / "real", "prune", log=lambda *_: None, jobs=2)
+    assert sorted(r["variant"] for r in res["runs"].values()) == ["sft", "sft + prior"]
+    assert all(len(r["points"][0]["hits"]["concept_fidelity"]) == 96 for r in res["runs"].values())
+
 def _run(variant, seed, points, concept="star"):
     method, prior = ("dopsd" if variant.startswith("dopsd") else "sft"), "prior" in variant
     return {"variant": variant, "name": f"{variant}{seed}",
