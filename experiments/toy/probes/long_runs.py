@@ -3,7 +3,9 @@
 steps and evaluates steps 300 and 400 exactly as the study evaluates its checkpoints (toy/study.py:
 StudyMetrics.checkpoint), so the points compare with the study's run of the same concept and seed.
 
-usage: python experiments/toy/probes/long_runs.py OUT_DIR CONCEPT
+usage: python experiments/toy/probes/long_runs.py OUT_DIR CONCEPT [SEED]
+Writes long_<concept>_s<seed>_<base fingerprint>.json here (run 8's results, from before the fingerprint
+was part of the name, are long_<concept>_s0.json).
 """
 import json
 import sys
@@ -18,15 +20,19 @@ from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_con
 from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
 
 out, concept = Path(sys.argv[1]), sys.argv[2]
+seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 torch.set_num_threads(1)
-run = out / f"{concept}_dopsd_prior_lr0.001_s0_400"
-train_concept(concept, "dopsd", run, out, seed=0, lr=1e-3, steps=400, save_every=100,
+run = out / f"{concept}_dopsd_prior_lr0.001_s{seed}_400"
+train_concept(concept, "dopsd", run, out, seed=seed, lr=1e-3, steps=400, save_every=100,
               prior_prompts=auto_prior(concept, out), **TOY_PRIOR)
-metrics = StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=N_UNRELATED)
+base = load_toy_file(BASE_WEIGHTS)
+metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
 captions = [caps[0] for caps in concept_training_set(concept)[1]]
 points = []
 for step in (300, 400):
     p = metrics.checkpoint(load_with_lora(run / f"lora-{step:06d}.safetensors"), concept, captions)
     points.append({"step": step, **{k: v for k, v in p.items() if k != "hits"}})
     print(json.dumps(points[-1]), flush=True)
-(Path(__file__).parent / f"long_{concept}_s0.json").write_text(json.dumps({"concept": concept, "points": points}, indent=1))
+name = f"long_{concept}_s{seed}_{base.fingerprint()}.json"
+(Path(__file__).parent / name).write_text(json.dumps({"concept": concept, "seed": seed, "base": base.fingerprint(),
+                                                      "points": points}, indent=1))
