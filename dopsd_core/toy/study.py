@@ -236,10 +236,14 @@ def map_runs(fn, items: list, out: Path, metrics: StudyMetrics, *extra, jobs: in
     with ProcessPoolExecutor(min(jobs, len(items)), mp_context=ctx, initializer=_worker_init) as pool:
         futures = {pool.submit(_worker_call, fn, item, out, extra): i for i, item in enumerate(items)}
         results = [None] * len(items)
-        for f in as_completed(futures):
-            results[futures[f]] = f.result()
-            if on_done:
-                on_done()
+        try:
+            for f in as_completed(futures):
+                results[futures[f]] = f.result()
+                if on_done:
+                    on_done()
+        except BaseException:  # a failed run or Ctrl-C: don't start the queued ones (finished runs stay cached)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     return results
 
 

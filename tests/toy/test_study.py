@@ -1,6 +1,7 @@
 """toy/study.py: prompt sets, compute counts, matched points, lr choice, and a tiny resumable stage."""
 import json
 
+import pytest
 
 from dopsd_core.toy import chains as chains_mod, study, study_report
 from dopsd_core.toy.metrics import prior_prompts, unrelated_prompts
@@ -70,6 +71,20 @@ def _name_and_pid(run, out, metrics, log=print):  # module level: the pool pickl
     import os
     return run.name, os.getpid()
 
+
+def _fail_first(item, out, metrics, log=print):  # a run that fails at once; the others take a while
+    import time
+    if item == 0:
+        raise study.DopsdError("run 0 failed")
+    time.sleep(0.3)
+    (out / f"ran-{item}").touch()
+
+
+def test_a_failed_run_stops_the_pool_instead_of_running_the_queue(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "HELD_OUT_SHAPES", ())  # no concept data to write for this fake fn
+    with pytest.raises(study.DopsdError, match="run 0 failed"):
+        study.map_runs(_fail_first, list(range(12)), tmp_path, None, jobs=2)
+    assert len(list(tmp_path.glob("ran-*"))) < 6  # at most the runs already handed to the workers
 
 @needs_weights
 def test_two_jobs_run_the_stage_in_worker_processes_and_report_every_run(tmp_path, monkeypatch):
