@@ -84,10 +84,15 @@ def selection_prompts(n: int = 96, seed: int = 0) -> list[tuple[str, str, str, s
     return out
 
 
-def evals_per_step(method: str, prior: bool, k: int = 4, batch: int = TOY_BUDGET["batch_size"]) -> int:
+def evals_per_step(method: str, prior: bool, k: int = 4, batch: int = TOY_BUDGET["batch_size"],
+                   states: str = "all") -> float:
     """Model evaluations (one sample's forward or backward) per optimizer step. D-OPSD, all K states:
-    K teacher forwards + K student forwards + K backwards per sample; SFT: one forward, one backward."""
-    per_sample = 3 * k if method == "dopsd" else 2
+    K teacher forwards + K student forwards + K backwards per sample; one random state (--states one):
+    on average (K - 1) / 2 no-grad prefix forwards, then one of each; SFT: one forward, one backward."""
+    if method != "dopsd":
+        per_sample = 2
+    else:
+        per_sample = 3 * k if states == "all" else (k - 1) / 2 + 3
     return per_sample * (batch + (PRIOR["prior_batch"] if prior else 0))
 
 

@@ -17,6 +17,7 @@ def test_model_evaluations_per_step():
     assert study.evals_per_step("dopsd", False, k=4, batch=4) == 3 * 4 * 4
     assert study.evals_per_step("dopsd", True, k=4, batch=4) == 3 * 4 * (4 + study.PRIOR["prior_batch"])
     assert study.evals_per_step("sft", False, k=4, batch=4) == 2 * 4
+    assert study.evals_per_step("dopsd", False, k=4, batch=4, states="one") == (1.5 + 3) * 4  # mean prefix 1.5
     assert study.setup_evals("sft", True, 10, k=4) == 32 * 4 and study.setup_evals("dopsd", True, 10) == 0
 
 

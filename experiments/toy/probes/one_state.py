@@ -6,7 +6,8 @@ the heart or the crescent at the study's D-OPSD + prior setting (lr 1e-3, lambda
 the study's checkpoints like the study, and compares at retention tau with the study's seed-0 runs:
 SFT + prior within its own 200 steps' evaluations, and all-states D-OPSD + prior.
 
-usage: python experiments/toy/probes/one_state.py STUDY_DIR CONCEPT   (writes one_state_<concept>_s0.json here)
+usage: python experiments/toy/probes/one_state.py OUT_DIR STUDY_DIR CONCEPT
+(trains in OUT_DIR/one_state_<concept>_s0; writes one_state_<concept>_s0.json here)
 """
 import json
 import sys
@@ -18,13 +19,12 @@ from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.metrics import concept_training_set
 from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
-from dopsd_core.toy.study import CHECKPOINTS, N_UNRELATED, PRIOR, TAUS, StudyMetrics, matched
+from dopsd_core.toy.study import CHECKPOINTS, N_UNRELATED, TAUS, StudyMetrics, evals_per_step, matched
 
-study, concept = Path(sys.argv[1]), sys.argv[2]
+out, study, concept = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(1)
-K, BATCH = 4, 4
-EVALS_PER_STEP = ((K - 1) / 2 + 3) * (BATCH + PRIOR["prior_batch"])  # expected prefix + teacher + student + backward
-run = Path("/tmp") / f"one_state_{concept}_s0"
+EVALS_PER_STEP = evals_per_step("dopsd", True, states="one")
+run = out / f"one_state_{concept}_s0"
 if not (run / f"lora-{CHECKPOINTS[-1]:06d}.safetensors").is_file():
     train_concept(concept, "dopsd", run, study, seed=0, lr=1e-3, steps=CHECKPOINTS[-1], save_every=CHECKPOINTS[0],
                   states="one", prior_prompts=auto_prior(concept, study), **TOY_PRIOR)
@@ -51,6 +51,6 @@ compare = {str(tau): {"one_state_equal_compute": at(points, tau, budget), "one_s
                       "sft_prior": at(sft["points"], tau), "all_states_equal_compute": at(allk["points"], tau, budget),
                       "all_states": at(allk["points"], tau)} for tau in TAUS}
 print(json.dumps(compare, indent=1))
-out = {"concept": concept, "seed": 0, "base": base.fingerprint(), "evals_per_step": EVALS_PER_STEP,
-       "sft_budget": budget, "points": [{k: v for k, v in p.items() if k != "hits"} for p in points], "compare": compare}
-(Path(__file__).parent / f"one_state_{concept}_s0.json").write_text(json.dumps(out, indent=1))
+result = {"concept": concept, "seed": 0, "base": base.fingerprint(), "evals_per_step": EVALS_PER_STEP,
+          "sft_budget": budget, "points": [{k: v for k, v in p.items() if k != "hits"} for p in points], "compare": compare}
+(Path(__file__).parent / f"one_state_{concept}_s0.json").write_text(json.dumps(result, indent=1))
