@@ -1,6 +1,7 @@
 """Writes the README's measured results from the committed results files, so that no number in them is
 typed by hand: the demo's paragraph from docs/demo_metrics.json, the first experiment's tables from
-experiments/toy/results.json and the trade-off study's tables from experiments/toy/study/results.json. Each lives between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
+experiments/toy/results.json and the trade-off study's tables from experiments/toy/study/results.json.
+Each lives between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
 
     python tools/readme_results.py          # rewrite README.md
     python tools/readme_results.py --check  # exit 1 if README.md differs (tests/toy/test_readme_results.py)
@@ -51,7 +52,7 @@ def base_notice(measured_on: str, shipped: str) -> str:
     if measured_on == shipped:
         return ""
     return (f"> Measured on an earlier toy base (`{measured_on}`), not the shipped one (`{shipped}`): these "
-            "numbers describe that base until the study is re-run on the shipped one.\n\n")
+            "numbers describe that base until they are measured again on the shipped one.\n\n")
 
 
 def blocks() -> dict[str, str]:
