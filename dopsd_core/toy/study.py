@@ -14,6 +14,8 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
   chains continual tuning star -> heart -> crescent with the prior, 3 seeds, and the warm-start teachers
          (toy/chains.py)
   lambda the prior's weight: 0.3 and 3 against main's 1, both methods, the star, seed 0
+  onestate D-OPSD + prior with one supervised roll-out state per step (--states one, 4.5 instead of 12
+         model evaluations per sample) x 3 concepts x 3 seeds: the equal-compute comparison with SFT + prior
 Runs are independent, so `jobs` > 1 trains and evaluates that many at once, one torch thread each (on
 2 cores two 1-thread processes outrun one 2-thread process: the toy's matmuls are too small to split).
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
@@ -60,16 +62,18 @@ class StudyRun:
     seed: int = 0
     rank: int = 16
     prior_weight: float = 1.0  # lambda, when prior
+    states: str = "all"  # D-OPSD's supervised roll-out states: all K, or one random state per roll-out
 
     @property
     def name(self) -> str:
         weight = f"_w{self.prior_weight:g}" if self.prior and self.prior_weight != PRIOR["prior_weight"] else ""
-        return (f"{self.concept}_{self.method}{'_prior' if self.prior else ''}{weight}_lr{self.lr:g}_r{self.rank}"
-                f"_s{self.seed}")
+        states = "_onestate" if self.states == "one" else ""
+        return (f"{self.concept}_{self.method}{'_prior' if self.prior else ''}{weight}{states}_lr{self.lr:g}"
+                f"_r{self.rank}_s{self.seed}")
 
     @property
     def variant(self) -> str:
-        return f"{self.method}{' + prior' if self.prior else ''}"
+        return f"{self.method}{' + prior' if self.prior else ''}{', one state' if self.states == 'one' else ''}"
 
 
 def selection_prompts(n: int = 96, seed: int = 0) -> list[tuple[str, str, str, str]]:
@@ -137,6 +141,12 @@ def lambda_plan(kept_lr: dict[str, float]) -> list[StudyRun]:
             for c in LAMBDA_CONCEPTS for m in ("dopsd", "sft") if f"{m} + prior" in kept_lr for w in LAMBDAS]
 
 
+def one_state_plan(kept_lr: dict[str, float]) -> list[StudyRun]:
+    """D-OPSD + prior at its kept lr with one supervised state per step (none if the variant was not run)."""
+    lr = kept_lr.get("dopsd + prior")
+    return [StudyRun(c, "dopsd", True, lr, s, states="one") for c in HELD_OUT_SHAPES for s in range(3)] if lr else []
+
+
 def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
     """Train (cached: a finished run is not retrained) and evaluate every checkpoint (cached per step)."""
     run_dir = out / "runs" / run.name
@@ -154,10 +164,10 @@ def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
         assert all(c % every == 0 for c in CHECKPOINTS), "checkpoints must be multiples of the first"
         train_concept(run.concept, run.method, train_dir, out, seed=run.seed, lr=run.lr, rank=run.rank,
                       alpha=float(run.rank), steps=CHECKPOINTS[-1], save_every=every, prior_prompts=prompts,
-                      **({**PRIOR, "prior_weight": run.prior_weight} if run.prior else {}))
+                      states=run.states, **({**PRIOR, "prior_weight": run.prior_weight} if run.prior else {}))
     train_s = time.perf_counter() - t0
     captions = [caps[0] for caps in concept_training_set(run.concept)[1]]
-    per_step = evals_per_step(run.method, run.prior)
+    per_step = evals_per_step(run.method, run.prior, states=run.states)
     setup = setup_evals(run.method, run.prior, len(prompts or []))
     points = []
     for step in CHECKPOINTS:
@@ -209,7 +219,7 @@ def kept_lrs(prune: list[dict]) -> dict[str, float]:
     return kept
 
 
-STAGES = ("prune", "main", "gap", "chains", "lambda")
+STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate")
 _WORKER = None  # a forked worker's (metrics, log), inherited from the parent that started the pool
 
 
@@ -283,6 +293,8 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
             teacher_check(out, metrics, kept, log)
         if "lambda" in todo:
             map_runs(run_one, lambda_plan(kept), out, metrics, **each)
+        if "onestate" in todo:
+            map_runs(run_one, one_state_plan(kept), out, metrics, **each)
     return report(out)
 
 

@@ -10,9 +10,11 @@ from PIL import Image, ImageDraw
 from ..fileio import save_bytes, save_json
 from ..plot import save_png
 from .study import (CHECKPOINTS, PRIOR, SMALL_RANK, TAUS, choose_lr, lambda_plan, main_plan, matched,
-                    prune_plan)
+                    one_state_plan, prune_plan)
 
 PAIRS = (("dopsd + prior", "sft + prior"), ("dopsd", "sft"))
+ONE_STATE = "dopsd + prior, one state"
+ONE_STATE_PAIRS = ((ONE_STATE, "sft + prior"),)
 AIMS = {"concept_fidelity": (">=", 0.80), "retention": (">=", 0.85), "leak": ("<=", 0.05)}
 DEFAULT_TAU = 0.7  # the default is the best mean fidelity whose mean selection retention is >= this
 
@@ -39,7 +41,7 @@ def _difference(a: list[dict], b: list[dict]) -> dict:
     return bootstrap_difference(*[[per_prompt(p["fid_hits"], FIDELITY_SEEDS) for p in ps] for ps in (a, b)])
 
 
-def main_summary(runs: list[dict]) -> dict:
+def main_summary(runs: list[dict], pairs=PAIRS) -> dict:
     """Per concept and tau: each variant's matched points (means over seeds); D-OPSD minus SFT fidelity
     (with and without the prior) with bootstrap intervals over seeds, then prompts, at equal steps (both
     runs' whole length) and at equal compute (D-OPSD's checkpoints within the SFT run's model evaluations,
@@ -57,7 +59,7 @@ def main_summary(runs: list[dict]) -> dict:
                        "concept_fidelity": _mean(ps, "concept_fidelity", reached_only=False),
                        **{k: _mean(ps, k, reached_only=True) for k in ("retention", "leak", "cross_token")}}
                    for v, ps in at.items()}
-            for a, b in PAIRS:
+            for a, b in pairs:
                 if a not in at or b not in at:
                     continue
                 row[f"{a} - {b}"] = _difference(at[a], at[b])
@@ -142,7 +144,7 @@ def report(out: Path) -> dict:
     cached = {p.parent.name: json.loads(p.read_text()) for p in (out / "runs").glob("*/result.json")}
     prune = [cached[r.name] for r in prune_plan() if r.name in cached]
     summary = {"prune": {"runs": [r["name"] for r in prune], "complete": len(prune) == len(prune_plan())}}
-    main, lam = [], []
+    main, lam, one = [], [], []
     if summary["prune"]["complete"]:
         summary["prune"]["kept_lr"] = choose_lr(prune)
         kept = {v: c["lr"] for v, c in summary["prune"]["kept_lr"].items()}
@@ -160,8 +162,13 @@ def report(out: Path) -> dict:
             lam = [cached[r.name] for r in lambda_plan(kept) if r.name in cached]
             if lam:
                 summary["lambda"] = {"runs": [r["name"] for r in lam], "planned": len(lambda_plan(kept))}
+            one = [cached[r.name] for r in one_state_plan(kept) if r.name in cached]
+            if one:
+                sft = [r for r in main if r["variant"] == "sft + prior" and r["run"]["rank"] != SMALL_RANK]
+                summary["one_state"] = {"runs": [r["name"] for r in one], "planned": len(one_state_plan(kept)),
+                                        "by_concept": main_summary(sft + one, ONE_STATE_PAIRS)}
     results = {"stamp": json.loads((out / "stamp.json").read_text()), "summary": summary,
-               "runs": {r["name"]: r for r in prune + main + lam}}
+               "runs": {r["name"]: r for r in prune + main + lam + one}}
     save_json(results, out / "results.json")
     save_bytes(study_markdown(results).encode(), out / "results.md")
     if main:
@@ -214,6 +221,22 @@ def differences_table(by_concept: dict) -> list[str]:
     return _table(["concept", "tau", "with prior, equal steps", "with prior, equal compute", "no prior, equal steps",
                    "no prior, equal compute"],
                   [[concept, tau, *(_interval(row[k]) if k in row else "–" for k in keys)]
+                   for concept, by_tau in by_concept.items() for tau, row in by_tau.items()])
+
+
+def one_state_table(by_concept: dict) -> list[str]:
+    """One-state D-OPSD + prior against SFT + prior: matched fidelities, and the difference at equal steps
+    and at equal compute (with D-OPSD's fidelity there)."""
+    a, b = ONE_STATE_PAIRS[0]
+
+    def cell(m):
+        return "–" if m is None else f"{_pct(m['concept_fidelity'])} ({m['reached']}/{m['seeds']})"
+
+    def compute(d):
+        return "–" if d is None else f"{_interval(d)}; {_pct(d['dopsd_fidelity'])}"
+    return _table(["concept", "tau", "one state", "SFT + prior", "equal steps", "equal compute; one state there"],
+                  [[concept, tau, cell(row.get(a)), cell(row.get(b)), _interval(row[f"{a} - {b}"]) if f"{a} - {b}" in row
+                    else "–", compute(row.get(f"{a} - {b}, equal compute"))]
                    for concept, by_tau in by_concept.items() for tau, row in by_tau.items()])
 
 
@@ -341,6 +364,13 @@ def study_markdown(results: dict) -> str:
                       *teacher_table(s["chain_teachers"]), ""]
     if s.get("lambda"):
         lines += ["## The prior's weight (seed 0)", "", *lambda_table(runs, s["lambda"]["runs"]), ""]
+    if s.get("one_state"):
+        o = s["one_state"]
+        lines += [f"## One supervised state per step ({len(o['runs'])} of {o['planned']} runs cached)", "",
+                  "D-OPSD + prior with `--states one` (one random roll-out state per sample, its prefix without "
+                  "gradients) against main's SFT + prior runs, same seeds. Fidelity points with 95 % bootstrap "
+                  "intervals; equal compute: the one-state checkpoints within the SFT run's model evaluations.", "",
+                  *one_state_table(o["by_concept"]), ""]
     return "\n".join(lines) + "\n"
 
 
@@ -374,6 +404,10 @@ def readme_section(results: dict) -> str:
                       "start's LoRA:", "", *teacher_table(s["chain_teachers"])]
     if s.get("lambda"):
         lines += ["", "**The prior's weight** (seed 0):", "", *lambda_table(results["runs"], s["lambda"]["runs"])]
+    if s.get("one_state"):
+        lines += ["", "**One supervised state per step** (D-OPSD + prior, `--states one`, 3 seeds) against SFT + "
+                  "prior; equal compute gives it the SFT run's model evaluations:", "",
+                  *one_state_table(s["one_state"]["by_concept"])]
     return "\n".join(lines) + "\n"
 
 

@@ -228,3 +228,43 @@ def test_lambda_table_compares_with_mains_run_of_the_same_lr():
     lines = study_report.lambda_table(runs, ["w3"])
     assert len(lines) == 4  # header, rule, lambda 1 (main's run at lr 1e-3) and lambda 3
     assert "| 1 | fid 25% @200" in lines[2] and "| 3 | fid 50% @200" in lines[3]
+
+
+def test_one_state_runs_are_a_variant_of_their_own_and_leave_mains_names_alone():
+    main = study.StudyRun("star", "dopsd", True, 1e-3, 0)
+    one = study.StudyRun("star", "dopsd", True, 1e-3, 0, states="one")
+    assert main.name == "star_dopsd_prior_lr0.001_r16_s0"  # the cached main runs keep their folders
+    assert one.name == "star_dopsd_prior_onestate_lr0.001_r16_s0" and one.variant == study_report.ONE_STATE
+    plan = study.one_state_plan({"dopsd + prior": 1e-3, "sft + prior": 1e-3})
+    assert len(plan) == 9 and {r.concept for r in plan} == {"star", "heart", "crescent"}
+    assert all(r.states == "one" and r.prior and r.method == "dopsd" for r in plan)
+
+
+def test_one_state_against_sft_at_equal_compute_counts_only_checkpoints_within_the_sft_run():
+    ones, zeros = "1" * 96, "0" * 96
+    one = _run(study_report.ONE_STATE, 0, [_pt(10, ones, 0.9), _pt(40, ones, 0.9)])  # model_evals 100, 400
+    one["points"][1]["concept_fidelity"] = 1.0
+    one["points"][0]["hits"]["concept_fidelity"] = "1" * 48 + "0" * 48
+    one["points"][0]["concept_fidelity"] = 0.5
+    sft = _run("sft + prior", 0, [_pt(10, zeros, 0.9), _pt(20, zeros, 0.9)])  # the whole run: 200 evals
+    row = study_report.main_summary([sft, one], study_report.ONE_STATE_PAIRS)["star"]["0.8"]
+    pair = f"{study_report.ONE_STATE} - sft + prior"
+    assert row[pair]["diff"] == 1.0  # equal steps: step 40 counts
+    assert row[f"{pair}, equal compute"]["dopsd_fidelity"] == 0.5  # only step 10 (100 evals) fits in 200
+    lines = study_report.one_state_table({"star": {"0.8": row}})
+    assert lines[2].startswith("| star | 0.8 | 100% (1/1) | 0% (1/1) | +100 [+100, +100] | +50 [")
+
+
+@needs_weights
+def test_a_one_state_run_trains_with_one_state_and_counts_its_evaluations(tmp_path, monkeypatch):
+    from dopsd_core.lora import read_lora_file
+    from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
+    from dopsd_core.toy.evaluator import load_evaluator
+    monkeypatch.setattr(study, "CHECKPOINTS", (2,))
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12)
+    run = study.StudyRun("star", "dopsd", True, 1e-3, 0, states="one")
+    r = study.run_one(run, tmp_path, metrics, log=lambda *_: None)
+    assert r["variant"] == study_report.ONE_STATE and r["run"]["states"] == "one"
+    assert r["points"][0]["model_evals"] == 2 * study.evals_per_step("dopsd", True, states="one") == 2 * 36
+    meta = read_lora_file(tmp_path / "runs" / run.name / "train" / "lora-000002.safetensors")[1]
+    assert meta["dopsd.states"] == "one"
