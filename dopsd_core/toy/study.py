@@ -16,6 +16,9 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
   lambda the prior's weight: 0.3 and 3 against main's 1, both methods, the star, seed 0
   onestate D-OPSD + prior with one supervised roll-out state per step (--states one, 4.5 instead of 12
          model evaluations per sample) x 3 concepts x 3 seeds: the equal-compute comparison with SFT + prior
+  budget both methods with the prior at a larger budget (lr 3e-3, past main's grid, for 400 steps, evaluated
+         at main's checkpoints and then every 100 steps) x 3 concepts x 3 seeds: the probes found the star
+         needs a larger update than main's (experiments/toy/probes/README.md)
 Runs are independent, so `jobs` > 1 trains and evaluates that many at once, one torch thread each (on
 2 cores two 1-thread processes outrun one 2-thread process: the toy's matmuls are too small to split).
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
@@ -50,6 +53,8 @@ PRIOR = TOY_PRIOR  # lambda 1, 4 prior samples per step
 SMALL_RANK = 3
 LAMBDAS = (0.3, 3.0)  # the lambda stage's prior weights (main runs have PRIOR's 1)
 LAMBDA_CONCEPTS = ("star",)
+BUDGET = dict(lr=3e-3, steps=400)  # the budget stage's runs
+LONG_EVERY = 100  # past main's last checkpoint, a run is evaluated every this many steps
 N_UNRELATED = 192  # the evaluation set of retention and leak (toy/metrics.py)
 
 
@@ -63,13 +68,20 @@ class StudyRun:
     rank: int = 16
     prior_weight: float = 1.0  # lambda, when prior
     states: str = "all"  # D-OPSD's supervised roll-out states: all K, or one random state per roll-out
+    steps: int = 0  # 0: main's length (the last of CHECKPOINTS)
 
     @property
     def name(self) -> str:
         weight = f"_w{self.prior_weight:g}" if self.prior and self.prior_weight != PRIOR["prior_weight"] else ""
         states = "_onestate" if self.states == "one" else ""
+        steps = f"_st{self.steps}" if self.steps else ""
         return (f"{self.concept}_{self.method}{'_prior' if self.prior else ''}{weight}{states}_lr{self.lr:g}"
-                f"_r{self.rank}_s{self.seed}")
+                f"_r{self.rank}{steps}_s{self.seed}")
+
+    @property
+    def checkpoints(self) -> tuple[int, ...]:
+        """main's checkpoints, then every LONG_EVERY steps up to the run's own length."""
+        return CHECKPOINTS + tuple(range(CHECKPOINTS[-1] + LONG_EVERY, self.steps + 1, LONG_EVERY))
 
     @property
     def variant(self) -> str:
@@ -147,6 +159,11 @@ def one_state_plan(kept_lr: dict[str, float]) -> list[StudyRun]:
     return [StudyRun(c, "dopsd", True, lr, s, states="one") for c in HELD_OUT_SHAPES for s in range(3)] if lr else []
 
 
+def budget_plan() -> list[StudyRun]:
+    return [StudyRun(c, m, True, BUDGET["lr"], s, steps=BUDGET["steps"])
+            for c in HELD_OUT_SHAPES for s in range(3) for m in ("dopsd", "sft")]
+
+
 def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
     """Train (cached: a finished run is not retrained) and evaluate every checkpoint (cached per step)."""
     run_dir = out / "runs" / run.name
@@ -156,21 +173,22 @@ def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
     train_dir = run_dir / "train"
     prompts = auto_prior(run.concept, out) if run.prior else None
     t0 = time.perf_counter()
-    if not (train_dir / f"lora-{CHECKPOINTS[-1]:06d}.safetensors").is_file():
+    checkpoints = run.checkpoints
+    if not (train_dir / f"lora-{checkpoints[-1]:06d}.safetensors").is_file():
         if train_dir.exists():  # an interrupted run: start it over (it keeps a LoRA per save point)
             import shutil
             shutil.rmtree(train_dir)
-        every = CHECKPOINTS[0]
-        assert all(c % every == 0 for c in CHECKPOINTS), "checkpoints must be multiples of the first"
+        every = checkpoints[0]
+        assert all(c % every == 0 for c in checkpoints), "checkpoints must be multiples of the first"
         train_concept(run.concept, run.method, train_dir, out, seed=run.seed, lr=run.lr, rank=run.rank,
-                      alpha=float(run.rank), steps=CHECKPOINTS[-1], save_every=every, prior_prompts=prompts,
+                      alpha=float(run.rank), steps=checkpoints[-1], save_every=every, prior_prompts=prompts,
                       states=run.states, **({**PRIOR, "prior_weight": run.prior_weight} if run.prior else {}))
     train_s = time.perf_counter() - t0
     captions = [caps[0] for caps in concept_training_set(run.concept)[1]]
     per_step = evals_per_step(run.method, run.prior, states=run.states)
     setup = setup_evals(run.method, run.prior, len(prompts or []))
     points = []
-    for step in CHECKPOINTS:
+    for step in checkpoints:
         point_file = run_dir / "eval" / f"step-{step:06d}.json"
         if point_file.is_file():
             points.append(json.loads(point_file.read_text()))
@@ -219,7 +237,7 @@ def kept_lrs(prune: list[dict]) -> dict[str, float]:
     return kept
 
 
-STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate")
+STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget")
 _WORKER = None  # a forked worker's (metrics, log), inherited from the parent that started the pool
 
 
@@ -295,6 +313,8 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
             map_runs(run_one, lambda_plan(kept), out, metrics, **each)
         if "onestate" in todo:
             map_runs(run_one, one_state_plan(kept), out, metrics, **each)
+        if "budget" in todo:
+            map_runs(run_one, budget_plan(), out, metrics, **each)
     return report(out)
 
 

@@ -9,8 +9,8 @@ from PIL import Image, ImageDraw
 
 from ..fileio import save_bytes, save_json
 from ..plot import save_png
-from .study import (CHECKPOINTS, PRIOR, SMALL_RANK, TAUS, choose_lr, lambda_plan, main_plan, matched,
-                    one_state_plan, prune_plan)
+from .study import (BUDGET, CHECKPOINTS, PRIOR, SMALL_RANK, TAUS, budget_plan, choose_lr, lambda_plan,
+                    main_plan, matched, one_state_plan, prune_plan)
 
 PAIRS = (("dopsd + prior", "sft + prior"), ("dopsd", "sft"))
 ONE_STATE = "dopsd + prior, one state"
@@ -145,6 +145,10 @@ def report(out: Path) -> dict:
     prune = [cached[r.name] for r in prune_plan() if r.name in cached]
     summary = {"prune": {"runs": [r["name"] for r in prune], "complete": len(prune) == len(prune_plan())}}
     main, lam, one = [], [], []
+    budget = [cached[r.name] for r in budget_plan() if r.name in cached]
+    if budget:
+        summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
+                             "by_concept": main_summary(budget, PAIRS[:1]), "default": default_choice(budget)}
     if summary["prune"]["complete"]:
         summary["prune"]["kept_lr"] = choose_lr(prune)
         kept = {v: c["lr"] for v, c in summary["prune"]["kept_lr"].items()}
@@ -168,7 +172,7 @@ def report(out: Path) -> dict:
                 summary["one_state"] = {"runs": [r["name"] for r in one], "planned": len(one_state_plan(kept)),
                                         "by_concept": main_summary(sft + one, ONE_STATE_PAIRS)}
     results = {"stamp": json.loads((out / "stamp.json").read_text()), "summary": summary,
-               "runs": {r["name"]: r for r in prune + main + lam + one}}
+               "runs": {r["name"]: r for r in prune + main + lam + one + budget}}
     save_json(results, out / "results.json")
     save_bytes(study_markdown(results).encode(), out / "results.md")
     if main:
@@ -240,6 +244,31 @@ def one_state_table(by_concept: dict) -> list[str]:
                    for concept, by_tau in by_concept.items() for tau, row in by_tau.items()])
 
 
+def budget_table(by_concept: dict) -> list[str]:
+    """The budget stage's matched points (both variants with the prior) and their differences."""
+    a, b = PAIRS[0]
+
+    def cell(m):
+        return "–" if m is None else f"{_pct(m['concept_fidelity'])} ({m['reached']}/{m['seeds']})"
+
+    def diff(key):
+        return lambda row: _interval(row[key]) if key in row else "–"
+    return _table(["concept", "tau", a, b, "equal steps", "equal compute"],
+                  [[concept, tau, cell(row.get(a)), cell(row.get(b)), diff(f"{a} - {b}")(row),
+                    diff(f"{a} - {b}, equal compute")(row)]
+                   for concept, by_tau in by_concept.items() for tau, row in by_tau.items()])
+
+
+def _budget_lines(budget: dict) -> list[str]:
+    lines = [*budget_table(budget["by_concept"])]
+    d = budget.get("default")
+    if d:
+        lines += ["", f"Best mean fidelity over every concept and seed with mean selection retention >= {DEFAULT_TAU} "
+                  f"at this budget: **{d['variant']}, step {d['step']}** ({d['runs']} runs); against the aims:", "",
+                  *aims_table(d)]
+    return lines
+
+
 def fronts_table(by_concept: dict) -> list[str]:
     variants = [v for pair in PAIRS for v in pair]
 
@@ -289,6 +318,19 @@ def lambda_table(runs: dict, names: list[str]) -> list[str]:
         for r in rows])
 
 
+def _with_budget(lines: list[str], s: dict) -> str:
+    """The budget stage's section (it needs no other stage), after whatever the other stages have."""
+    if s.get("budget"):
+        b = s["budget"]
+        lines = lines + [
+            f"## A larger budget: lr {BUDGET['lr']:g}, {BUDGET['steps']} steps ({len(b['runs'])} of {b['planned']} "
+            "runs cached)", "",
+            "Both methods with the prior, 3 concepts x 3 seeds, evaluated at main's checkpoints and every 100 steps "
+            "after. Matched points (seeds that reached tau / seeds) and D-OPSD minus SFT in fidelity points with "
+            "95 % bootstrap intervals.", "", *_budget_lines(b), ""]
+    return "\n".join(lines) + "\n"
+
+
 def study_markdown(results: dict) -> str:
     runs = results["runs"]
     s = results["summary"]
@@ -314,14 +356,14 @@ def study_markdown(results: dict) -> str:
                       [[r["variant"], f"{r['run']['lr']:g}", *(_point_cells(matched(r["points"], t)) for t in TAUS)]
                        for r in prune])]
     if "kept_lr" not in s["prune"]:
-        return "\n".join(lines) + "\n"
+        return _with_budget(lines, s)
     lines += ["", "Kept lr per variant (largest sum of matched fidelities over the taus):", ""]
     for v, c in s["prune"]["kept_lr"].items():
         at = ", ".join(f"tau {t}: {_pct(f)}" for t, f in c["fidelity_at"].items())
         lines.append(f"- {v}: " + ("no lr reached any tau with fidelity > 0" if c["lr"] is None else
                                    f"lr {c['lr']:g} ({at})"))
     if not main:
-        return "\n".join(lines) + "\n"
+        return _with_budget(lines, s)
     lines += ["", f"## Main: kept lrs, rank 16 ({len(main['runs'])} of {main['planned']} planned runs cached)", "",
               "Means over the seeds of the matched point per seed (fidelity counts 0 where tau is not reached; "
               "retention, leak and cross_token are means over the seeds that reached it). Fronts: fronts.png "
@@ -371,7 +413,7 @@ def study_markdown(results: dict) -> str:
                   "gradients) against main's SFT + prior runs, same seeds. Fidelity points with 95 % bootstrap "
                   "intervals; equal compute: the one-state checkpoints within the SFT run's model evaluations.", "",
                   *one_state_table(o["by_concept"]), ""]
-    return "\n".join(lines) + "\n"
+    return _with_budget(lines, s)
 
 
 def readme_section(results: dict) -> str:
@@ -404,6 +446,9 @@ def readme_section(results: dict) -> str:
                       "start's LoRA:", "", *teacher_table(s["chain_teachers"])]
     if s.get("lambda"):
         lines += ["", "**The prior's weight** (seed 0):", "", *lambda_table(results["runs"], s["lambda"]["runs"])]
+    if s.get("budget"):
+        lines += ["", f"**A larger budget** (lr {BUDGET['lr']:g}, {BUDGET['steps']} steps, both methods with the prior, "
+                  "3 seeds):", "", *_budget_lines(s["budget"])]
     if s.get("one_state"):
         lines += ["", "**One supervised state per step** (D-OPSD + prior, `--states one`, 3 seeds) against SFT + "
                   "prior; equal compute gives it the SFT run's model evaluations:", "",

@@ -268,3 +268,52 @@ def test_a_one_state_run_trains_with_one_state_and_counts_its_evaluations(tmp_pa
     assert r["points"][0]["model_evals"] == 2 * study.evals_per_step("dopsd", True, states="one") == 2 * 36
     meta = read_lora_file(tmp_path / "runs" / run.name / "train" / "lora-000002.safetensors")[1]
     assert meta["dopsd.states"] == "one"
+
+
+def test_budget_runs_go_on_past_mains_checkpoints_under_names_of_their_own():
+    plan = study.budget_plan()
+    assert len(plan) == 18 and {r.variant for r in plan} == {"dopsd + prior", "sft + prior"}
+    assert all(r.lr == study.BUDGET["lr"] and r.steps == study.BUDGET["steps"] for r in plan)
+    assert plan[0].name == "star_dopsd_prior_lr0.003_r16_st400_s0"
+    assert plan[0].checkpoints == study.CHECKPOINTS + (300, 400)
+    assert study.StudyRun("star", "dopsd", True, 1e-3, 0).checkpoints == study.CHECKPOINTS
+
+
+def test_budget_report_compares_the_methods_and_picks_a_default_at_that_budget(tmp_path, monkeypatch):
+    from dopsd_core.fileio import save_json
+    monkeypatch.setattr(study, "HELD_OUT_SHAPES", ("star",))
+    save_json({"base": "b", "study": 1}, tmp_path / "stamp.json")
+    fid = {"dopsd": "1" * 96, "sft": "1" * 48 + "0" * 48}
+    for r in study.budget_plan():
+        run = _run(r.variant, r.seed, [_pt(200, fid[r.method], 0.9), _pt(400, fid[r.method], 0.9)])
+        run["run"].update(steps=400, lr=r.lr)
+        save_json(run | {"name": r.name}, tmp_path / "runs" / r.name / "result.json")
+    for c in ("heart", "crescent"):  # the default needs every concept: the same runs under the other names
+        for r in study.budget_plan():
+            run = _run(r.variant, r.seed, [_pt(400, fid[r.method], 0.9)], concept=c)
+            run["run"].update(steps=400, lr=r.lr)
+            name = r.name.replace("star", c)
+            save_json(run | {"name": name}, tmp_path / "runs" / name / "result.json")
+    monkeypatch.setattr(study, "HELD_OUT_SHAPES", ("star", "heart", "crescent"))
+    b = study_report.report(tmp_path)["summary"]["budget"]
+    assert len(b["runs"]) == 18 == b["planned"]
+    row = b["by_concept"]["star"]["0.8"]
+    assert row["dopsd + prior - sft + prior"]["diff"] == 0.5
+    assert (b["default"]["variant"], b["default"]["step"], b["default"]["concept_fidelity"]) == ("dopsd + prior", 400, 1.0)
+    md = (tmp_path / "results.md").read_text()
+    assert "## A larger budget: lr 0.003, 400 steps (18 of 18 runs cached)" in md
+    assert "| star | 0.8 | 100% (3/3) | 50% (3/3) | +50 [" in md
+
+
+@needs_weights
+def test_a_budget_run_trains_to_its_own_length_and_is_evaluated_past_mains_checkpoints(tmp_path, monkeypatch):
+    from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
+    from dopsd_core.toy.evaluator import load_evaluator
+    monkeypatch.setattr(study, "CHECKPOINTS", (2,))
+    monkeypatch.setattr(study, "LONG_EVERY", 2)
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12)
+    run = study.StudyRun("star", "dopsd", True, 3e-3, 0, steps=6)
+    r = study.run_one(run, tmp_path, metrics, log=lambda *_: None)
+    assert [p["step"] for p in r["points"]] == [2, 4, 6] and r["run"]["steps"] == 6
+    assert r["points"][-1]["model_evals"] == 6 * study.evals_per_step("dopsd", True)
+    assert (tmp_path / "runs" / run.name / "train" / "lora-000006.safetensors").is_file()
