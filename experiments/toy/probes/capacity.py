@@ -1,0 +1,45 @@
+"""Probe: does the star need more adapter capacity, more concept samples per prior sample, or a larger lr?
+
+D-OPSD + prior (or SFT + prior: method=sft) at the defaults with overrides (rank R, which sets alpha R
+too; the concept batch; the steps; the lr), evaluated like the study's checkpoints every 50 steps to step
+200, then every 100.
+
+usage: python experiments/toy/probes/capacity.py OUT_DIR KEY=VALUE... [concept=C] [seed=S] [method=sft]
+         e.g. rank=64, batch_size=8, rank=64 steps=400, lr=0.003
+Writes capacity_<concept>_[sft_]<overrides>_s<seed>.json here (with the base fingerprint inside).
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
+from dopsd_core.toy.evaluator import load_evaluator
+from dopsd_core.toy.metrics import concept_training_set
+from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
+from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
+
+torch.set_num_threads(1)
+out = Path(sys.argv[1])
+overrides = {k: v for k, v in (a.split("=") for a in sys.argv[2:])}
+concept, seed = overrides.pop("concept", "star"), int(overrides.pop("seed", 0))
+method = overrides.pop("method", "dopsd")
+overrides = {k: float(v) if k == "lr" else int(v) for k, v in overrides.items()}
+label = ("sft_" if method == "sft" else "") + "_".join(f"{k}{v}" for k, v in overrides.items())
+if "rank" in overrides:
+    overrides["alpha"] = float(overrides["rank"])
+steps = overrides.setdefault("steps", 200)
+run = out / f"{concept}_{label}_s{seed}"
+train_concept(concept, method, run, out, seed=seed, save_every=50, prior_prompts=auto_prior(concept, out),
+              **TOY_PRIOR, **overrides)
+base = load_toy_file(BASE_WEIGHTS)
+metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
+captions = [caps[0] for caps in concept_training_set(concept)[1]]
+points = []
+for step in [s for s in (50, 100, 200, 300, 400, 600, 800) if s <= steps]:
+    p = metrics.checkpoint(load_with_lora(run / f"lora-{step:06d}.safetensors"), concept, captions)
+    points.append({"step": step, **{k: v for k, v in p.items() if k != "hits"}})
+    print(json.dumps(points[-1]), flush=True)
+(Path(__file__).parent / f"capacity_{concept}_{label}_s{seed}.json").write_text(json.dumps(
+    {"concept": concept, "method": method, "seed": seed, "override": overrides, "base": base.fingerprint(), "points": points}, indent=1))
