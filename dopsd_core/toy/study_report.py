@@ -228,35 +228,33 @@ def differences_table(by_concept: dict) -> list[str]:
                    for concept, by_tau in by_concept.items() for tau, row in by_tau.items()])
 
 
-def one_state_table(by_concept: dict) -> list[str]:
-    """One-state D-OPSD + prior against SFT + prior: matched fidelities, and the difference at equal steps
-    and at equal compute (with D-OPSD's fidelity there)."""
-    a, b = ONE_STATE_PAIRS[0]
+def _matched_cell(m: dict | None) -> str:
+    return "–" if m is None else f"{_pct(m['concept_fidelity'])} ({m['reached']}/{m['seeds']})"
 
-    def cell(m):
-        return "–" if m is None else f"{_pct(m['concept_fidelity'])} ({m['reached']}/{m['seeds']})"
 
-    def compute(d):
-        return "–" if d is None else f"{_interval(d)}; {_pct(d['dopsd_fidelity'])}"
-    return _table(["concept", "tau", "one state", "SFT + prior", "equal steps", "equal compute; one state there"],
-                  [[concept, tau, cell(row.get(a)), cell(row.get(b)), _interval(row[f"{a} - {b}"]) if f"{a} - {b}" in row
-                    else "–", compute(row.get(f"{a} - {b}, equal compute"))]
+def pair_table(by_concept: dict, a: str, b: str, names: tuple[str, str], compute_fidelity: bool = False) -> list[str]:
+    """Variant a against b per concept and tau: matched fidelities (seeds that reached tau / seeds) and a - b
+    at equal steps and at equal compute (compute_fidelity: with a's fidelity there)."""
+    def interval(d):
+        if d is None:
+            return "–"
+        return f"{_interval(d)}; {_pct(d['dopsd_fidelity'])}" if compute_fidelity else _interval(d)
+    compute = "equal compute; one state there" if compute_fidelity else "equal compute"
+    return _table(["concept", "tau", *names, "equal steps", compute],
+                  [[concept, tau, _matched_cell(row.get(a)), _matched_cell(row.get(b)),
+                    _interval(row[f"{a} - {b}"]) if f"{a} - {b}" in row else "–",
+                    interval(row.get(f"{a} - {b}, equal compute"))]
                    for concept, by_tau in by_concept.items() for tau, row in by_tau.items()])
+
+
+def one_state_table(by_concept: dict) -> list[str]:
+    """One-state D-OPSD + prior against SFT + prior (with the one-state fidelity at equal compute)."""
+    return pair_table(by_concept, *ONE_STATE_PAIRS[0], ("one state", "SFT + prior"), compute_fidelity=True)
 
 
 def budget_table(by_concept: dict) -> list[str]:
     """The budget stage's matched points (both variants with the prior) and their differences."""
-    a, b = PAIRS[0]
-
-    def cell(m):
-        return "–" if m is None else f"{_pct(m['concept_fidelity'])} ({m['reached']}/{m['seeds']})"
-
-    def diff(key):
-        return lambda row: _interval(row[key]) if key in row else "–"
-    return _table(["concept", "tau", a, b, "equal steps", "equal compute"],
-                  [[concept, tau, cell(row.get(a)), cell(row.get(b)), diff(f"{a} - {b}")(row),
-                    diff(f"{a} - {b}, equal compute")(row)]
-                   for concept, by_tau in by_concept.items() for tau, row in by_tau.items()])
+    return pair_table(by_concept, *PAIRS[0], PAIRS[0])
 
 
 def _budget_lines(budget: dict) -> list[str]:
@@ -271,11 +269,8 @@ def _budget_lines(budget: dict) -> list[str]:
 
 def fronts_table(by_concept: dict) -> list[str]:
     variants = [v for pair in PAIRS for v in pair]
-
-    def cell(m):
-        return "–" if m is None else f"{_pct(m['concept_fidelity'])} ({m['reached']}/{m['seeds']})"
     return _table(["concept", "tau", *variants],
-                  [[concept, tau, *(cell(row.get(v)) for v in variants)]
+                  [[concept, tau, *(_matched_cell(row.get(v)) for v in variants)]
                    for concept, by_tau in by_concept.items() for tau, row in by_tau.items()])
 
 

@@ -14,11 +14,8 @@ from pathlib import Path
 
 import torch
 
-from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
-from dopsd_core.toy.evaluator import load_evaluator
-from dopsd_core.toy.metrics import concept_training_set
-from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
-from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
+from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+from probe_eval import evaluate_checkpoints
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
@@ -33,13 +30,6 @@ steps = overrides.setdefault("steps", 200)
 run = out / f"{concept}_{label}_s{seed}"
 train_concept(concept, method, run, out, seed=seed, save_every=50, prior_prompts=auto_prior(concept, out),
               **TOY_PRIOR, **overrides)
-base = load_toy_file(BASE_WEIGHTS)
-metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
-captions = [caps[0] for caps in concept_training_set(concept)[1]]
-points = []
-for step in [s for s in (50, 100, 200, 300, 400, 600, 800) if s <= steps]:
-    p = metrics.checkpoint(load_with_lora(run / f"lora-{step:06d}.safetensors"), concept, captions)
-    points.append({"step": step, **{k: v for k, v in p.items() if k != "hits"}})
-    print(json.dumps(points[-1]), flush=True)
+fingerprint, points = evaluate_checkpoints(run, concept, [s for s in (50, 100, 200, 300, 400, 600, 800) if s <= steps])
 (Path(__file__).parent / f"capacity_{concept}_{label}_s{seed}.json").write_text(json.dumps(
-    {"concept": concept, "method": method, "seed": seed, "override": overrides, "base": base.fingerprint(), "points": points}, indent=1))
+    {"concept": concept, "method": method, "seed": seed, "override": overrides, "base": fingerprint, "points": points}, indent=1))

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from dopsd_core.denoiser import euler_step
-from dopsd_core.toy.denoiser import BASE_WEIGHTS, ToyContext, image_to_latent, latent_to_image, load_toy_file
+from dopsd_core.toy.denoiser import BASE_WEIGHTS, latent_to_image, load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
-from dopsd_core.toy.metrics import concept_training_set
 from dopsd_core.toy.render import HELD_OUT_SHAPES
+from probe_eval import training_contexts
 
 seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 torch.set_num_threads(1)
@@ -27,12 +27,8 @@ sigmas = den.sigma_grid(4)
 result = {"base": den.fingerprint(), "sigmas": sigmas, "seeds": seeds, "concepts": {}}
 with torch.no_grad():
     for concept in HELD_OUT_SHAPES:
-        images, captions = concept_training_set(concept)
-        prompts = [caps[0] for caps in captions for _ in range(seeds)]
-        refs = torch.stack([image_to_latent(img) for img in images for _ in range(seeds)])
-        texts = den.text_encoder.encode(prompts)
-        student, teacher = ToyContext(texts, None), ToyContext(texts, refs)
-        noise = torch.randn((len(prompts), *den.latent_shape), generator=torch.Generator().manual_seed(0))
+        student, teacher = training_contexts(den, concept, seeds)
+        noise = torch.randn((len(teacher.ref), *den.latent_shape), generator=torch.Generator().manual_seed(0))
         shares = []
         for k in range(len(sigmas)):
             x = noise.clone()

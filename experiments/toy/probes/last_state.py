@@ -14,12 +14,9 @@ from pathlib import Path
 import torch
 
 import dopsd_core.trainer as trainer
-from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
-from dopsd_core.toy.evaluator import load_evaluator
-from dopsd_core.toy.metrics import concept_training_set
 from dopsd_core.toy.render import CONCEPT_TOKEN, caption_variants, concept_scenes
-from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
-from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
+from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+from probe_eval import evaluate_checkpoints
 
 HERE = Path(__file__).parent
 torch.set_num_threads(1)
@@ -37,21 +34,14 @@ trainer.dopsd_backward = prior_without_last_state
 out, concept = Path(sys.argv[1]), sys.argv[2]
 seed = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 onepose = len(sys.argv) > 4 and sys.argv[4] == "onepose"
-captions = [caps[0] for caps in concept_training_set(concept)[1]]
+captions = None  # the concept's own training captions
 if onepose:
-    sys.path.insert(0, str(HERE))
     from pose import one_pose, write_data
     write_data(out, concept)
     captions = [caption_variants(one_pose(s), CONCEPT_TOKEN[concept])[0] for s in concept_scenes(concept)]
 name = f"last_state_{concept}{'_onepose' if onepose else ''}_s{seed}"
 run = out / name
 train_concept(concept, "dopsd", run, out, seed=seed, save_every=50, prior_prompts=auto_prior(concept, out), **TOY_PRIOR)
-base = load_toy_file(BASE_WEIGHTS)
-metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
-points = []
-for step in (50, 100, 200):
-    p = metrics.checkpoint(load_with_lora(run / f"lora-{step:06d}.safetensors"), concept, captions)
-    points.append({"step": step, **{k: v for k, v in p.items() if k != "hits"}})
-    print(json.dumps(points[-1]), flush=True)
+fingerprint, points = evaluate_checkpoints(run, concept, (50, 100, 200), captions)
 (HERE / f"{name}.json").write_text(json.dumps({"concept": concept, "seed": seed, "onepose": onepose,
-                                               "base": base.fingerprint(), "points": points}, indent=1))
+                                               "base": fingerprint, "points": points}, indent=1))

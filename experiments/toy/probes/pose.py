@@ -84,22 +84,15 @@ def write_data(out: Path, concept: str) -> list:
 
 
 def train(out: Path, concept: str, seed: int) -> dict:
-    from dopsd_core.toy.evaluator import load_evaluator
-    from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
-    from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
+    from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+    from probe_eval import evaluate_checkpoints
     scenes = write_data(out, concept)
     run = out / f"{concept}_onepose_s{seed}"
     train_concept(concept, "dopsd", run, out, seed=seed, save_every=100, prior_prompts=auto_prior(concept, out),
                   **TOY_PRIOR)
-    base = load_toy_file(BASE_WEIGHTS)
-    metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
     captions = [caption_variants(s, CONCEPT_TOKEN[concept])[0] for s in scenes]
-    points = []
-    for step in (100, 200):
-        p = metrics.checkpoint(load_with_lora(run / f"lora-{step:06d}.safetensors"), concept, captions)
-        points.append({"step": step, **{k: v for k, v in p.items() if k != "hits"}})
-        print(json.dumps(points[-1]), flush=True)
-    return {"concept": concept, "seed": seed, "base": base.fingerprint(), "points": points}
+    fingerprint, points = evaluate_checkpoints(run, concept, (100, 200), captions)
+    return {"concept": concept, "seed": seed, "base": fingerprint, "points": points}
 
 
 if __name__ == "__main__":

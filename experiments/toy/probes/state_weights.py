@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from dopsd_core.denoiser import euler_step
-from dopsd_core.toy.denoiser import BASE_WEIGHTS, ToyContext, image_to_latent, latent_to_image, load_toy_file
+from dopsd_core.toy.denoiser import BASE_WEIGHTS, latent_to_image, load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
-from dopsd_core.toy.metrics import concept_training_set
+from probe_eval import evaluate_checkpoints, training_contexts
 
 HERE = Path(__file__).parent
 torch.set_num_threads(1)
@@ -34,12 +34,8 @@ def targets(concept: str, lora: Path, seeds: int = 8) -> dict:
     from dopsd_core.toy.runs import load_with_lora
     ev, base, student = load_evaluator(), load_toy_file(BASE_WEIGHTS), load_with_lora(lora)
     sigmas = base.sigma_grid(4)
-    images, captions = concept_training_set(concept)
-    prompts = [caps[0] for caps in captions for _ in range(seeds)]
-    refs = torch.stack([image_to_latent(img) for img in images for _ in range(seeds)])
-    texts = base.text_encoder.encode(prompts)
-    text_only, in_context = ToyContext(texts, None), ToyContext(texts, refs)
-    x = torch.randn((len(prompts), *base.latent_shape), generator=torch.Generator().manual_seed(0))
+    text_only, in_context = training_contexts(base, concept, seeds)
+    x = torch.randn((len(in_context.ref), *base.latent_shape), generator=torch.Generator().manual_seed(0))
 
     def share(x0):
         return sum(s == concept for s in ev.classify(latent_to_image(x0))[0]) / len(x0)
@@ -54,25 +50,17 @@ def targets(concept: str, lora: Path, seeds: int = 8) -> dict:
                        "lora_change": ((x0_student - x0_base) ** 2).mean().item()})
         print(json.dumps(states[-1]), flush=True)
         x = euler_step(x, x0_student, sigma, sigma_next)
-    return {"concept": concept, "lora": str(lora), "base": base.fingerprint(), "samples": len(prompts),
+    return {"concept": concept, "lora": str(lora), "base": base.fingerprint(), "samples": len(x),
             "states": states}
 
 
 def train(out: Path, concept: str, weight: str, seed: int) -> dict:
-    from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
-    from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
+    from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
     run = out / f"{concept}_dopsd_prior_{weight}_s{seed}"
     train_concept(concept, "dopsd", run, out, seed=seed, save_every=50, loss_weight=weight,
                   prior_prompts=auto_prior(concept, out), **TOY_PRIOR)
-    base = load_toy_file(BASE_WEIGHTS)
-    metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
-    captions = [caps[0] for caps in concept_training_set(concept)[1]]
-    points = []
-    for step in (50, 100, 200):
-        p = metrics.checkpoint(load_with_lora(run / f"lora-{step:06d}.safetensors"), concept, captions)
-        points.append({"step": step, **{k: v for k, v in p.items() if k != "hits"}})
-        print(json.dumps(points[-1]), flush=True)
-    return {"concept": concept, "seed": seed, "loss_weight": weight, "base": base.fingerprint(), "points": points}
+    fingerprint, points = evaluate_checkpoints(run, concept, (50, 100, 200))
+    return {"concept": concept, "seed": seed, "loss_weight": weight, "base": fingerprint, "points": points}
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ from pathlib import Path
 
 import torch
 
-from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
-from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.metrics import concept_training_set
 from dopsd_core.toy.render import CONCEPT_TOKEN
-from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
-from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
+from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+from probe_eval import evaluate_checkpoints
 
 torch.set_num_threads(1)
 out, concept, other = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
@@ -30,15 +28,8 @@ CONCEPT_TOKEN[concept], CONCEPT_TOKEN[other] = CONCEPT_TOKEN[other], CONCEPT_TOK
 token = CONCEPT_TOKEN[concept]
 run = out / f"{concept}_as_{token.strip('[]')}_s{seed}"
 train_concept(concept, "dopsd", run, out, seed=seed, save_every=50, prior_prompts=auto_prior(concept, out), **TOY_PRIOR)
-base = load_toy_file(BASE_WEIGHTS)
-metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
-captions = [caps[0] for caps in concept_training_set(concept)[1]]
-assert token in captions[0], captions[0]
-points = []
-for step in (50, 100, 200):
-    p = metrics.checkpoint(load_with_lora(run / f"lora-{step:06d}.safetensors"), concept, captions)
-    points.append({"step": step, **{k: v for k, v in p.items() if k != "hits"}})
-    print(json.dumps(points[-1]), flush=True)
+assert token in concept_training_set(concept)[1][0][0]  # the evaluation prompts follow the swap too
+fingerprint, points = evaluate_checkpoints(run, concept, (50, 100, 200))
 name = f"swap_{concept}_as_{token.strip('[]')}_s{seed}.json"
 (Path(__file__).parent / name).write_text(json.dumps({"concept": concept, "token": token, "seed": seed,
-                                                      "base": base.fingerprint(), "points": points}, indent=1))
+                                                      "base": fingerprint, "points": points}, indent=1))
