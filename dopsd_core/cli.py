@@ -49,12 +49,21 @@ def load_model(name: str, weights: str | None = None):
     raise DopsdError(f"unknown model {name!r}; the CLI knows {', '.join(MODELS)} (real families train in ComfyUI)")
 
 
+def train_defaults(model: str) -> dict:
+    """A new run's config defaults per model (flags override them). The toy's come from its trade-off
+    study (toy/runs.py: TOY_BUDGET, and one prior roll-out per concept sample)."""
+    if model == "toy":
+        from .toy.runs import TOY_BUDGET, TOY_PRIOR
+        return {**TOY_BUDGET, "prior_batch": TOY_PRIOR["prior_batch"]}
+    return {}
+
+
 def add_train_parser(sub) -> None:
     from .objectives import LOSS_WEIGHTS, STATES, TEACHERS
     from .optim import OPTIMIZERS, SCHEDULES
     from .trainer import METHODS, TrainConfig
     p = sub.add_parser("train", help="train a LoRA with D-OPSD or the SFT baseline")
-    d = TrainConfig()
+    d = TrainConfig(**train_defaults("toy"))
     p.add_argument("--method", choices=METHODS, help=f"objective (default {d.method})")
     p.add_argument("--model", choices=MODELS, default="toy", help="base model (default toy)")
     p.add_argument("--weights", help="toy weights file (default: the shipped toy base)")
@@ -129,7 +138,7 @@ def cmd_train(args) -> int:
     else:
         if not args.out:
             raise DopsdError("--out is required: the run folder to create (e.g. --out runs/my_concept)")
-        run_dir, cfg, data = Path(args.out), TrainConfig(**given), args.data
+        run_dir, cfg, data = Path(args.out), TrainConfig(**{**train_defaults(args.model), **given}), args.data
     cfg.validate()
     if not data:
         raise DopsdError("--data is required: a folder of images with same-name .txt captions")

@@ -39,7 +39,7 @@ def common_inputs():
                        tooltip="Rank/optimizer/checkpointing presets for consumer GPUs."),
         io.Int.Input("rank", default=0, min=0, max=256, tooltip="LoRA rank; 0 = the family default."),
         io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=1e-6,
-                       tooltip="Learning rate; 0 = the family default (klein 2e-5, Z-Image 1e-4, toy 1e-3)."),
+                       tooltip="Learning rate; 0 = the family default (klein 2e-5, Z-Image 1e-4, toy 3e-3)."),
         io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
                        tooltip="adamw8bit needs bitsandbytes (saves optimizer memory on GPUs)."),
         io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),

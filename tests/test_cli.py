@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from dopsd_core.lora import read_lora_file
+from dopsd_core.trainer import TrainConfig
 from testutil import needs_weights, run_cli, write_image_folder
 
 
@@ -43,6 +44,12 @@ def test_train_resume_and_sample(tmp_path, image_folder):
     assert rc == 0, err
     state = json.loads((run / "state/state.json").read_text())
     assert state["step"] == 3 and state["config"]["rank"] == 4 and len(state["history"]) == 3
+    # flags left out took the toy's study-chosen defaults (toy/runs.py), not the library's generic ones
+    from dopsd_core.toy.runs import TOY_BUDGET, TOY_PRIOR
+    c = state["config"]
+    assert (c["lr"], c["batch_size"], c["prior_batch"], c["prior_weight"]) == (
+        TOY_BUDGET["lr"], TOY_BUDGET["batch_size"], TOY_PRIOR["prior_batch"], 1.0)
+    assert c["lr"] != TrainConfig().lr and c["batch_size"] != TrainConfig().batch_size
 
     rc, out, err = run_cli("sample", "--model", "toy", "--lora", run / "lora.safetensors", "--prompt", "a red [V]",
                            "--steps", "4", "--n", "3", "--seed", "1", "--out", tmp_path / "samples")

@@ -21,6 +21,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from dopsd_core.toy.runs import TOY_BUDGET, TOY_PRIOR
+
 ROOT = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"MarkdownNote": ["text"], "Note": ["text"]}  # virtual nodes of the frontend
@@ -41,10 +43,10 @@ MODEL_URLS = {
     ZIMAGE_VAE: (f"{HF}/z_image_turbo/resolve/main/split_files/vae/{ZIMAGE_VAE}", "vae"),
 }
 
-# The toy's defaults from the trade-off study (dopsd_core/toy/runs.py: TOY_BUDGET, TOY_PRIOR)
-TOY_TRAIN = {"steps": 200, "gpu_preset": "family default", "rank": 0, "lr": 0.0, "optimizer": "adamw",
-             "batch_size": 4, "grad_accum": 1, "seed": 0, "checkpointing": False, "save_every": 100,
-             "preview_every": 25, "resume": False, "offload": False, "prior_weight": 1.0, "prior_batch": 4,
+# The toy's defaults from the trade-off study (lr 0 = the toy family's, which is TOY_BUDGET's)
+TOY_TRAIN = {"steps": TOY_BUDGET["steps"], "gpu_preset": "family default", "rank": 0, "lr": 0.0, "optimizer": "adamw",
+             "batch_size": TOY_BUDGET["batch_size"], "grad_accum": 1, "seed": 0, "checkpointing": False,
+             "save_every": 100, "preview_every": 25, "resume": False, "offload": False, **TOY_PRIOR,
              "init_lora": "[none]"}
 AUTO_PRIOR = {"prior_prompts": "auto", "trigger": "", "class_word": ""}  # DOPSDDataset's prior inputs
 DOPSD_ONLY = {"k": 4, "teacher": "ema", "ema_decay": 0.9999, "loss_weight": "x0", "states": "all"}

@@ -5,10 +5,12 @@ LoRA is the prior's anchor), at the study's kept lr for the method and its full 
   dopsd + prior               the concept teacher is the EMA of the student, which starts at the warm start
   dopsd + prior, base teacher the concept teacher is the frozen base (--teacher frozen)
   sft + prior
-The first stage is the study's main run of the star (same method, lr, seed): a fresh run has no warm
+A chain runs at the study's kept lr and main's run length, or (budget=True) at the toy's defaults
+(runs.TOY_BUDGET: the budget stage's lr, 300 steps), starting from the budget stage's star run at that step.
+The first stage is the study's main (or budget) run of the star (same method, lr, seed): a fresh run has no warm
 start, so the teacher choice does not arise there. After every stage each concept learned so far is
 measured at 4 steps; a concept's kept share is its fidelity at the end of the chain over its fidelity
-in its own single-concept run (the main stage's run of that concept, same variant and seed).
+in its own single-concept run (the main or budget stage's run of that concept, same variant and seed).
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ from ..fileio import save_json
 from .denoiser import BASE_WEIGHTS, load_toy_file
 from .metrics import concept_training_set
 from .render import HELD_OUT_SHAPES
-from .runs import auto_prior, load_with_lora, train_concept
-from .study import CHECKPOINTS, PRIOR, StudyMetrics, StudyRun, evals_per_step, run_one, setup_evals
+from .runs import TOY_BUDGET, auto_prior, load_with_lora, train_concept
+from .study import BUDGET, CHECKPOINTS, PRIOR, StudyMetrics, StudyRun, evals_per_step, run_one, setup_evals
 
 SEEDS = (0, 1, 2)
 VARIANTS = {"dopsd + prior": ("dopsd", "ema"), "dopsd + prior, base teacher": ("dopsd", "frozen"),
@@ -34,21 +36,37 @@ VARIANTS = {"dopsd + prior": ("dopsd", "ema"), "dopsd + prior, base teacher": ("
 class Chain:
     variant: str
     seed: int
+    budget: bool = False  # the toy's defaults (TOY_BUDGET) instead of the kept lr and main's length
 
     @property
     def name(self) -> str:
-        return self.variant.replace(" + ", "_").replace(", ", "_").replace(" ", "_") + f"_s{self.seed}"
+        return (self.variant.replace(" + ", "_").replace(", ", "_").replace(" ", "_")
+                + ("_budget" if self.budget else "") + f"_s{self.seed}")
 
     @property
     def method(self) -> str:
         return VARIANTS[self.variant][0]
 
+    @property
+    def steps(self) -> int:
+        return TOY_BUDGET["steps"] if self.budget else CHECKPOINTS[-1]
+
+    def lr(self, kept_lr: dict[str, float]) -> float:
+        return TOY_BUDGET["lr"] if self.budget else kept_lr[f"{self.method} + prior"]
+
     def first_run(self, kept_lr: dict[str, float]) -> StudyRun:
-        return StudyRun(HELD_OUT_SHAPES[0], self.method, True, kept_lr[f"{self.method} + prior"], self.seed)
+        """The star's single-concept run whose LoRA at `steps` is the chain's first stage."""
+        if not self.budget:
+            return StudyRun(HELD_OUT_SHAPES[0], self.method, True, self.lr(kept_lr), self.seed)
+        run = StudyRun(HELD_OUT_SHAPES[0], self.method, True, BUDGET["lr"], self.seed, steps=BUDGET["steps"])
+        if BUDGET["lr"] != TOY_BUDGET["lr"] or self.steps not in run.checkpoints:
+            raise DopsdError(f"the toy's defaults ({TOY_BUDGET}) are not a checkpoint of the study's budget stage "
+                             f"({BUDGET}); run the chains at a budget the stage evaluated")
+        return run
 
 
-def chain_plan() -> list[Chain]:
-    return [Chain(v, s) for s in SEEDS for v in VARIANTS]
+def chain_plan(budget: bool = False) -> list[Chain]:
+    return [Chain(v, s, budget) for s in SEEDS for v in VARIANTS]
 
 
 def _captions(concept: str) -> list[str]:
@@ -72,28 +90,28 @@ def run_chain(chain: Chain, out: Path, metrics: StudyMetrics, kept_lr: dict[str,
     if result_file.is_file():
         return json.loads(result_file.read_text())
     method, teacher = VARIANTS[chain.variant]
-    lr = kept_lr[f"{method} + prior"]
+    lr, steps = chain.lr(kept_lr), chain.steps
     first = run_one(chain.first_run(kept_lr), out, metrics, log)
-    lora = out / "runs" / first["name"] / "train" / f"lora-{CHECKPOINTS[-1]:06d}.safetensors"
+    lora = out / "runs" / first["name"] / "train" / f"lora-{steps:06d}.safetensors"
     if not lora.is_file():
-        raise DopsdError(f"{lora} is missing (a chain starts from the main run's final LoRA); delete "
+        raise DopsdError(f"{lora} is missing (a chain starts from its first run's final LoRA); delete "
                          f"{out / 'runs' / first['name'] / 'result.json'} to retrain that run")
-    last = first["points"][-1]
+    last = next(p for p in first["points"] if p["step"] == steps)
     stages = [{"concept": HELD_OUT_SHAPES[0], "lora": str(lora.relative_to(out)), "retention": last["retention"],
                "concepts": {HELD_OUT_SHAPES[0]: {"concept_fidelity": last["concept_fidelity"], "leak": last["leak"],
                                                  "cross_token": last["cross_token"],
                                                  "fid_hits": last["hits"]["concept_fidelity"]}}}]
-    evals = first["setup_evals"] + CHECKPOINTS[-1] * first["evals_per_step"]
+    evals = first["setup_evals"] + steps * first["evals_per_step"]
     for i, concept in enumerate(HELD_OUT_SHAPES[1:], start=2):
         stage_dir = folder / f"{i}_{concept}"
         stage_file = stage_dir / "stage.json"
         prompts = auto_prior(concept, out, init_lora=lora)
-        evals += setup_evals(method, True, len(prompts)) + CHECKPOINTS[-1] * evals_per_step(method, True)
+        evals += setup_evals(method, True, len(prompts)) + steps * evals_per_step(method, True)
         if not stage_file.is_file():
             train_dir = stage_dir / "train"
             if train_dir.exists():  # an interrupted stage: start it over
                 shutil.rmtree(train_dir)
-            train_concept(concept, method, train_dir, out, seed=chain.seed, lr=lr, steps=CHECKPOINTS[-1],
+            train_concept(concept, method, train_dir, out, seed=chain.seed, lr=lr, steps=steps,
                           init_lora=lora, prior_prompts=prompts, teacher=teacher, **PRIOR)
             m = measure(metrics, load_with_lora(train_dir / "lora.safetensors"), list(HELD_OUT_SHAPES[:i]))
             save_json({"concept": concept, "lora": str((train_dir / "lora.safetensors").relative_to(out)),
@@ -105,7 +123,7 @@ def run_chain(chain: Chain, out: Path, metrics: StudyMetrics, kept_lr: dict[str,
             f"{c} {v['concept_fidelity']:.2f}" for c, v in stage["concepts"].items())
             + f", retention {stage['retention']:.2f}")
     result = {"variant": chain.variant, "seed": chain.seed, "method": method, "teacher": teacher, "lr": lr,
-              "steps_per_stage": CHECKPOINTS[-1], "model_evals": evals, "stages": stages}
+              "steps_per_stage": steps, "budget": chain.budget, "model_evals": evals, "stages": stages}
     save_json(result, result_file)
     return result
 
@@ -130,7 +148,7 @@ def teacher_check(out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], l
                 base_fid[concept] = metrics.teacher_fidelity(load_toy_file(BASE_WEIGHTS), concept, images, captions)
             warm = metrics.teacher_fidelity(load_with_lora(out / prev["lora"]), concept, images, captions)
             res[concept] = {"base": base_fid[concept], "warm_start": warm}
-            if concept == HELD_OUT_SHAPES[1] and "dopsd" in kept_lr:
+            if concept == HELD_OUT_SHAPES[1] and "dopsd" in kept_lr and not chain.get("budget"):
                 plain = StudyRun(HELD_OUT_SHAPES[0], "dopsd", False, kept_lr["dopsd"], chain["seed"])
                 lora = out / "runs" / plain.name / "train" / f"lora-{CHECKPOINTS[-1]:06d}.safetensors"
                 if lora.is_file():
@@ -140,9 +158,11 @@ def teacher_check(out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], l
         save_json(res, f)
 
 
-def teacher_summary(out: Path) -> dict:
-    """Per concept, the mean over chains of the warm-start teacher's fidelity, and the base teacher's."""
-    found = [json.loads(f.read_text()) for f in sorted((out / "chains").glob("*/teacher.json"))]
+def teacher_summary(out: Path, budget: bool = False) -> dict:
+    """Per concept, the mean over chains (main's, or the budget's) of the warm-start teacher's fidelity, and
+    the base teacher's."""
+    found = [json.loads(f.read_text()) for f in sorted((out / "chains").glob("*/teacher.json"))
+             if bool(json.loads((f.parent / "chain.json").read_text()).get("budget")) == budget]
     out_ = {}
     for concept in HELD_OUT_SHAPES[1:]:
         vals = [t[concept] for t in found if concept in t]
@@ -180,4 +200,19 @@ def chain_summary(chains: list[dict], single: dict[tuple[str, str, int], float])
                            "kept_share": end["fidelity"][k] / (sum(ref) / len(ref))}
         out[variant] = {"seeds": len(rs), "stages": stages, "kept": kept,
                         "model_evals": sum(c["model_evals"] for c in rs) / len(rs)}
+    sft = [c for c in chains if c["variant"] == "sft + prior"]
+    for variant, s in out.items():
+        rs = [c for c in chains if c["variant"] == variant]
+        if variant != "sft + prior" and sft:
+            s["minus_sft"] = end_difference(rs, sft)
     return out
+
+
+def end_difference(a: list[dict], b: list[dict]) -> dict:
+    """Per concept, the fidelity at the end of chains a minus chains b, with its bootstrap interval (seeds,
+    then prompts)."""
+    from .metrics import FIDELITY_SEEDS
+    from .stats import bootstrap_difference, per_prompt
+    ends = [[c["stages"][-1]["concepts"] for c in rs] for rs in (a, b)]
+    return {k: bootstrap_difference(*[[per_prompt(e[k]["fid_hits"], FIDELITY_SEEDS) for e in es] for es in ends])
+            for k in ends[0][0] if all(k in e for es in ends for e in es)}

@@ -64,13 +64,15 @@ def _add_demo_parsers(sub) -> None:
     p = sub.add_parser("experiment", help="D-OPSD vs SFT on the toy model: main table, ablations, continual")
     p.add_argument("--out", required=True, help="results folder (finished runs are cached and skipped)")
     p.add_argument("--quick", action="store_true", help="a few steps per run (CI)")
-    p.add_argument("--stage", choices=["prune", "main", "gap", "chains", "lambda", "onestate", "budget", "report"],
+    p.add_argument("--stage", choices=["prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains",
+                                        "report"],
                    help="the trade-off study instead (toy/study.py), each stage resumable and running the ones "
                         "before it first: prune = the lr grid on the star, main = the kept lrs on every concept "
                         "and seed, gap = 4- vs 32-step quality at the matched points, chains = continual "
                         "star -> heart -> crescent, lambda = the prior's weight, onestate = D-OPSD + prior "
                         "supervising one roll-out state per step (equal compute), budget = both methods with the "
-                        "prior at lr 3e-3 for 400 steps; report = results from the "
+                        "prior at lr 3e-3 for 400 steps, budgetchains = the continual chains at that budget; "
+                        "report = results from the "
                         "cached runs only")
     p.add_argument("--jobs", type=int, default=1,
                    help="study runs at once, one torch thread each (default 1; 2 on a 2-core machine)")

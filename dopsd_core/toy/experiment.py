@@ -1,6 +1,6 @@
 """The measured D-OPSD vs SFT experiment on the toy world (resumable: finished runs are cached).
 
-main       each held-out concept x 3 seeds x {SFT, D-OPSD}, equal budget (toy.runs.TOY_BUDGET)
+main       each held-out concept x 3 seeds x {SFT, D-OPSD}, equal budget (toy.runs.MAIN_BUDGET, no prior)
 ablations  concept 1 x 2 seeds: teacher frozen, velocity weight, one random state, K = 2
            (each against the default D-OPSD runs of the same seeds)
 continual  concepts 1 -> 2 -> 3, each warm-started from the previous LoRA (--init-lora; the EMA
@@ -23,7 +23,7 @@ from .denoiser import BASE_WEIGHTS, load_toy_file
 from .evaluator import load_evaluator
 from .metrics import ToyMetrics, concept_training_set, token_identity
 from .render import HELD_OUT_SHAPES
-from .runs import load_with_lora, train_concept
+from .runs import MAIN_BUDGET, load_with_lora, train_concept
 from .stats import bootstrap_difference, per_prompt
 
 METRICS = ("concept_fidelity", "retention", "leak", "cross_token", "quality_4", "quality_32", "few_step_gap", "drift")
@@ -97,7 +97,8 @@ def run_experiment(out: Path, quick: bool = False, log=print) -> dict:
             shutil.rmtree(run_dir)
         t0 = time.perf_counter()
         init = out / "runs" / spec.init_from / "lora.safetensors" if spec.init_from else None
-        train_concept(spec.concept, spec.method, run_dir, out, seed=spec.seed, init_lora=init, **spec.overrides)
+        train_concept(spec.concept, spec.method, run_dir, out, seed=spec.seed, init_lora=init,
+                      **{**MAIN_BUDGET, **spec.overrides})
         train_s = time.perf_counter() - t0
         tuned = load_with_lora(run_dir / "lora.safetensors")
         r = {"spec": spec.__dict__, "train_seconds": round(train_s, 1),

@@ -18,11 +18,16 @@ from .evaluator import WEIGHTS as EVALUATOR_WEIGHTS, load_evaluator
 from .metrics import ToyMetrics
 from .render import CONCEPT_TOKEN, export_concept_folder
 
-# The budget every toy LoRA gets, D-OPSD and SFT alike (equal steps, lr, rank, batch, data). The trade-off
-# study (experiments/toy/study) chose it with the prior below as the toy's default: D-OPSD + prior at lr 1e-3
-# had the best mean fidelity at step 200 among the settings that kept retention >= 0.7.
-TOY_BUDGET = dict(steps=200, rank=16, alpha=16.0, lr=1e-3, batch_size=4)
+# The toy's default budget, D-OPSD and SFT alike (equal steps, lr, rank, batch, data), with the prior below.
+# From the trade-off study's budget stage (experiments/toy/study): D-OPSD + prior at lr 3e-3 meets the
+# fidelity, retention and leak aims at step 300 (85 / 89 / 2 %, mean of 3 concepts x 3 seeds) and at step
+# 400 (86 / 89 / 2 %); 300 is kept: within sampling error of 400, a quarter cheaper, and `dopsd demo`
+# stays under 5 minutes on 2 cores.
+TOY_BUDGET = dict(steps=300, rank=16, alpha=16.0, lr=3e-3, batch_size=4)
 TOY_PRIOR = dict(prior_weight=1.0, prior_batch=4)  # with `auto` prior prompts: one prior roll-out per sample
+# The earlier default (lr 1e-3, 200 steps): the first experiment (toy/experiment.py) and the probes run at it,
+# so their committed results reproduce.
+MAIN_BUDGET = dict(steps=200, rank=16, alpha=16.0, lr=1e-3, batch_size=4)
 
 
 def concept_data(shape: str, root: Path) -> Path:

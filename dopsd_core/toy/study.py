@@ -19,6 +19,7 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
   budget both methods with the prior at a larger budget (lr 3e-3, past main's grid, for 400 steps, evaluated
          at main's checkpoints and then every 100 steps) x 3 concepts x 3 seeds: the probes found the star
          needs a larger update than main's (experiments/toy/probes/README.md)
+  budgetchains the continual chains at the budget stage's lr and length (the toy's defaults)
 Runs are independent, so `jobs` > 1 trains and evaluates that many at once, one torch thread each (on
 2 cores two 1-thread processes outrun one 2-thread process: the toy's matmuls are too small to split).
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
@@ -237,7 +238,7 @@ def kept_lrs(prune: list[dict]) -> dict[str, float]:
     return kept
 
 
-STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget")
+STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains")
 _WORKER = None  # a forked worker's (metrics, log), inherited from the parent that started the pool
 
 
@@ -315,6 +316,10 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
             map_runs(run_one, one_state_plan(kept), out, metrics, **each)
         if "budget" in todo:
             map_runs(run_one, budget_plan(), out, metrics, **each)
+        if "budgetchains" in todo:
+            from .chains import chain_plan, run_chain, teacher_check
+            map_runs(run_chain, chain_plan(budget=True), out, metrics, kept, **each)
+            teacher_check(out, metrics, kept, log)
     return report(out)
 
 

@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw
 
 from ..fileio import save_bytes, save_json
 from ..plot import save_png
+from .runs import TOY_BUDGET
 from .study import (BUDGET, CHECKPOINTS, PRIOR, SMALL_RANK, TAUS, budget_plan, choose_lr, lambda_plan,
                     main_plan, matched, one_state_plan, prune_plan)
 
@@ -76,24 +77,41 @@ def main_summary(runs: list[dict], pairs=PAIRS) -> dict:
     return out
 
 
-def default_choice(runs: list[dict], tau: float = DEFAULT_TAU) -> dict | None:
-    """The variant and checkpoint with the best fidelity, averaged over every concept and seed, whose
-    averaged selection retention is >= tau: the defaults the toy ships. Needs every concept."""
+def _cells(runs: list[dict]) -> dict:
+    """(variant, lr, step) -> every rank-16 run's point there, as (concept, point)."""
     cells = {}
     for r in runs:
         if r["run"]["rank"] == SMALL_RANK:
             continue
         for p in r["points"]:
             cells.setdefault((r["variant"], r["run"]["lr"], p["step"]), []).append((r["run"]["concept"], p))
+    return cells
+
+
+def _cell_mean(variant: str, lr: float, step: int, cps: list) -> dict:
+    return {"variant": variant, "lr": lr, "step": step, "runs": len(cps),
+            **{k: sum(p[k] for _, p in cps) / len(cps)
+               for k in ("concept_fidelity", "retention", "retention_selection", "leak", "cross_token")}}
+
+
+def default_choice(runs: list[dict], tau: float = DEFAULT_TAU) -> dict | None:
+    """The variant and checkpoint with the best fidelity, averaged over every concept and seed, whose
+    averaged selection retention is >= tau. Needs every concept."""
     best = None
-    for (variant, lr, step), cps in cells.items():
+    for (variant, lr, step), cps in _cells(runs).items():
         if len({c for c, _ in cps}) < 3:
             continue
-        mean = {k: sum(p[k] for _, p in cps) / len(cps)
-                for k in ("concept_fidelity", "retention", "retention_selection", "leak", "cross_token")}
+        mean = _cell_mean(variant, lr, step, cps)
         if mean["retention_selection"] >= tau and (best is None or mean["concept_fidelity"] > best["concept_fidelity"]):
-            best = {"variant": variant, "lr": lr, "step": step, "runs": len(cps), **mean}
+            best = mean
     return best
+
+
+def shipped_point(runs: list[dict], variant: str = "dopsd + prior") -> dict | None:
+    """The toy's shipped defaults (TOY_BUDGET) measured: the mean over every concept and seed of `variant`
+    at its lr and step, if the runs evaluated that checkpoint for every concept."""
+    cps = _cells(runs).get((variant, TOY_BUDGET["lr"], TOY_BUDGET["steps"]), [])
+    return _cell_mean(variant, TOY_BUDGET["lr"], TOY_BUDGET["steps"], cps) if len({c for c, _ in cps}) == 3 else None
 
 
 BEST_TAUS = (0.85, 0.8, 0.7)
@@ -132,9 +150,12 @@ def gap_summary(out: Path, main: list[dict]) -> dict:
     return res
 
 
-def _single_fidelity(main: list[dict]) -> dict:
-    return {(r["run"]["concept"], r["run"]["method"], r["run"]["seed"]): r["points"][-1]["concept_fidelity"]
-            for r in main if r["run"]["prior"] and r["run"]["rank"] != SMALL_RANK}
+def _single_fidelity(runs: list[dict], step: int | None = None) -> dict:
+    """(concept, method, seed) -> a prior run's fidelity at `step` (default: its last checkpoint)."""
+    def at(r: dict) -> dict:
+        return next(p for p in r["points"] if p["step"] == step) if step else r["points"][-1]
+    return {(r["run"]["concept"], r["run"]["method"], r["run"]["seed"]): at(r)["concept_fidelity"]
+            for r in runs if r["run"]["prior"] and r["run"]["rank"] != SMALL_RANK}
 
 
 def report(out: Path) -> dict:
@@ -146,9 +167,16 @@ def report(out: Path) -> dict:
     summary = {"prune": {"runs": [r["name"] for r in prune], "complete": len(prune) == len(prune_plan())}}
     main, lam, one = [], [], []
     budget = [cached[r.name] for r in budget_plan() if r.name in cached]
+    all_chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
     if budget:
         summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
-                             "by_concept": main_summary(budget, PAIRS[:1]), "default": default_choice(budget)}
+                             "by_concept": main_summary(budget, PAIRS[:1]), "default": default_choice(budget),
+                             "shipped": shipped_point(budget)}
+        chains = [c for c in all_chains if c.get("budget")]
+        if chains:  # kept shares against the budget runs' last step, the chain stages' length
+            summary["budget"]["chains"] = chain_summary(chains, _single_fidelity(budget, chains[0]["steps_per_stage"]))
+            summary["budget"]["chain_teachers"] = teacher_summary(out, budget=True)
+            summary["budget"]["chain_steps"] = chains[0]["steps_per_stage"]
     if summary["prune"]["complete"]:
         summary["prune"]["kept_lr"] = choose_lr(prune)
         kept = {v: c["lr"] for v, c in summary["prune"]["kept_lr"].items()}
@@ -159,7 +187,7 @@ def report(out: Path) -> dict:
                                "by_concept": main_summary(main), "default": default_choice(main),
                                "best_found": best_found(main)}
             summary["gap"] = gap_summary(out, main)
-            chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
+            chains = [c for c in all_chains if not c.get("budget")]
             if chains:
                 summary["chains"] = chain_summary(chains, _single_fidelity(main))
                 summary["chain_teachers"] = teacher_summary(out)
@@ -264,6 +292,18 @@ def _budget_lines(budget: dict) -> list[str]:
         lines += ["", f"Best mean fidelity over every concept and seed with mean selection retention >= {DEFAULT_TAU} "
                   f"at this budget: **{d['variant']}, step {d['step']}** ({d['runs']} runs); against the aims:", "",
                   *aims_table(d)]
+    shipped = budget.get("shipped")
+    if shipped:
+        lines += ["", f"The toy's defaults (`TOY_BUDGET`) ship {shipped['variant']}, lr {shipped['lr']:g}, **step "
+                  f"{shipped['step']}** of these runs ({shipped['runs']} runs); against the aims:", "", *aims_table(shipped)]
+    if budget.get("chains"):
+        lines += ["", f"Continual chains at the toy's defaults (lr {BUDGET['lr']:g}, star -> heart -> crescent, "
+                  f"{budget['chain_steps']} steps per stage); the kept share compares the end of the chain with the "
+                  "concept's own budget run at that step (same method and seed):", "", *chains_table(budget["chains"])]
+        if budget.get("chain_teachers"):
+            lines += ["", "Teacher fidelity on each warm-started stage's new concept (its target in context, 4 steps), "
+                      "in the D-OPSD + prior chains whose teacher is the EMA of the warm start:", "",
+                      *teacher_table(budget["chain_teachers"])]
     return lines
 
 
@@ -285,11 +325,13 @@ def gap_table(gap: dict) -> list[str]:
 def chains_table(chains: dict) -> list[str]:
     stages = [[v, c["seeds"], s["concept"], *(_pct(s["fidelity"].get(k)) for k in ("star", "heart", "crescent")),
                _pct(s["retention"]), _pct(s["leak"])] for v, c in chains.items() for s in c["stages"]]
-    kept = [[v, k, _pct(m["single_run"]), _pct(m["after_chain"]), _pct(m["kept_share"])]
+    kept = [[v, k, _pct(m["single_run"]), _pct(m["after_chain"]), _pct(m["kept_share"]),
+             _interval(c["minus_sft"][k]) if k in c.get("minus_sft", {}) else "–"]
             for v, c in chains.items() for k, m in c["kept"].items()]
     return (_table(["variant", "seeds", "after stage", "star", "heart", "crescent", "retention",
                     "newest concept's leak"], stages)
-            + [""] + _table(["variant", "concept", "own run", "after the chain", "kept share"], kept))
+            + [""] + _table(["variant", "concept", "own run", "after the chain", "kept share",
+                             "minus SFT + prior after the chain (points, 95 % interval)"], kept))
 
 
 def teacher_table(teachers: dict) -> list[str]:
@@ -334,10 +376,11 @@ def study_markdown(results: dict) -> str:
     main = s.get("main")
     if main and main.get("default"):
         d = main["default"]
-        lines += ["## Defaults chosen and the aims", "",
+        lines += ["## Main's pick and the aims", "",
                   f"Best mean fidelity over every concept and seed whose mean selection retention is >= "
-                  f"{DEFAULT_TAU}: **{d['variant']}, lr {d['lr']:g}, step {d['step']}** ({d['runs']} runs). "
-                  "At 4 steps, on the evaluation prompts:", "", *aims_table(d), ""]
+                  f"{DEFAULT_TAU}: **{d['variant']}, lr {d['lr']:g}, step {d['step']}** ({d['runs']} runs); the "
+                  "toy's defaults until the budget stage (last section) moved them. At 4 steps, on the evaluation "
+                  "prompts:", "", *aims_table(d), ""]
     prune = [runs[name] for name in s["prune"]["runs"]]
     point_keys = ("concept_fidelity", "retention", "retention_selection", "leak", "cross_token")
     lines += ["## Prune (star, seed 0, rank 16): every checkpoint at 4 steps", "",
@@ -420,9 +463,10 @@ def readme_section(results: dict) -> str:
              + " at 4 sampling steps (96 fidelity samples, 192 unrelated prompts)."]
     d = main.get("default")
     if d:
-        lines += ["", f"**Defaults chosen from it:** {d['variant']}, lr {d['lr']:g}, {d['step']} steps (the best mean "
-                  f"fidelity over all concepts and seeds with mean selection retention >= {DEFAULT_TAU}). Against "
-                  "the aims, mean over 3 concepts x 3 seeds:", "", *aims_table(d)]
+        lines += ["", f"**Main's pick:** {d['variant']}, lr {d['lr']:g}, {d['step']} steps (the best mean fidelity over "
+                  f"all concepts and seeds with mean selection retention >= {DEFAULT_TAU}; the toy's defaults until "
+                  "the larger budget below moved them). Against the aims, mean over 3 concepts x 3 seeds:", "",
+                  *aims_table(d)]
     if main.get("by_concept"):
         lines += ["", "**Fronts.** Fidelity at the matched point (best fidelity with retention >= tau on a separate "
                   "prompt set), mean over seeds (seeds that reached tau / seeds):", "", *fronts_table(main["by_concept"]),

@@ -174,6 +174,21 @@ def test_chain_summary_keeps_share_against_each_concepts_own_run():
     assert abs(s["stages"][1]["retention"] - 0.7) < 1e-12
 
 
+def test_chain_end_difference_is_per_concept_with_an_interval_over_seeds_then_prompts():
+    def chain(variant, method, seed, star, heart):  # 96 fidelity samples = 24 prompts x 4 seeds
+        return {"variant": variant, "method": method, "seed": seed, "model_evals": 1,
+                "stages": [{"concept": "heart", "retention": 0.9, "concepts": {
+                    c: {"concept_fidelity": h.count("1") / 96, "leak": 0.0, "cross_token": 0.0, "fid_hits": h}
+                    for c, h in (("star", star), ("heart", heart))}}]}
+    a = [chain("dopsd + prior", "dopsd", s, "1" * 96, "1" * 48 + "0" * 48) for s in (0, 1, 2)]
+    b = [chain("sft + prior", "sft", s, "0" * 96, "1" * 48 + "0" * 48) for s in (0, 1, 2)]
+    s = chains_mod.chain_summary(a + b, {})
+    d = s["dopsd + prior"]["minus_sft"]
+    assert d["star"]["diff"] == 1.0 and d["star"]["lo"] == d["star"]["hi"] == 1.0  # every sample apart
+    assert d["heart"]["diff"] == 0.0 and d["heart"]["lo"] < 0 < d["heart"]["hi"]  # same mean, prompts resampled
+    assert "minus_sft" not in s["sft + prior"]
+
+
 @needs_weights
 def test_a_tiny_chain_warm_starts_each_stage_and_measures_every_concept_so_far(tmp_path, monkeypatch):
     for mod in (study, chains_mod):
@@ -303,6 +318,11 @@ def test_budget_report_compares_the_methods_and_picks_a_default_at_that_budget(t
     md = (tmp_path / "results.md").read_text()
     assert "## A larger budget: lr 0.003, 400 steps (18 of 18 runs cached)" in md
     assert "| star | 0.8 | 100% (3/3) | 50% (3/3) | +50 [" in md
+    assert b["shipped"] is None and "TOY_BUDGET" not in md  # the defaults' step 300 was not evaluated here
+    monkeypatch.setattr(study_report, "TOY_BUDGET", {"lr": 3e-3, "steps": 400})
+    b = study_report.report(tmp_path)["summary"]["budget"]
+    assert (b["shipped"]["variant"], b["shipped"]["step"], b["shipped"]["runs"]) == ("dopsd + prior", 400, 9)
+    assert "ship dopsd + prior, lr 0.003, **step 400** of these runs (9 runs)" in (tmp_path / "results.md").read_text()
 
 
 @needs_weights
@@ -317,3 +337,34 @@ def test_a_budget_run_trains_to_its_own_length_and_is_evaluated_past_mains_check
     assert [p["step"] for p in r["points"]] == [2, 4, 6] and r["run"]["steps"] == 6
     assert r["points"][-1]["model_evals"] == 6 * study.evals_per_step("dopsd", True)
     assert (tmp_path / "runs" / run.name / "train" / "lora-000006.safetensors").is_file()
+
+
+@needs_weights
+def test_a_chain_at_the_toy_defaults_starts_from_the_budget_runs_checkpoint_and_keeps_apart(tmp_path, monkeypatch):
+    from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
+    from dopsd_core.toy.evaluator import load_evaluator
+    monkeypatch.setattr(study, "CHECKPOINTS", (2,))
+    monkeypatch.setattr(study, "LONG_EVERY", 2)
+    monkeypatch.setattr(chains_mod, "BUDGET", {"lr": 3e-3, "steps": 6})
+    monkeypatch.setattr(chains_mod, "TOY_BUDGET", {"lr": 3e-3, "steps": 4})
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12)
+    chain = chains_mod.Chain("sft + prior", 1, budget=True)
+    assert chain.name == "sft_prior_budget_s1" and chains_mod.Chain("sft + prior", 1).name == "sft_prior_s1"
+    r = chains_mod.run_chain(chain, tmp_path, metrics, {}, log=lambda *_: None)  # needs no kept lr
+    first = study.StudyRun("star", "sft", True, 3e-3, 1, steps=6)
+    assert r["budget"] and r["steps_per_stage"] == 4 and r["lr"] == 3e-3
+    # the first stage is the budget run's step-4 LoRA (the run itself went on to step 6)
+    assert r["stages"][0]["lora"] == f"runs/{first.name}/train/lora-000004.safetensors"
+    assert (tmp_path / "runs" / first.name / "train" / "lora-000006.safetensors").is_file()
+    step4 = json.loads((tmp_path / "runs" / first.name / "eval" / "step-000004.json").read_text())
+    assert r["stages"][0]["concepts"]["star"]["concept_fidelity"] == step4["concept_fidelity"]
+    from dopsd_core.lora import read_lora_file
+    meta = read_lora_file(tmp_path / r["stages"][1]["lora"])[1]
+    assert meta["dopsd.step"] == "4"  # stages train for the defaults' steps
+    # the report keeps these chains apart from main's, against the budget runs at the chains' step
+    s = chains_mod.chain_summary([r], study_report._single_fidelity([json.loads(
+        (tmp_path / "runs" / first.name / "result.json").read_text())], 4))["sft + prior"]
+    assert s["kept"]["star"]["single_run"] == step4["concept_fidelity"]
+    monkeypatch.setattr(chains_mod, "TOY_BUDGET", {"lr": 1e-3, "steps": 4})
+    with pytest.raises(Exception, match="not a checkpoint of the study's budget stage"):
+        chains_mod.Chain("sft + prior", 1, budget=True).first_run({})

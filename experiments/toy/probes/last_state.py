@@ -1,6 +1,6 @@
 """Probe: is it the prior at the roll-out's last state (sigma .5) that keeps the student from drawing the star?
 
-D-OPSD + prior at the defaults, except that the prior's roll-outs stop one state early: they supervise
+D-OPSD + prior at the earlier defaults (MAIN_BUDGET), except that the prior's roll-outs stop one state early: they supervise
 sigma 1, .9 and .75 and leave the last state (.5, whose x0 is the sample) to the concept loss alone.
 Optionally on the one-pose data of pose.py. Evaluated like the study's checkpoints.
 
@@ -15,7 +15,7 @@ import torch
 
 import dopsd_core.trainer as trainer
 from dopsd_core.toy.render import CONCEPT_TOKEN, caption_variants, concept_scenes
-from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, train_concept
 from probe_eval import evaluate_checkpoints
 
 HERE = Path(__file__).parent
@@ -41,7 +41,7 @@ if onepose:
     captions = [caption_variants(one_pose(s), CONCEPT_TOKEN[concept])[0] for s in concept_scenes(concept)]
 name = f"last_state_{concept}{'_onepose' if onepose else ''}_s{seed}"
 run = out / name
-train_concept(concept, "dopsd", run, out, seed=seed, save_every=50, prior_prompts=auto_prior(concept, out), **TOY_PRIOR)
+train_concept(concept, "dopsd", run, out, seed=seed, save_every=50, prior_prompts=auto_prior(concept, out), **TOY_PRIOR, **MAIN_BUDGET)
 fingerprint, points = evaluate_checkpoints(run, concept, (50, 100, 200), captions)
 (HERE / f"{name}.json").write_text(json.dumps({"concept": concept, "seed": seed, "onepose": onepose,
                                                "base": fingerprint, "points": points}, indent=1))

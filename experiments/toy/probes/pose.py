@@ -10,7 +10,7 @@ usage: python experiments/toy/probes/pose.py follow
          teacher finishing the base student's roll-out after k steps, given the true reference or the
          same scene in another pose: which pose does its sample take? (pose_follow_<base>.json)
        python experiments/toy/probes/pose.py train OUT_DIR CONCEPT [SEED]
-         D-OPSD + prior at the defaults on the concept's 6 training scenes re-rendered in one pose
+         D-OPSD + prior at the earlier defaults (MAIN_BUDGET) on the concept's 6 training scenes re-rendered in one pose
          (centred, radius 9.25, angle 0; colours, backgrounds and captions as before), evaluated like
          the study's checkpoints (pose_train_<concept>_s<seed>_<base>.json)
 """
@@ -84,12 +84,12 @@ def write_data(out: Path, concept: str) -> list:
 
 
 def train(out: Path, concept: str, seed: int) -> dict:
-    from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+    from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, train_concept
     from probe_eval import evaluate_checkpoints
     scenes = write_data(out, concept)
     run = out / f"{concept}_onepose_s{seed}"
     train_concept(concept, "dopsd", run, out, seed=seed, save_every=100, prior_prompts=auto_prior(concept, out),
-                  **TOY_PRIOR)
+                  **TOY_PRIOR, **MAIN_BUDGET)
     captions = [caption_variants(s, CONCEPT_TOKEN[concept])[0] for s in scenes]
     fingerprint, points = evaluate_checkpoints(run, concept, (100, 200), captions)
     return {"concept": concept, "seed": seed, "base": fingerprint, "points": points}

@@ -16,7 +16,7 @@ from dopsd_core.data import load_image_folder
 from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.metrics import concept_training_set
-from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
+from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, load_with_lora, train_concept
 from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
 from dopsd_core.toy.render import CONCEPT_TOKEN
 from reroll import rerolled_base
@@ -35,7 +35,7 @@ if prior_mode == "generic":
                for item in load_image_folder(out / "data" / concept, 32) for c in item.captions}
     prior = [p for p in prior if p not in removed]
 print(len(prior), "prior prompts", flush=True)
-train_concept(concept, "dopsd", run, out, seed=0, base=base_path, prior_prompts=prior, **TOY_PRIOR)
+train_concept(concept, "dopsd", run, out, seed=0, base=base_path, prior_prompts=prior, **TOY_PRIOR, **MAIN_BUDGET)
 base = load_toy_file(base_path)
 metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
 imgs, caps = concept_training_set(concept)

@@ -5,7 +5,7 @@ the teacher's (the same caption plus the target in context) and of the base's (t
 that the evaluator calls the concept. The last state's x0 is the sample, so a student that has the shape at sigma .75 and loses it at
 .5, where its teacher still draws it, fails to fit that state's target.
 
-`train`: D-OPSD + prior at the defaults with another loss weight (x0: every state alike, the default;
+`train`: D-OPSD + prior at the earlier defaults (MAIN_BUDGET) with another loss weight (x0: every state alike, the default;
 velocity: x0 error / sigma^2; transition: (dsigma / sigma)^2, the error of the next state, which puts
 nearly all the weight on the last one), evaluated like the study's checkpoints.
 
@@ -55,10 +55,10 @@ def targets(concept: str, lora: Path, seeds: int = 8) -> dict:
 
 
 def train(out: Path, concept: str, weight: str, seed: int) -> dict:
-    from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+    from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, train_concept
     run = out / f"{concept}_dopsd_prior_{weight}_s{seed}"
     train_concept(concept, "dopsd", run, out, seed=seed, save_every=50, loss_weight=weight,
-                  prior_prompts=auto_prior(concept, out), **TOY_PRIOR)
+                  prior_prompts=auto_prior(concept, out), **TOY_PRIOR, **MAIN_BUDGET)
     fingerprint, points = evaluate_checkpoints(run, concept, (50, 100, 200))
     return {"concept": concept, "seed": seed, "loss_weight": weight, "base": fingerprint, "points": points}
 

@@ -1,5 +1,5 @@
 """Probe for issue 14's first deliverable on a candidate toy base: does a concept LoRA stay on its own
-token? Trains one D-OPSD LoRA at the toy defaults (TOY_BUDGET; prior `auto` or `none`), evaluates its
+token? Trains one D-OPSD LoRA at the toy defaults of the time (MAIN_BUDGET; prior `auto` or `none`), evaluates its
 steps 80, 140 and 200 like the study's checkpoints (fidelity 96 samples, retention and leak on 192
 unrelated prompts, cross_token on 48 [other token] prompts) and adds the teacher's fidelity and the
 tokens' identity (metrics.token_identity: each token's prompts drawn with its own outline).
@@ -16,7 +16,7 @@ import torch
 from dopsd_core.toy.denoiser import load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.metrics import concept_training_set, token_identity
-from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
+from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, load_with_lora, train_concept
 from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
 
 base_path, out, concept, prior = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -24,7 +24,7 @@ seed = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 run = out / f"{concept}_{prior}_s{seed}"
 kwargs = dict(prior_prompts=auto_prior(concept, out), **TOY_PRIOR) if prior == "auto" else {}
-train_concept(concept, "dopsd", run, out, seed=seed, base=base_path, save_every=20, **kwargs)
+train_concept(concept, "dopsd", run, out, seed=seed, base=base_path, save_every=20, **MAIN_BUDGET, **kwargs)
 base = load_toy_file(base_path)
 metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
 images, captions = concept_training_set(concept)
