@@ -71,7 +71,7 @@ def _add_demo_parsers(sub) -> None:
                         "and seed, gap = 4- vs 32-step quality at the matched points, chains = continual "
                         "star -> heart -> crescent, lambda = the prior's weight, onestate = D-OPSD + prior "
                         "supervising one roll-out state per step (equal compute), budget = both methods with the "
-                        "prior at lr 3e-3 for 400 steps, budgetchains = the continual chains at that budget; "
+                        "prior at lr 3e-3 for 400 steps, budgetchains = the continual chains at the toy's defaults (lr 3e-3, 300 steps a stage); "
                         "report = results from the "
                         "cached runs only")
     p.add_argument("--jobs", type=int, default=1,

@@ -20,7 +20,7 @@ from .render import CONCEPT_TOKEN, export_concept_folder
 
 # The toy's default budget, D-OPSD and SFT alike (equal steps, lr, rank, batch, data), with the prior below.
 # From the trade-off study's budget stage (experiments/toy/study): D-OPSD + prior at lr 3e-3 meets the
-# fidelity, retention and leak aims at step 300 (85 / 89 / 2 %, mean of 3 concepts x 3 seeds) and at step
+# fidelity, retention and leak aims at step 300 (85 / 88 / 2 %, mean of 3 concepts x 3 seeds) and at step
 # 400 (86 / 89 / 2 %); 300 is kept: within sampling error of 400, a quarter cheaper, and `dopsd demo`
 # stays under 5 minutes on 2 cores.
 TOY_BUDGET = dict(steps=300, rank=16, alpha=16.0, lr=3e-3, batch_size=4)

@@ -19,7 +19,8 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
   budget both methods with the prior at a larger budget (lr 3e-3, past main's grid, for 400 steps, evaluated
          at main's checkpoints and then every 100 steps) x 3 concepts x 3 seeds: the probes found the star
          needs a larger update than main's (experiments/toy/probes/README.md)
-  budgetchains the continual chains at the budget stage's lr and length (the toy's defaults)
+  budgetchains the continual chains at the toy's defaults (TOY_BUDGET: the budget stage's lr, 300 steps a
+         stage), from the budget stage's star runs at that step
 Runs are independent, so `jobs` > 1 trains and evaluates that many at once, one torch thread each (on
 2 cores two 1-thread processes outrun one 2-thread process: the toy's matmuls are too small to split).
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
