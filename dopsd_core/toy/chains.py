@@ -179,6 +179,7 @@ def chain_summary(chains: list[dict], single: dict[tuple[str, str, int], float])
     """Per variant, means over seeds after each stage, and at the end each concept's kept share.
     single: (concept, method, seed) -> fidelity of the concept's own run at the chain's step count."""
     out = {}
+    sft = [c for c in chains if c["variant"] == "sft + prior"]
     for variant in VARIANTS:
         rs = [c for c in chains if c["variant"] == variant]
         if not rs:
@@ -200,11 +201,8 @@ def chain_summary(chains: list[dict], single: dict[tuple[str, str, int], float])
                            "kept_share": end["fidelity"][k] / (sum(ref) / len(ref))}
         out[variant] = {"seeds": len(rs), "stages": stages, "kept": kept,
                         "model_evals": sum(c["model_evals"] for c in rs) / len(rs)}
-    sft = [c for c in chains if c["variant"] == "sft + prior"]
-    for variant, s in out.items():
-        rs = [c for c in chains if c["variant"] == variant]
-        if variant != "sft + prior" and sft:
-            s["minus_sft"] = end_difference(rs, sft)
+        if sft and variant != "sft + prior":
+            out[variant]["minus_sft"] = end_difference(rs, sft)
     return out
 
 

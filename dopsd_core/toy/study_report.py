@@ -18,6 +18,8 @@ ONE_STATE = "dopsd + prior, one state"
 ONE_STATE_PAIRS = ((ONE_STATE, "sft + prior"),)
 AIMS = {"concept_fidelity": (">=", 0.80), "retention": (">=", 0.85), "leak": ("<=", 0.05)}
 DEFAULT_TAU = 0.7  # the default is the best mean fidelity whose mean selection retention is >= this
+TEACHER_NOTE = ("Teacher fidelity on each warm-started stage's new concept (its target in context, 4 steps), in the "
+                "D-OPSD + prior chains whose teacher is the EMA of the warm start:")
 
 
 def _at(points: list[dict], tau: float, max_evals: int | None = None) -> dict:
@@ -301,8 +303,7 @@ def _budget_lines(budget: dict) -> list[str]:
                   f"{budget['chain_steps']} steps per stage); the kept share compares the end of the chain with the "
                   "concept's own budget run at that step (same method and seed):", "", *chains_table(budget["chains"])]
         if budget.get("chain_teachers"):
-            lines += ["", "Teacher fidelity on each warm-started stage's new concept (its target in context, 4 steps), "
-                      "in the D-OPSD + prior chains whose teacher is the EMA of the warm start:", "",
+            lines += ["", TEACHER_NOTE, "",
                       *teacher_table(budget["chain_teachers"])]
     return lines
 
@@ -439,8 +440,7 @@ def study_markdown(results: dict) -> str:
                   f"of the chain with the concept's own main run (step {CHECKPOINTS[-1]}, same method and seed).", "",
                   *chains_table(s["chains"]), ""]
         if s.get("chain_teachers"):
-            lines += ["Teacher fidelity on each warm-started stage's new concept (its target in context, 4 steps), "
-                      "in the D-OPSD + prior chains whose teacher is the EMA of the warm start:", "",
+            lines += [TEACHER_NOTE, "",
                       *teacher_table(s["chain_teachers"]), ""]
     if s.get("lambda"):
         lines += ["## The prior's weight (seed 0)", "", *lambda_table(runs, s["lambda"]["runs"]), ""]
