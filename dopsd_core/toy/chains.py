@@ -203,6 +203,10 @@ def chain_summary(chains: list[dict], single: dict[tuple[str, str, int], float])
                         "model_evals": sum(c["model_evals"] for c in rs) / len(rs)}
         if sft and variant != "sft + prior":
             out[variant]["minus_sft"] = end_difference(rs, sft)
+    ema = [c for c in chains if c["variant"] == "dopsd + prior"]
+    base = [c for c in chains if c["variant"] == "dopsd + prior, base teacher"]
+    if ema and base:  # the teacher choice for warm-started stages
+        out["dopsd + prior, base teacher"]["minus_ema_teacher"] = end_difference(base, ema)
     return out
 
 

@@ -332,7 +332,17 @@ def chains_table(chains: dict) -> list[str]:
     return (_table(["variant", "seeds", "after stage", "star", "heart", "crescent", "retention",
                     "newest concept's leak"], stages)
             + [""] + _table(["variant", "concept", "own run", "after the chain", "kept share",
-                             "minus SFT + prior after the chain (points, 95 % interval)"], kept))
+                             "minus SFT + prior after the chain (points, 95 % interval)"], kept)
+            + teacher_difference_lines(chains))
+
+
+def teacher_difference_lines(chains: dict) -> list[str]:
+    """The base teacher's chains minus the EMA teacher's, per concept at the end of the chain."""
+    d = chains.get("dopsd + prior, base teacher", {}).get("minus_ema_teacher")
+    if not d:
+        return []
+    return ["", "Base teacher minus EMA teacher after the chain (fidelity points, 95 % interval): "
+            + ", ".join(f"{k} {_interval(v)}" for k, v in d.items()) + "."]
 
 
 def teacher_table(teachers: dict) -> list[str]:

@@ -187,6 +187,13 @@ def test_chain_end_difference_is_per_concept_with_an_interval_over_seeds_then_pr
     assert d["star"]["diff"] == 1.0 and d["star"]["lo"] == d["star"]["hi"] == 1.0  # every sample apart
     assert d["heart"]["diff"] == 0.0 and d["heart"]["lo"] < 0 < d["heart"]["hi"]  # same mean, prompts resampled
     assert "minus_sft" not in s["sft + prior"]
+    assert "minus_ema_teacher" not in s["dopsd + prior"]  # no base-teacher chains here
+    base = [chain("dopsd + prior, base teacher", "dopsd", s, "0" * 96, "1" * 96) for s in (0, 1, 2)]
+    s = chains_mod.chain_summary(a + b + base, {})
+    d = s["dopsd + prior, base teacher"]["minus_ema_teacher"]
+    assert (d["star"]["diff"], d["heart"]["diff"]) == (-1.0, 0.5)
+    assert "Base teacher minus EMA teacher after the chain (fidelity points, 95 % interval): star -100 [-100, -100], " \
+           "heart +50 [" in "\n".join(study_report.chains_table(s))
 
 
 @needs_weights
