@@ -169,6 +169,13 @@ def cmd_train(args) -> int:
         print(f"\n{stop.name}: stopped at step {e.step}; {run_dir} keeps it. Continue with: "
               f"dopsd train --resume {run_dir} --steps {cfg.steps}", file=sys.stderr)
         return 128 + stop.signum
+    except (DopsdError, NonFiniteLoss):
+        raise
+    except BaseException as e:  # an error inside a step (e.g. out of memory): the trainer kept the step before
+        kept = f"{run_dir} keeps step {trainer.last_saved}" if trainer.last_saved is not None else "nothing was saved"
+        print(f"\n{type(e).__name__} during step {trainer.step + 1}; {kept}. Continue with: "
+              f"dopsd train --resume {run_dir} --steps {cfg.steps}", file=sys.stderr)
+        raise
     print(f"trained {result.steps_done} steps; LoRA: {run_dir / 'lora.safetensors'}  loss curve: {run_dir / 'loss.png'}")
     return 0
 
@@ -333,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_sample_parser(sub)
     add_preview_teacher_parser(sub)
-    from .toy.cli import add_toy_parsers  # the toy world's commands: data, base training, demo, experiment
+    from .toy.cli import add_toy_parsers  # the toy world's commands: toy-data, demo
     add_toy_parsers(sub)
     return parser
 

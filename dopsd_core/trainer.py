@@ -9,8 +9,11 @@ Run folder (docs/method.md, "Run folders"):
   loss.csv, loss.png
 A save writes a new generation folder, then commits it by replacing state.json, then removes the older
 ones: a process killed at any point leaves state.json naming a complete generation.
-A stop between steps (should_stop, or an exception a callback raises, e.g. ComfyUI's Cancel from its
-progress hook) saves the step it stopped at before passing the stop on.
+Whatever stops a run keeps its last complete step: should_stop between steps, an exception a callback
+raises (ComfyUI's Cancel from its progress hook), and an exception from inside a step (ComfyUI's Cancel
+raised by the next comfy op of a forward, Ctrl-C, an error). A step that raises is rolled back first
+(its gradients dropped, the RNG stream put back where the step began), so a resumed run draws what the
+interrupted step drew. A non-finite loss is the exception: it stops at the last good save.
 """
 from __future__ import annotations
 
@@ -304,10 +307,12 @@ class Trainer:
 
     @contextlib.contextmanager
     def _saved_if_stopped(self):
-        """Around the callbacks after a complete step: whatever stops the run there (ComfyUI's Cancel
-        raises from its progress hook inside on_step) keeps that step. A failing save is not retried."""
+        """Whatever stops the run inside this block keeps the last complete step (a failing save is not
+        retried). A non-finite loss does not: its rule is to stop at the last good save."""
         try:
             yield
+        except NonFiniteLoss:
+            raise
         except BaseException:
             self._save_at_stop()
             raise
@@ -434,16 +439,26 @@ class Trainer:
         return latents
 
     def train_step(self) -> float:
+        """One optimizer step. Forwards and backwards may raise anywhere (ComfyUI raises its Cancel from
+        inside the next op); such a step leaves no trace: the state it changed before the optimizer step
+        is its gradients and the RNG stream, and both are put back. From opt.step() on nothing calls the
+        model, so nothing in the host raises there."""
         c = self.cfg
         lr = lr_at(self.step, c.steps, c.lr, c.warmup, c.schedule)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        losses = [self._micro_step(self._draw_batch(), 1.0 / c.grad_accum) for _ in range(c.grad_accum)]
-        loss = sum(losses) / len(losses)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
-        if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+        rng_at_start = self.gen.get_state()
+        try:
+            losses = [self._micro_step(self._draw_batch(), 1.0 / c.grad_accum) for _ in range(c.grad_accum)]
+            loss = sum(losses) / len(losses)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+                raise NonFiniteLoss(self.step + 1, self.last_saved,
+                                    loss if not math.isfinite(loss) else float(grad_norm))
+        except BaseException:
             self.opt.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(self.step + 1, self.last_saved, loss if not math.isfinite(loss) else float(grad_norm))
+            self.gen.set_state(rng_at_start)
+            raise
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if c.teacher == "ema":
@@ -470,7 +485,8 @@ class Trainer:
             if self.cb.should_stop and self.cb.should_stop():
                 self._save_at_stop()
                 raise TrainingCancelled(self.step, self.last_saved)
-            loss = self.train_step()
+            with self._saved_if_stopped():  # a stop inside the step: the step before it
+                loss = self.train_step()
             with self._saved_if_stopped():
                 done = self.step - start_step
                 rate = done / max(time.perf_counter() - t0, 1e-9)

@@ -61,6 +61,7 @@ def run_started(node_id: str, run_name: str, method: str, total: int, start_step
         _runs[node_id] = {"id": run_id, "node": node_id, "run": run_name, "method": method,
                           "prompt_id": _current_prompt_id(), "total": int(total), "step": int(start_step),
                           "points": [], "it_per_s": None, "eta_s": None, "preview": None, "status": "running",
+                          "saved_step": None,
                           "started": time.time()}
     _send("dopsd.progress", snapshot(node_id))
     return run_id
@@ -98,16 +99,18 @@ def run_preview(node_id: str, run_id: str, step: int, png: Path) -> None:
     _send("dopsd.preview", event)
 
 
-def run_finished(node_id: str, run_id: str, status: str) -> None:
-    """status: finished | cancelled | error"""
+def run_finished(node_id: str, run_id: str, status: str, saved_step: int | None = None) -> None:
+    """status: finished | cancelled | error. saved_step: the step the run folder holds afterwards (a
+    Cancel inside a step keeps the step before the one on screen); the page shows it."""
     with _lock:
         rec = _record(node_id, run_id)
         if rec is None:
             return
         rec["status"] = status
+        rec["saved_step"] = None if saved_step is None else int(saved_step)
         rec["eta_s"] = None
         event = {"id": run_id, "node": rec["node"], "run": rec["run"], "status": status, "step": rec["step"],
-                 "total": rec["total"]}
+                 "total": rec["total"], "saved_step": rec["saved_step"]}
     _send("dopsd.progress", event)
 
 

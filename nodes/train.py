@@ -9,7 +9,7 @@ from ..dopsd_core.errors import DopsdError, TrainingCancelled
 from ..dopsd_core.hosts.families import family_named
 from ..dopsd_core.objectives import LOSS_WEIGHTS, STATES, TEACHERS
 from ..dopsd_core.optim import OPTIMIZERS
-from ..dopsd_core.trainer import Callbacks, TrainConfig, is_run_folder
+from ..dopsd_core.trainer import Callbacks, TrainConfig, is_run_folder, read_run_state
 from .dataset import Dataset
 from .live import RUN_NAME
 
@@ -28,6 +28,14 @@ def run_dir_for(run_name: str) -> Path:
     if not RUN_NAME.fullmatch(run_name):
         raise DopsdError(f"run_name {run_name!r} must be a plain name (letters, digits, _ . -), not a path")
     return Path(folder_paths.get_output_directory()) / "dopsd" / run_name
+
+
+def saved_step(run_dir: Path) -> int | None:
+    """The step the run folder holds (what a stop kept), or None when nothing was saved."""
+    try:
+        return int(read_run_state(run_dir)["step"]) if is_run_folder(run_dir) else None
+    except (DopsdError, KeyError, ValueError):
+        return None
 
 
 def common_inputs():
@@ -173,11 +181,11 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offloa
         status = "cancelled"
         mm.throw_exception_if_processing_interrupted()  # ComfyUI reports the run as interrupted
         raise
-    except mm.InterruptProcessingException:  # Cancel raised by the progress hook: also saved by the trainer
-        status = "cancelled"
+    except mm.InterruptProcessingException:  # Cancel raised inside a step or a callback: the trainer
+        status = "cancelled"                  # saved the last complete step
         raise
     finally:
-        live.run_finished(node_id, run_id, status)
+        live.run_finished(node_id, run_id, status, saved_step(run_dir))
     return io.NodeOutput(patched, lora_sd, {"loss": history})
 
 

@@ -144,6 +144,42 @@ def test_a_signal_between_saves_keeps_that_step_and_resume_matches(tmp_path, ima
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
+@pytest.mark.parametrize("exc", [RuntimeError, KeyboardInterrupt])
+def test_an_exception_inside_a_forward_keeps_the_step_before_it_and_resume_matches(tmp_path, image_folder, monkeypatch,
+                                                                                  capsys, exc):
+    """`dopsd train` with an error raised from inside the toy's forward in the middle of step 3: the CLI
+    names the step it kept (2), passes the error on, and --resume ends where an uninterrupted run ends."""
+    from dopsd_core import cli
+    from dopsd_core.toy.denoiser import ToyDenoiser
+    args = ["train", "--data", str(image_folder), "--steps", "5", "--rank", "4", "--k", "2", "--seed", "3"]
+    real = ToyDenoiser.denoise
+    calls = []
+
+    def counting(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == fire_at:
+            raise exc("injected inside a forward")
+        return real(self, *a, **kw)
+    fire_at = -1
+    monkeypatch.setattr(ToyDenoiser, "denoise", counting)
+    assert cli.main(args + ["--out", str(tmp_path / "straight")]) == 0
+    assert len(calls) % 5 == 0
+    per_step, fire_at = len(calls) // 5, 2 * (len(calls) // 5) + len(calls) // 10 + 1
+    calls.clear()
+    run = tmp_path / "run"
+    with pytest.raises(exc):
+        cli.main(args + ["--out", str(run)])
+    monkeypatch.undo()
+    assert f"during step 3; {run} keeps step 2" in capsys.readouterr().err
+    state = json.loads((run / "state/state.json").read_text())
+    assert state["step"] == 2 and len(state["history"]) == 2 and per_step > 2
+
+    assert cli.main(["train", "--resume", str(run), "--steps", "5"]) == 0
+    a, _ = read_lora_file(tmp_path / "straight/lora.safetensors")
+    b, _ = read_lora_file(run / "lora.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
 def test_sigterm_to_a_real_process_saves_the_step_it_names(tmp_path, image_folder):
     """`dopsd train` as its own process, SIGTERM once it is training: it exits 143 and names the step it
     kept, and that step is what the run folder holds."""

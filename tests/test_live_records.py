@@ -82,3 +82,17 @@ def test_preview_url_and_path_accept_only_run_preview_names(live, tmp_path):
                       ("star/..", "step_000020.png"), ("star", "../../x.png"), ("star", "step_20.png"),
                       ("/etc", "step_000020.png"), ("", "step_000020.png"), ("star", "")]:
         assert live.preview_path(tmp_path, run, file) is None, (run, file)
+
+
+def test_a_stopped_run_reports_the_step_its_folder_holds(live):
+    """A Cancel inside step 4 keeps step 3: the page must show the saved step, not the last one on screen."""
+    rid = live.run_started("5", "r", "dopsd", 10)
+    for step in range(1, 4):
+        live.run_step("5", rid, step, 10, 1.0, 1e-3, 1.0, 1.0)
+    live.run_finished("5", rid, "cancelled", saved_step=3)
+    event = live.sent[-1][1]
+    assert event["status"] == "cancelled" and event["saved_step"] == 3 and event["step"] == 3
+    assert live.snapshot("5")["saved_step"] == 3
+    other = live.run_started("6", "r2", "dopsd", 10)
+    live.run_finished("6", other, "cancelled")  # stopped before anything was saved
+    assert live.sent[-1][1]["saved_step"] is None and live.snapshot("6")["saved_step"] is None

@@ -67,6 +67,80 @@ def test_a_stop_raised_by_a_callback_saves_that_step_first(tiny_records, tmp_pat
     assert max((straight[k] - after[k]).abs().max().item() for k in straight) <= 1e-6
 
 
+class InForward:
+    """Makes the n-th denoise call of the run raise `exc`: in its forward, or in its backward (a gradient
+    hook on the output, where a checkpointed block recomputes). Counts the calls of the first step too."""
+
+    def __init__(self, den, exc, at: int | None = None, where: str = "forward"):
+        self.inner, self.exc, self.at, self.where, self.calls = den.denoise, exc, at, where, 0
+
+    def __call__(self, x, sigma, ctx):
+        self.calls += 1
+        fire = self.calls == self.at
+        if fire and self.where == "forward":
+            raise self.exc()
+        out = self.inner(x, sigma, ctx)
+        if fire and out.requires_grad:
+            def hook(_grad):
+                raise self.exc()
+            out.register_hook(hook)
+        elif fire:  # a no-grad (teacher) call: its backward never runs; fire at the next one instead
+            self.at += 1
+        return out
+
+
+@pytest.mark.parametrize("exc,where", [(Cancelled, "forward"), (KeyboardInterrupt, "forward"),
+                                       (RuntimeError, "forward"), (Cancelled, "backward")])
+def test_a_stop_inside_a_step_keeps_the_step_before_it_and_resume_matches(tiny_records, tmp_path, exc, where):
+    """ComfyUI's Cancel raises from the next op of a forward; Ctrl-C or an error can come anywhere. The
+    partial step is dropped (no gradients left, the RNG stream back where it began), the last complete
+    step is saved, and a resume ends where an uninterrupted run ends."""
+    cfg = dict(steps=6, prior_weight=0.5, **CFG)
+    den, records = tiny_records()
+    Trainer(den, records, TrainConfig(**cfg), tmp_path / "straight", prior=_prior(den, ["a cat", "a [V]"])).run()
+    straight = lora_tensors(den)
+    straight_state = json.loads((tmp_path / "straight/state/state.json").read_text())
+
+    den2, records2 = tiny_records()
+    counter = InForward(den2, exc)
+    den2.denoise = counter
+    trainer = Trainer(den2, records2, TrainConfig(**cfg), tmp_path / "run", prior=_prior(den2, ["a cat", "a [V]"]))
+    trainer.train_step()
+    per_step = counter.calls  # teacher + student calls of one step, prior roll-outs included
+    assert per_step >= 8
+    counter.at = 2 * per_step + per_step // 2  # the middle of step 3
+    rng_at_step_3 = []
+    trainer.cb.on_step = lambda info: rng_at_step_3.append(trainer.gen.get_state()) if info.step == 2 else None
+    with pytest.raises(exc):
+        trainer.run()
+    assert trainer.step == 2 and len(trainer.history) == 2
+    assert all(p.grad is None for p in trainer.params)  # the partial step's gradients are gone
+    assert torch.equal(trainer.gen.get_state(), rng_at_step_3[0])
+    state = json.loads((tmp_path / "run/state/state.json").read_text())
+    assert state["step"] == 2 and state["history"] == pytest.approx(straight_state["history"][:2], abs=1e-6)
+    assert read_lora_file(tmp_path / "run/lora.safetensors")[1]["dopsd.step"] == "2"
+
+    den3, records3 = tiny_records()
+    Trainer(den3, records3, TrainConfig(**cfg), tmp_path / "run", prior=_prior(den3, ["a cat", "a [V]"]),
+            resume=True).run()
+    after = lora_tensors(den3)
+    assert max((straight[k] - after[k]).abs().max().item() for k in straight) <= 1e-6
+    final = json.loads((tmp_path / "run/state/state.json").read_text())
+    assert final["history"] == pytest.approx(straight_state["history"], abs=1e-6)
+
+
+def test_a_non_finite_loss_inside_a_step_still_stops_at_the_last_good_save(tiny_records, tmp_path):
+    """The rule for NaN is unchanged by the stop handling: nothing after the last save is written."""
+    den, records = tiny_records()
+    wrapped = NanAfter(den, calls=7 * 2 * 4)  # steps 1-7 fine, step 8 NaN; saves at 5 only
+    trainer = Trainer(wrapped, records, TrainConfig(steps=20, save_every=5, **CFG), tmp_path / "run")
+    with pytest.raises(NonFiniteLoss) as info:
+        trainer.run()
+    assert info.value.step == 8 and info.value.last_saved_step == 5
+    assert json.loads((tmp_path / "run/state/state.json").read_text())["step"] == 5
+    assert all(p.grad is None for p in trainer.params)
+
+
 class Killed(BaseException):
     """A process killed at this point: nothing after it runs, no cleanup (BaseException: no except catches it)."""
 

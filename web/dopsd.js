@@ -135,12 +135,22 @@ function draw(view) {
   ctx.fillText(last, w - ctx.measureText(last).width - 2, h - 3);
 }
 
+// A stopped run names the step its folder holds: a Cancel inside a step keeps the step before it.
+function statusText(rec) {
+  const saved = rec.saved_step;
+  if (rec.status === "cancelled") {
+    return saved === null || saved === undefined ? "cancelled (nothing saved)" : `cancelled at step ${saved} (saved)`;
+  }
+  if (rec.status === "error" && saved !== null && saved !== undefined) return `error (step ${saved} saved)`;
+  return String(rec.status);
+}
+
 function render(view, rec) {
   const lastPoint = rec.points.length ? rec.points[rec.points.length - 1][1] : null;
   const parts = [String(rec.run ?? ""), `step ${rec.step}/${rec.total}`];
   if (lastPoint !== null && lastPoint !== undefined) parts.push(`loss ${Number(lastPoint).toPrecision(4)}`);
   if (rec.it_per_s) parts.push(`${Number(rec.it_per_s).toFixed(2)} it/s`);
-  parts.push(rec.status === "running" ? `ETA ${formatSeconds(rec.eta_s)}` : String(rec.status));
+  parts.push(rec.status === "running" ? `ETA ${formatSeconds(rec.eta_s)}` : statusText(rec));
   view.stats.textContent = parts.join("  ·  ");
   view.stats.title = view.stats.textContent;
   view.root.dataset.status = String(rec.status);
@@ -182,7 +192,7 @@ function setRecord(rec) {
     const lastStep = points.length ? points[points.length - 1][0] : -Infinity;
     for (const p of mine.points) if (p[0] > lastStep) points.push(p);
     if (mine.step > rec.step) rec = { ...rec, step: mine.step, it_per_s: mine.it_per_s, eta_s: mine.eta_s };
-    if (mine.status !== "running") rec = { ...rec, status: mine.status };
+    if (mine.status !== "running") rec = { ...rec, status: mine.status, saved_step: mine.saved_step };
     if (mine.preview && (!rec.preview || mine.preview.step > rec.preview.step)) rec = { ...rec, preview: mine.preview };
   }
   runs.set(key, { ...rec, points });
@@ -238,6 +248,7 @@ app.registerExtension({
     api.addEventListener("dopsd.progress", ({ detail }) => {
       if (Array.isArray(detail.points)) return setRecord(detail); // a run starts: its whole record
       const patch = { run: detail.run, step: detail.step, total: detail.total, status: detail.status };
+      if (detail.saved_step !== undefined) patch.saved_step = detail.saved_step;
       if (detail.it_per_s !== undefined) Object.assign(patch, { it_per_s: detail.it_per_s, eta_s: detail.eta_s });
       const rec = patchRecord(detail, patch);
       if (detail.loss !== undefined) {
