@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..dopsd_core.data import ImageItem, load_image_folder
 from ..dopsd_core.errors import DopsdError
-from ..dopsd_core.hosts.comfy_train import dataset_cache_file, load_dataset, save_dataset
+from ..dopsd_core.hosts.comfy_train import dataset_cache_file, read_cached_dataset, save_dataset
 from ..dopsd_core.prior import trigger_or_none
 from .toy import ToyTextEncoderSocket
 from .vlm import VLM
@@ -143,10 +143,12 @@ class DOPSDDataset(io.ComfyNode):
         prior = _prior_prompts(prior_prompts, captions, trigger, class_word.strip() or None, family)
         cache = dataset_cache_file(Path(folder_paths.get_output_directory()) / "dopsd" / "cache", model, family,
                                    items, inputs, prior)
-        if cache.is_file():
-            ds = load_dataset(cache)
+        ds = read_cached_dataset(cache)
+        if ds is not None:
             ds.trigger = trigger  # metadata only: the tensors do not depend on it
             return io.NodeOutput(ds)
+        # a Cancel during the encoding leaves no cache entry: the dataset is built in memory, then saved
+        # in one atomic write
         ds = family.build_dataset(model, items, inputs, prior)
         ds.trigger = trigger
         save_dataset(ds, cache)

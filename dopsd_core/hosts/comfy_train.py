@@ -178,6 +178,21 @@ def save_dataset(ds: ComfyDataset, path: Path) -> None:
     save_tensors(tensors, path, {"dopsd.dataset": json.dumps(meta)})
 
 
+def read_cached_dataset(path: Path) -> ComfyDataset | None:
+    """The dataset cached at path, or None when there is none to trust. save_dataset writes the whole file
+    or nothing (temp file, then rename), so an interrupted build leaves no entry; a file that still does
+    not read back whole (cut short by a full disk or a copy, or of another format) is rebuilt rather than
+    half used."""
+    import logging
+    if not Path(path).is_file():
+        return None
+    try:
+        return load_dataset(path)
+    except Exception as e:  # noqa: BLE001 - a cache entry either reads back whole or is rebuilt
+        logging.getLogger("dopsd").warning("dataset cache %s is unreadable (%s); encoding the images again", path, e)
+        return None
+
+
 def load_dataset(path: Path) -> ComfyDataset:
     import json
 

@@ -5,7 +5,8 @@ import torch
 from dopsd_core.data import ImageItem
 from dopsd_core.denoiser import Record
 from dopsd_core.hosts.comfy import ComfyContext
-from dopsd_core.hosts.comfy_train import ComfyDataset, dataset_cache_key, load_dataset, save_dataset
+from dopsd_core.hosts.comfy_train import (ComfyDataset, dataset_cache_key, load_dataset, read_cached_dataset,
+                                          save_dataset)
 
 
 def test_dataset_cache_roundtrip(tmp_path):
@@ -33,3 +34,41 @@ def test_cache_key_follows_content():
     assert k != dataset_cache_key("toy", "m", "e", [ImageItem("a", torch.ones(3, 4, 4), ["a [V]"])])
     assert k != dataset_cache_key("toy", "m", "e", [ImageItem("a", torch.zeros(3, 4, 4), ["b [V]"])])
     assert k != dataset_cache_key("toy", "other model", "e", items)
+
+
+def test_a_cache_entry_is_whole_or_absent(tmp_path, monkeypatch):
+    """An interrupted write leaves no entry; a file cut short is rebuilt (None), never half used."""
+    import safetensors.torch
+
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(16, 8, 8, generator=g)
+    c = ComfyContext({"c_crossattn": torch.randn(1, 7, 64, generator=g)})
+    ds = ComfyDataset("flux2-klein", [Record(f"{i}.png", x0 + i, ["a [V]"], [c], [c]) for i in range(3)], [c], ["a [V]"])
+    path = tmp_path / "cache" / "key.safetensors"
+    assert read_cached_dataset(path) is None
+
+    class Interrupted(Exception):
+        pass
+    real = safetensors.torch.save_file
+
+    def cut(tensors, filename, metadata=None):  # the write dies half-way
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+        raise Interrupted()
+    monkeypatch.setattr(safetensors.torch, "save_file", cut)
+    monkeypatch.setattr("dopsd_core.fileio.save_file", cut)
+    try:
+        save_dataset(ds, path)
+    except Interrupted:
+        pass
+    monkeypatch.undo()
+    assert not path.exists() and list(path.parent.iterdir()) == []  # no entry, no temp file left
+
+    save_dataset(ds, path)
+    assert [r.name for r in read_cached_dataset(path).records] == ["0.png", "1.png", "2.png"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # e.g. a copy cut short
+    assert read_cached_dataset(path) is None
+    path.write_bytes(b"not a safetensors file")
+    assert read_cached_dataset(path) is None
