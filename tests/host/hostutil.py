@@ -92,3 +92,35 @@ def latest_latent(comfy: Comfy, prefix: str):
 
 def fresh_name(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:8]}"
+
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def api_prompt(workflow: dict, object_info: dict) -> dict:
+    """A workflow file (UI format) -> the API prompt the frontend queues for it: links become inputs,
+    widgets_values are matched to the node's widget inputs in their declared order (a control_after_generate
+    widget carries one extra value; a widget turned into a linked input keeps its slot). Notes and muted
+    or bypassed nodes are left out."""
+    links = {lk[0]: lk for lk in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        info = object_info.get(node["type"])
+        if info is None or node.get("mode", 0) in (2, 4):
+            continue
+        spec = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        order = info.get("input_order", {})
+        names = [*order.get("required", []), *order.get("optional", [])] or list(spec)
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values, inputs = list(node.get("widgets_values") or []), {}
+        for name in names:
+            kind, opts = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
+            is_widget = isinstance(kind, list) or kind in WIDGET_TYPES
+            if is_widget and values:
+                inputs[name] = values.pop(0)
+                if opts.get("control_after_generate"):
+                    values.pop(0)
+            if name in linked:
+                inputs[name] = [str(linked[name][1]), linked[name][2]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt

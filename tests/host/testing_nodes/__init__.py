@@ -100,11 +100,65 @@ class DOPSDTestCancelAt:
         return (model,)
 
 
+class DOPSDTestCancelInForward:
+    """Passes the MODEL through and sets ComfyUI's interrupt flag from inside a forward pass, as a Cancel
+    click lands: from a forward hook on the first block of the diffusion model, in the middle of training
+    step `at_step`. The trainer's progress bar (one value per optimizer step) says which step runs; the
+    block calls of step 1 say how many a step makes, and the flag is set at half of them into step
+    `at_step`. The next comfy op raises InterruptProcessingException (comfy/ops.py run_every_op).
+    The hook removes itself once it has fired."""
+    CATEGORY = CATEGORY
+    FUNCTION = "arm"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        # dataset: only to run after D-OPSD Dataset (its encoders never reach the hooked block, but a
+        # progress bar of its own would be taken for the trainer's)
+        return {"required": {"model": ("MODEL",), "dataset": ("DOPSD_DATASET",),
+                             "at_step": ("INT", {"default": 3, "min": 2, "max": 10**6})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # arm again on every queue
+
+    def arm(self, model, dataset, at_step):
+        import torch
+
+        import comfy.model_management as mm
+        import comfy.utils as cu
+        block = next(m for m in model.model.diffusion_model.modules() if isinstance(m, torch.nn.ModuleList))[0]
+        original = cu.PROGRESS_BAR_HOOK
+        throttle = (cu.PROGRESS_THROTTLE_MIN_INTERVAL, cu.PROGRESS_THROTTLE_MIN_PERCENT)
+        cu.PROGRESS_THROTTLE_MIN_INTERVAL = cu.PROGRESS_THROTTLE_MIN_PERCENT = 0
+        st = {"done": 0, "calls": {}, "handle": None}  # steps completed; block calls per step in progress
+
+        def disarm():
+            st["handle"].remove()
+            cu.set_progress_bar_global_hook(original)
+            cu.PROGRESS_THROTTLE_MIN_INTERVAL, cu.PROGRESS_THROTTLE_MIN_PERCENT = throttle
+
+        def progress(value, total, preview, **kwargs):
+            st["done"] = value
+            return original(value, total, preview, **kwargs)
+
+        def forward_hook(_module, _args, _output):
+            step = st["done"] + 1
+            st["calls"][step] = st["calls"].get(step, 0) + 1
+            if step == at_step and 1 in st["calls"] and st["calls"][step] == max(1, st["calls"][1] // 2):
+                disarm()
+                mm.interrupt_current_processing(True)
+        st["handle"] = block.register_forward_hook(forward_hook)
+        cu.set_progress_bar_global_hook(progress)
+        return (model,)
+
+
 NODE_CLASS_MAPPINGS = {c.__name__: c for c in (DOPSDTestTinyZImage, DOPSDTestTinyCLIP, DOPSDTestTinyVAE,
-                                               DOPSDTestCancelAt)}
+                                               DOPSDTestCancelAt, DOPSDTestCancelInForward)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DOPSDTestTinyZImage": "Tiny Z-Image-Turbo (test)",
     "DOPSDTestTinyCLIP": "Tiny Qwen3 CLIP (test)",
     "DOPSDTestTinyVAE": "Tiny Flux VAE (test)",
     "DOPSDTestCancelAt": "Cancel at progress value (test)",
+    "DOPSDTestCancelInForward": "Cancel inside a forward of a training step (test)",
 }
