@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
+from .family_spec import NAMES, TOY, spec_named
 
-MODELS = ("toy",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,19 +43,17 @@ class ProgressBar:
 
 
 def load_model(name: str, weights: str | None = None):
-    if name == "toy":
+    spec = spec_named(name)
+    if spec is TOY:
         from .toy.denoiser import load_toy
         return load_toy(weights=Path(weights) if weights else None)
-    raise DopsdError(f"unknown model {name!r}; the CLI knows {', '.join(MODELS)} (real families train in ComfyUI)")
+    raise DopsdError(f"the CLI runs the toy model only so far; train {spec.title} in ComfyUI (workflows/ has "
+                     "its graph)")
 
 
 def train_defaults(model: str) -> dict:
-    """A new run's config defaults per model (flags override them). The toy's come from its trade-off
-    study (toy/runs.py: TOY_BUDGET, and one prior roll-out per concept sample)."""
-    if model == "toy":
-        from .toy.runs import TOY_BUDGET, TOY_PRIOR
-        return {**TOY_BUDGET, "prior_batch": TOY_PRIOR["prior_batch"]}
-    return {}
+    """A new run's config defaults per model (flags override them): the family spec's."""
+    return spec_named(model).train_defaults()
 
 
 def add_train_parser(sub) -> None:
@@ -63,9 +61,9 @@ def add_train_parser(sub) -> None:
     from .optim import OPTIMIZERS, SCHEDULES
     from .trainer import METHODS, TrainConfig
     p = sub.add_parser("train", help="train a LoRA with D-OPSD or the SFT baseline")
-    d = TrainConfig(**train_defaults("toy"))
+    d = TrainConfig(**train_defaults(TOY.name))
     p.add_argument("--method", choices=METHODS, help=f"objective (default {d.method})")
-    p.add_argument("--model", choices=MODELS, default="toy", help="base model (default toy)")
+    p.add_argument("--model", choices=NAMES, default=TOY.name, help="base model (default toy)")
     p.add_argument("--weights", help="toy weights file (default: the shipped toy base)")
     p.add_argument("--data", help="folder of images with same-name .txt captions")
     p.add_argument("--out", help="run folder to create")
@@ -122,8 +120,10 @@ def cmd_train(args) -> int:
     prior_mode = args.prior_prompts or (None if args.resume else "auto")
     if prior_mode == "none":
         prior_mode = None
-    if prior_mode and args.prior_weight is None:
-        given["prior_weight"] = 1.0
+    if args.prior_weight is None and not args.resume:  # the family's lambda with a prior, 0 without
+        given["prior_weight"] = spec_named(args.model).prior_weight if prior_mode else 0.0
+    elif prior_mode and args.prior_weight is None:
+        given["prior_weight"] = spec_named(args.model).prior_weight
     prior_captions = None
     if args.resume:
         run_dir = Path(args.resume)
@@ -193,10 +193,7 @@ def _prior_prompts(args, mode: str, captions: list[str], trigger: str | None) ->
 
 def generic_prompts(model: str) -> list[str]:
     """The model family's built-in generic prompts for --prior-prompts auto."""
-    if model == "toy":
-        from .toy.metrics import prior_prompts
-        return prior_prompts()
-    return []
+    return spec_named(model).prompts_for_prior()
 
 
 class StopOnSignal:
@@ -229,7 +226,7 @@ class StopOnSignal:
 
 def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="few-step samples from the model (optionally with a LoRA)")
-    p.add_argument("--model", choices=MODELS, default="toy")
+    p.add_argument("--model", choices=NAMES, default=TOY.name)
     p.add_argument("--weights", help="toy weights file (default: the shipped toy base)")
     p.add_argument("--lora", help="LoRA .safetensors to apply")
     p.add_argument("--prompt", required=True)
@@ -275,7 +272,7 @@ def cmd_sample(args) -> int:
 def add_preview_teacher_parser(sub) -> None:
     p = sub.add_parser("preview-teacher", help="the teacher's few-step samples per training image and caption, "
                                                "before training (D-OPSD cannot teach more than its teacher shows)")
-    p.add_argument("--model", choices=MODELS, default="toy")
+    p.add_argument("--model", choices=NAMES, default=TOY.name)
     p.add_argument("--weights", help="toy weights file (default: the shipped toy base)")
     p.add_argument("--data", required=True, help="folder of images with same-name .txt captions")
     p.add_argument("--init-lora", metavar="FILE", help="preview a warm start's teacher (the base with this LoRA)")
@@ -296,7 +293,7 @@ def cmd_preview_teacher(args) -> int:
 
     den, out = _sampling_model(args, args.init_lora)
     records = den.build_records(load_image_folder(Path(args.data), den.resolution))
-    verdict = _toy_verdict() if args.model == "toy" else None
+    verdict = _toy_verdict() if args.model == TOY.name else None
     report = []
     for r in records:
         target = den.decode(r.x0[None])  # [1, H, W, 3]

@@ -10,6 +10,7 @@ from comfy_api.latest import io
 from ..dopsd_core.data import ImageItem, load_image_folder
 from ..dopsd_core.errors import DopsdError
 from ..dopsd_core.hosts.comfy_train import dataset_cache_file, read_cached_dataset, save_dataset
+from ..dopsd_core.hosts.family_dataset import build_family_dataset
 from ..dopsd_core.prior import trigger_or_none
 from .toy import ToyTextEncoderSocket
 from .vlm import VLM
@@ -149,7 +150,7 @@ class DOPSDDataset(io.ComfyNode):
             return io.NodeOutput(ds)
         # a Cancel during the encoding leaves no cache entry: the dataset is built in memory, then saved
         # in one atomic write
-        ds = family.build_dataset(model, items, inputs, prior)
+        ds = build_family_dataset(family, model, items, inputs, prior)
         ds.trigger = trigger
         save_dataset(ds, cache)
         family.release_encoders()  # the contexts are cached: free the encoders for training

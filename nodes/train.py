@@ -6,22 +6,12 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..dopsd_core.errors import DopsdError, TrainingCancelled
-from ..dopsd_core.hosts.families import family_named
+from ..dopsd_core.family_spec import DEFAULT_PRESET, PRESET_LABELS, defaults_text, node_config, spec_named
 from ..dopsd_core.objectives import LOSS_WEIGHTS, STATES, TEACHERS
 from ..dopsd_core.optim import OPTIMIZERS
 from ..dopsd_core.trainer import Callbacks, TrainConfig, is_run_folder, read_run_state
 from .dataset import Dataset
 from .live import RUN_NAME
-
-# Consumer-GPU presets: what changes from the family defaults to fit smaller cards.
-GPU_PRESETS = {
-    "family default": {},
-    "12 GB (rank 16, 8-bit AdamW, checkpointing)": {"rank": 16, "alpha": 32.0, "optimizer": "adamw8bit",
-                                                    "checkpointing": True},
-    "16-24 GB (rank 32, 8-bit AdamW, checkpointing)": {"rank": 32, "alpha": 64.0, "optimizer": "adamw8bit",
-                                                       "checkpointing": True},
-}
-
 
 def run_dir_for(run_name: str) -> Path:
     import folder_paths
@@ -42,16 +32,22 @@ def common_inputs():
     return [
         io.Model.Input("model", tooltip="The step-distilled model to fine-tune."),
         Dataset.Input("dataset", tooltip="From D-OPSD Dataset (built with the same model)."),
-        io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Total optimizer steps of the run."),
-        io.Combo.Input("gpu_preset", options=list(GPU_PRESETS), default="family default",
-                       tooltip="Rank/optimizer/checkpointing presets for consumer GPUs."),
-        io.Int.Input("rank", default=0, min=0, max=256, tooltip="LoRA rank; 0 = the family default."),
+        io.Int.Input("steps", default=0, min=0, max=100000,
+                     tooltip=f"Total optimizer steps of the run; 0 = the family default ({defaults_text('steps')})."),
+        io.Combo.Input("gpu_preset", options=list(PRESET_LABELS), default=DEFAULT_PRESET,
+                       tooltip="Rank/optimizer/checkpointing presets for consumer GPUs (FLUX.2-klein, Z-Image); "
+                               "they override rank, optimizer and checkpointing."),
+        io.Int.Input("rank", default=0, min=0, max=256,
+                     tooltip=f"LoRA rank; 0 = the family default ({defaults_text('rank')}; alpha follows)."),
         io.Float.Input("lr", default=0.0, min=0.0, max=1.0, step=1e-6,
-                       tooltip="Learning rate; 0 = the family default (klein 2e-5, Z-Image 1e-4, toy 3e-3)."),
+                       tooltip=f"Learning rate; 0 = the family default ({defaults_text('lr')})."),
         io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw",
                        tooltip="adamw8bit needs bitsandbytes (saves optimizer memory on GPUs)."),
-        io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),
-        io.Int.Input("grad_accum", default=1, min=1, max=64, tooltip="Gradient accumulation steps."),
+        io.Int.Input("batch_size", default=0, min=0, max=64,
+                     tooltip=f"Images per micro-batch; 0 = the family default ({defaults_text('batch_size')})."),
+        io.Int.Input("grad_accum", default=0, min=0, max=64,
+                     tooltip=f"Micro-batches per optimizer step; 0 = the family default "
+                             f"({defaults_text('grad_accum')})."),
         io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                      tooltip="Seed of noise, sampling and LoRA init (part of the run's config: fixed)."),
         io.Boolean.Input("checkpointing", default=False, tooltip="Per-block gradient checkpointing (less memory)."),
@@ -66,18 +62,12 @@ def common_inputs():
 
 def make_config(method, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, **dopsd) -> TrainConfig:
-    fam = family_named(dataset.family)
-    base = {"rank": fam.rank, "alpha": fam.alpha, "lr": fam.lr, "optimizer": optimizer,
-            "checkpointing": checkpointing}
-    base.update(GPU_PRESETS[gpu_preset])
-    if rank:
-        base["rank"], base["alpha"] = rank, float(rank)
-    if lr:
-        base["lr"] = lr
+    values = dict(method=method, steps=steps, rank=rank, lr=lr, optimizer=optimizer, batch_size=batch_size,
+                  grad_accum=grad_accum, seed=seed, checkpointing=checkpointing, save_every=save_every,
+                  preview_every=preview_every, **dopsd)
     if not dataset.prior:  # the dataset decides whether there is a prior, the weight how strong
-        dopsd["prior_weight"] = 0.0
-    return TrainConfig(method=method, steps=steps, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
-                       save_every=save_every, preview_every=preview_every, **base, **dopsd).validate()
+        values["prior_weight"] = 0.0
+    return TrainConfig(**node_config(spec_named(dataset.family), gpu_preset, values)).validate()
 
 
 def _previewer(model):
@@ -102,8 +92,9 @@ def late_inputs():
                                    "prior_prompts. D-OPSD: an extra roll-out per step pulled toward the starting "
                                    "model; SFT: class images it generates once. 0 = off; a dataset without prior "
                                    "prompts has none either way."),
-            io.Int.Input("prior_batch", default=1, min=1, max=64, optional=True,
-                         tooltip="Prior roll-outs (SFT: class images) per step."),
+            io.Int.Input("prior_batch", default=0, min=0, max=64, optional=True,
+                         tooltip=f"Prior roll-outs (SFT: class images) per micro-batch; 0 = the family default "
+                                 f"({defaults_text('prior_batch')})."),
             io.Combo.Input("init_lora", options=[NO_LORA] + _lora_names(), default=NO_LORA, optional=True,
                            tooltip="Continue from a LoRA in models/loras (as ComfyUI's Train LoRA's existing_lora): "
                                    "a new run whose student, EMA teacher and prior anchor start from it. Its "
@@ -216,7 +207,7 @@ class DOPSDTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, k, teacher, ema_decay, loss_weight,
-                states, offload=False, prior_weight=1.0, prior_batch=1, init_lora=NO_LORA):
+                states, offload=False, prior_weight=1.0, prior_batch=0, init_lora=NO_LORA):
         cfg = make_config("dopsd", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, k=k, teacher=teacher, ema_decay=ema_decay,
                           loss_weight=loss_weight, states=states, prior_weight=prior_weight, prior_batch=prior_batch)
@@ -239,7 +230,7 @@ class DOPSDSFTTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, offload=False, prior_weight=1.0,
-                prior_batch=1, init_lora=NO_LORA):
+                prior_batch=0, init_lora=NO_LORA):
         cfg = make_config("sft", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, prior_weight=prior_weight, prior_batch=prior_batch)
         return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora)

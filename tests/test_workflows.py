@@ -143,3 +143,40 @@ def test_every_node_has_a_doc_page():
     for i in ids:
         text = (ROOT / "web" / "docs" / f"{i}.md").read_text()
         assert text.startswith("# ") and len(text) > 200, f"{i}.md is not a doc page"
+
+
+# DOPSDTrainer's widget inputs in the order of its widgets_values (tests/host/test_workflow_builder.py
+# checks the files against real ComfyUI's /object_info, which fixes this order).
+TRAINER_WIDGETS = ("steps", "gpu_preset", "rank", "lr", "optimizer", "batch_size", "grad_accum", "seed",
+                   "checkpointing", "save_every", "preview_every", "run_name", "resume", "k", "teacher", "ema_decay",
+                   "loss_weight", "states", "offload", "prior_weight", "prior_batch", "init_lora")
+WORKFLOW_FAMILY = {"dopsd_toy_cpu_demo.json": "toy", "dopsd_toy_sft_vs_dopsd.json": "toy",
+                   "dopsd_flux2_klein.json": "flux2-klein", "dopsd_z_image_turbo.json": "z-image"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_trainer_values_and_notes_say_what_the_family_spec_says(path):
+    """A shipped graph's trainer runs the family's defaults, and its note names no other numbers; no note
+    gives advice the nodes refuse (an absolute image folder)."""
+    from dopsd_core.family_spec import DEFAULT_PRESET, number_text, spec_named
+    spec = spec_named(WORKFLOW_FAMILY[path.name])
+    wf = load(path)
+    trainers = [n for n in wf["nodes"] if n["type"] == "DOPSDTrainer"]
+    assert trainers
+    for node in trainers:
+        values = dict(zip(TRAINER_WIDGETS, node["widgets_values"]))
+        assert len(node["widgets_values"]) == len(TRAINER_WIDGETS)
+        assert (values["steps"], values["batch_size"], values["grad_accum"]) == (spec.steps, spec.batch_size,
+                                                                                  spec.grad_accum)
+        assert (values["prior_weight"], values["prior_batch"], values["k"]) == (spec.prior_weight, spec.prior_batch,
+                                                                                 spec.k)
+        assert values["rank"] == 0 and values["lr"] == 0.0 and values["gpu_preset"] == DEFAULT_PRESET
+    notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in FRONTEND_NODES)
+    assert not re.search(r"absolute path|/home/|[A-Z]:\\\\", notes), "a note advises an absolute image folder"
+    for m in re.finditer(r"\blr (\S+?),", notes):
+        assert m.group(1) == number_text(spec.lr), m.group(0)
+    for m in re.finditer(r"rank (\d+) / alpha (\d+)", notes):
+        presets = {(p.changes["rank"], p.changes["alpha"]) for p in spec.gpu_presets}
+        assert (int(m.group(1)), float(m.group(2))) in {(spec.rank, spec.alpha)} | presets, m.group(0)
+    for m in re.finditer(r"(\d+) steps", notes):
+        assert int(m.group(1)) in (spec.steps, spec.sample_steps), m.group(0)

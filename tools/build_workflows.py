@@ -21,7 +21,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from dopsd_core.toy.runs import TOY_BUDGET, TOY_PRIOR
+from dopsd_core.family_spec import DEFAULT_PRESET, FLUX2_KLEIN, TOY, Z_IMAGE, FamilySpec, number_text
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -43,13 +43,19 @@ MODEL_URLS = {
     ZIMAGE_VAE: (f"{HF}/z_image_turbo/resolve/main/split_files/vae/{ZIMAGE_VAE}", "vae"),
 }
 
-# The toy's defaults from the trade-off study (lr 0 = the toy family's, which is TOY_BUDGET's)
-TOY_TRAIN = {"steps": TOY_BUDGET["steps"], "gpu_preset": "family default", "rank": 0, "lr": 0.0, "optimizer": "adamw",
-             "batch_size": TOY_BUDGET["batch_size"], "grad_accum": 1, "seed": 0, "checkpointing": False,
-             "save_every": 100, "preview_every": 25, "resume": False, "offload": False, **TOY_PRIOR,
-             "init_lora": "[none]"}
+
+def trainer_widgets(spec: FamilySpec, save_every: int, preview_every: int) -> dict:
+    """The trainer node's values in a shipped workflow: the family spec's defaults written out (so the
+    widgets show them), rank 0 / lr 0 = the family's (they follow a GPU preset)."""
+    return {"steps": spec.steps, "gpu_preset": DEFAULT_PRESET, "rank": 0, "lr": 0.0, "optimizer": "adamw",
+            "batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seed": 0, "checkpointing": False,
+            "save_every": save_every, "preview_every": preview_every, "resume": False, "offload": False,
+            "prior_weight": spec.prior_weight, "prior_batch": spec.prior_batch, "init_lora": "[none]"}
+
+
+TOY_TRAIN = trainer_widgets(TOY, save_every=100, preview_every=25)
 AUTO_PRIOR = {"prior_prompts": "auto", "trigger": "", "class_word": ""}  # DOPSDDataset's prior inputs
-DOPSD_ONLY = {"k": 4, "teacher": "ema", "ema_decay": 0.9999, "loss_weight": "x0", "states": "all"}
+DOPSD_ONLY = {"k": TOY.k, "teacher": "ema", "ema_decay": 0.9999, "loss_weight": "x0", "states": "all"}
 TOY_SAMPLE = {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 
 
@@ -189,7 +195,7 @@ def toy_demo(info) -> dict:
     g.note((-420, 80), (380, 620), "Read me: D-OPSD on the built-in toy model (CPU)", (
         "## D-OPSD on the toy model\n\n"
         "Runs on a laptop CPU: **no model files are needed**. The toy is a 4-step turbo model of 32x32 "
-        "coloured shapes that has never seen a star; D-OPSD teaches it the star as `[V1]` in 300 steps "
+        "coloured shapes that has never seen a star; D-OPSD teaches it the star as `[V1]` in " f"{TOY.steps} steps "
         "(a few minutes on 2 cores).\n\n"
         "1. Press **Queue** (Run).\n"
         "2. Watch the **D-OPSD Trainer** node: loss curve (raw + smoothed, `log` toggle), step/total, "
@@ -288,6 +294,7 @@ def _real_family(info, family: str) -> dict:
     unet, te, vae = (KLEIN_UNET, KLEIN_TE, KLEIN_VAE) if klein else (ZIMAGE_UNET, ZIMAGE_TE, ZIMAGE_VAE)
     name = "FLUX.2-klein 4B" if klein else "Z-Image-Turbo"
     tag = "klein" if klein else "zimage"
+    spec = FLUX2_KLEIN if klein else Z_IMAGE
     files = (f"| file | folder |\n|---|---|\n| `{unet}` | `ComfyUI/models/diffusion_models/` |\n"
              f"| `{te}` | `ComfyUI/models/text_encoders/` |\n| `{vae}` | `ComfyUI/models/vae/` |\n")
     if not klein:
@@ -301,20 +308,23 @@ def _real_family(info, family: str) -> dict:
         "**Model files** (the names of ComfyUI's own templates):\n\n" + files +
         "\n**Your images**: a folder of 4-20 images of the concept, each with a same-name `.txt` caption "
         "(one variant per line, write the concept as a rare token such as `[V]` or `sks`), in "
-        f"`ComfyUI/input/my_concept/` (or set *folder* to an absolute path).\n\n"
+        "`ComfyUI/input/my_concept/`; *folder* takes the folder's name there (more roots: `dopsd_datasets` in "
+        "`extra_model_paths.yaml`).\n\n"
         f"**Teacher**: {teacher}.\n\n"
         "1. Check the teacher first: *D-OPSD Teacher Preview* (group 2) should already show your concept.\n"
         "2. Queue. The trainer node draws the loss curve, it/s, ETA and 4-step previews live.\n"
         "3. The LoRA lands in `ComfyUI/models/loras/dopsd/`; the run folder `output/dopsd/<run_name>` "
         "resumes (turn *resume* on).\n\n"
-        f"Defaults: lr {'2e-5' if klein else '1e-4'}, rank 64 / alpha 128, K = 4. On 12-24 GB cards pick "
-        "a *gpu_preset* (rank 16-32, 8-bit AdamW, checkpointing)."))
+        f"Defaults (the family's): lr {number_text(spec.lr)}, rank {spec.rank} / alpha {spec.alpha:g}, K = {spec.k}, "
+        f"{spec.steps} steps of batch {spec.batch_size} x grad_accum {spec.grad_accum}. Stop earlier when the "
+        "previews show the concept: every *save_every* steps the run folder keeps a LoRA. On smaller cards "
+        "pick a *gpu_preset*: " + "; ".join(p.label for p in spec.gpu_presets) + "."))
     unet_n = g.node("UNETLoader", (0, 80), (320, 100), unet_name=unet, weight_dtype="default")
     clip_n = g.node("CLIPLoader", (0, 220), (320, 120), clip_name=te, type="flux2" if klein else "lumina2",
                     device="default")
     vae_n = g.node("VAELoader", (0, 380), (320, 80), vae_name=vae)
     data = g.node("DOPSDDataset", (360, 80), (340, 320), folder="my_concept", caption_template="a photo of [V]",
-                  resolution=1024, aspect_buckets=True, **AUTO_PRIOR)
+                  resolution=spec.resolution, aspect_buckets=True, **AUTO_PRIOR)
     g.link(unet_n, 0, data, "model")
     g.link(clip_n, 0, data, "clip")
     g.link(vae_n, 0, data, "vae")
@@ -322,7 +332,7 @@ def _real_family(info, family: str) -> dict:
         vl = g.node("DOPSDQwen3VLLoader", (0, 500), (320, 130), vlm_folder="Qwen3-VL-4B-Instruct",
                     text_encoder="(the clip input of D-OPSD Dataset)", dtype="auto")
         g.link(vl, 0, data, "vlm")
-    train = {**TOY_TRAIN, "steps": 500, "batch_size": 1, "save_every": 100, "preview_every": 50, "prior_batch": 1}
+    train = trainer_widgets(spec, save_every=100, preview_every=50)
     trainer = g.node("DOPSDTrainer", (740, 80), (380, 660), run_name=f"{tag}_my_concept", **train, **DOPSD_ONLY)
     g.link(unet_n, 0, trainer, "model")
     g.link(data, 0, trainer, "dataset")

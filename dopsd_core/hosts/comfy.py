@@ -8,7 +8,6 @@ duration of training only, and hands the result back through ComfyUI's own patch
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -18,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..lora import LoraSet, find_targets
 from .families import Family, detect_family
+from .identity import sampled_weights_hash
 
 def make_weights_trainable(module: torch.nn.Module) -> int:
     """Loader nodes run under torch.inference_mode(), so their weights are inference tensors, which
@@ -35,17 +35,6 @@ def make_weights_trainable(module: torch.nn.Module) -> int:
                     mod._buffers[name] = b.clone()
                     n += 1
     return n
-
-
-def sampled_weights_hash(module: torch.nn.Module) -> str:
-    """Names, shapes, dtypes and a sample of the values of a module's weights: identifies a model
-    without hashing billions of parameters (which would take minutes)."""
-    h = hashlib.sha256()
-    for i, (name, p) in enumerate(module.state_dict().items()):
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        if i % 16 == 0:
-            h.update(p.detach().reshape(-1)[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass

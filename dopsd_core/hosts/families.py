@@ -1,8 +1,11 @@
-"""One class per model family: everything that differs between the toy, FLUX.2-klein and Z-Image-Turbo.
+"""How each model family talks to ComfyUI: which BaseModel it is, which encoders its dataset needs, how
+its teacher context is made, its sigma grid. Its numbers and patterns (targets, blocks, lr, rank, steps,
+presets, generic prompts) are data in dopsd_core/family_spec.py; each class here names its spec.
 
 The nodes, ComfyDenoiser and the dataset build ask the family object; none of them compares a family
-name. Adding a family is one subclass here, listed in FAMILIES, plus its tests. ComfyUI is imported
-lazily, inside the methods, so this module imports outside ComfyUI too.
+name. Adding a family is a spec, one subclass here listed in FAMILIES, and its tests. This module is the
+bottom of hosts/ (it imports only the spec, identity and the core's data types); ComfyUI is imported
+lazily, inside the methods, so it imports outside ComfyUI too.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import torch
 
 from ..data import ImageItem
 from ..errors import DopsdError
+from ..family_spec import FLUX2_KLEIN, TOY, Z_IMAGE, FamilySpec
+from .identity import clip_id, vae_id, vlm_fingerprint, weights_id
 
 EncodeText = Callable[[str], tuple]  # caption -> (cond [1, T, D], extra conds dict)
 TeacherContext = Callable[[str, torch.Tensor, ImageItem], tuple]  # caption, VAE latent, item -> (cond, extra)
@@ -28,18 +33,18 @@ class EncoderInputs:
 
 
 class Family:
-    name: ClassVar[str]  # stored in datasets, run folders and LoRA metadata
-    title: ClassVar[str]  # in messages
-    lora_targets: ClassVar[str]  # regex over diffusion-model module names (docs/method.md)
-    blocks: ClassVar[str]  # regex of the transformer blocks checkpointed one by one
-    lr: ClassVar[float]
-    rank: ClassVar[int]
-    alpha: ClassVar[float]
-    sample_steps: ClassVar[int] = 4  # the family's few-step sampling default
+    spec: ClassVar[FamilySpec]
     # Blocks that add into their own inputs in place (FLUX.2: img += ..., x += ...). Autograd and
     # checkpoint recomputation then see the updated tensors; ComfyDenoiser works on copies instead.
     in_place_blocks: ClassVar[bool] = False
-    fixed_resolution: ClassVar[int | None] = None  # a model that knows one image size only
+    teacher_encoder: ClassVar[str] = "reference"  # "reference": the target as reference latents; "qwen3-vl"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        sp = cls.spec  # the spec's facts under the names the host code reads
+        cls.name, cls.title, cls.lora_targets, cls.blocks = sp.name, sp.title, sp.lora_targets, sp.blocks
+        cls.lr, cls.rank, cls.alpha, cls.sample_steps = sp.lr, sp.rank, sp.alpha, sp.sample_steps
+        cls.fixed_resolution = sp.fixed_resolution
 
     @classmethod
     def matches(cls, base_model) -> bool:
@@ -58,18 +63,9 @@ class Family:
         """Images [3, H, W] in [0, 1] -> VAE latents [C, h, w]."""
         return [vae.encode(item.image.permute(1, 2, 0)[None])[0].float() for item in items]
 
-    def build_dataset(self, model_patcher, items: list[ImageItem], inputs: EncoderInputs,
-                      prior_captions: list[str] | None = None):
-        """-> ComfyDataset with the student (caption) and teacher (caption + target) contexts, and the
-        prior prompts' student contexts."""
-        from .comfy_train import build_dataset
-        encode_text = self.student_encoder(inputs)
-        return build_dataset(model_patcher, items, encode_text, self.teacher_context(encode_text), vae=inputs.vae,
-                             prior_captions=prior_captions)
-
     def generic_prompts(self) -> list[str]:
         """Built-in prompts of things the family's users keep drawing, for prior_prompts 'auto'."""
-        return list(GENERIC_PHOTO_PROMPTS)
+        return self.spec.prompts_for_prior()
 
     def student_encoder(self, inputs: EncoderInputs) -> EncodeText:
         return clip_encoder(inputs.clip)
@@ -99,16 +95,13 @@ class Family:
 
 
 class ToyFamily(Family):
-    name, title = "toy", "the built-in D-OPSD toy model"
-    lora_targets = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
-    blocks = r"blocks\.\d+"
-    lr, rank, alpha = 3e-3, 16, 16.0  # toy/runs.py TOY_BUDGET (the trade-off study's budget stage)
-    fixed_resolution = 32
+    spec = TOY
 
     @classmethod
     def matches(cls, base_model) -> bool:
-        from .comfy_toy import ToyBaseModel
-        return isinstance(base_model, ToyBaseModel)
+        # hosts/comfy_toy.py's model config class names it, as ComfyUI's own configs name their models
+        config_class = type(getattr(base_model, "model_config", None))
+        return (getattr(config_class, "unet_config", None) or {}).get("image_model") == "dopsd_toy"
 
     def check_inputs(self, inputs: EncoderInputs) -> None:
         if inputs.toy_text_encoder is None:
@@ -130,24 +123,14 @@ class ToyFamily(Family):
     def release_encoders(self) -> None:
         pass  # tiny, on the CPU
 
-    def generic_prompts(self) -> list[str]:
-        from ..toy.metrics import prior_prompts
-        return prior_prompts()
-
     def latent_shape(self, latent_format, width: int, height: int) -> tuple[int, int, int]:
         return (latent_format.latent_channels, self.fixed_resolution, self.fixed_resolution)
 
 
 class Flux2KleinFamily(Family):
-    name, title = "flux2-klein", "FLUX.2-klein (4B/9B)"
-    lora_targets = (r"double_blocks\.\d+\.((img_attn|txt_attn)\.(qkv|proj)|(img_mlp|txt_mlp)\.(0|2))"
-                    r"|single_blocks\.\d+\.(linear1|linear2)")
-    blocks = r"(double_blocks|single_blocks)\.\d+"
-    lr, rank, alpha = 2e-5, 64, 128.0
+    spec = FLUX2_KLEIN
     in_place_blocks = True
-    # the released teacher prompt: appended to the caption when the target is the reference image
-    teacher_suffix = (" Make the main subject (facial/ip details), background, and overall composition "
-                      "consistent with the reference image.")
+    teacher_suffix = FLUX2_KLEIN.teacher_suffix
 
     @classmethod
     def matches(cls, base_model) -> bool:
@@ -178,10 +161,8 @@ class Flux2KleinFamily(Family):
 
 
 class ZImageFamily(Family):
-    name, title = "z-image", "Z-Image-Turbo"
-    lora_targets = r"(layers|noise_refiner|context_refiner)\.\d+\.(attention\.(qkv|out)|feed_forward\.(w1|w2|w3))"
-    blocks = r"(layers|noise_refiner|context_refiner)\.\d+"
-    lr, rank, alpha = 1e-4, 64, 128.0
+    spec = Z_IMAGE
+    teacher_encoder = "qwen3-vl"  # the target through Qwen3-VL spliced with the clip's Qwen3-4B (zimage_vl.py)
 
     @classmethod
     def matches(cls, base_model) -> bool:
@@ -197,33 +178,10 @@ class ZImageFamily(Family):
                              "node with a Qwen3-VL-4B-Instruct folder from models/dopsd_vlm and connect it to vlm")
 
     def cache_identity(self, inputs: EncoderInputs) -> tuple[str, str]:
-        from .zimage_vl import vlm_fingerprint
         vlm = inputs.vlm
         vlm_part = f"{vlm_fingerprint(vlm.folder)}|{vlm.text_encoder_file or 'clip'}|{vlm.dtype}"
         return clip_id(inputs.clip), f"vae={vae_id(inputs.vae)}|{vlm_part}"
 
-    def build_dataset(self, model_patcher, items: list[ImageItem], inputs: EncoderInputs,
-                      prior_captions: list[str] | None = None):
-        """The teacher sees the target through Qwen3-VL spliced with this clip's Qwen3-4B weights
-        (dopsd_core.hosts.zimage_vl); the CLIP is unloaded first, its weights stay readable."""
-        import comfy.model_management as mm
-
-        from .zimage_vl import build_zimage_dataset
-        vlm, device = inputs.vlm, mm.get_torch_device()
-        ds, _report = build_zimage_dataset(model_patcher, items, self.student_encoder(inputs), inputs.vae,
-                                           vlm.folder, vlm.text_encoder_file or inputs.clip, device=device,
-                                           dtype=VLM_DTYPES[vlm.dtype], free_memory=self.release_encoders,
-                                           prior_captions=prior_captions)
-        return ds
-
-
-# Generic prompts for the photo families' automatic prior: everyday subjects a concept LoRA must not change.
-GENERIC_PHOTO_PROMPTS = (
-    "a photo of a man", "a photo of a woman", "a photo of a child", "a photo of a dog", "a photo of a cat",
-    "a city street at night", "a mountain landscape at sunrise", "a bowl of fruit on a wooden table",
-    "a red sports car", "a living room with a sofa", "a close-up portrait, studio lighting",
-    "an oil painting of a harbour", "a watercolor of flowers", "a bird on a branch", "a plate of food",
-)
 
 FAMILIES: tuple[type[Family], ...] = (ToyFamily, Flux2KleinFamily, ZImageFamily)
 SUPPORTED = ", ".join(f.title for f in FAMILIES)
@@ -262,19 +220,3 @@ def clip_encoder(clip) -> EncodeText:
         cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
         return cond[0][0], dict(cond[0][1])
     return encode
-
-
-def weights_id(obj, *attrs: str) -> str:
-    """Identity of an encoder or VAE for the dataset cache key: a sampled hash of the weights of its
-    first module found under `attrs`, else its type name."""
-    from .comfy import sampled_weights_hash
-    module = next((m for m in (getattr(obj, a, None) for a in attrs) if m is not None), None)
-    return sampled_weights_hash(module) if module is not None else type(obj).__name__
-
-
-def clip_id(clip) -> str:
-    return weights_id(clip, "encoder", "cond_stage_model")
-
-
-def vae_id(vae) -> str:
-    return weights_id(vae, "first_stage_model")

@@ -13,7 +13,6 @@ Weights are read only from safetensors (never pickle).
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 import re
@@ -94,17 +93,6 @@ def check_vlm_folder(folder: str | Path) -> dict:
     if not (folder / "preprocessor_config.json").is_file():
         raise DopsdError(f"{folder} has no preprocessor_config.json (the image processor); {FIX_HINT}")
     return cfg
-
-
-def vlm_fingerprint(folder: str | Path) -> str:
-    """Identity of a VLM folder for the dataset cache: path, config and the weight files' sizes/mtimes."""
-    folder = Path(folder)
-    h = hashlib.sha256(str(folder.resolve()).encode())
-    h.update((folder / "config.json").read_bytes() if (folder / "config.json").is_file() else b"")
-    for p in sorted(folder.glob("*.safetensors")):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
 
 
 # --- the text-encoder source -------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dopsd_core.errors import DopsdError
-from dopsd_core.hosts.families import (FAMILIES, GENERIC_PHOTO_PROMPTS, EncoderInputs, Family, Flux2KleinFamily,
+from dopsd_core.family_spec import GENERIC_PHOTO_PROMPTS
+from dopsd_core.hosts.families import (FAMILIES, EncoderInputs, Family, Flux2KleinFamily,
                                        ToyFamily, ZImageFamily, family_named)
 from dopsd_core.lora import find_targets
 
