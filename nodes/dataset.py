@@ -1,7 +1,6 @@
 """DOPSDDataset: images + captions -> latents, student contexts, teacher contexts."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -13,12 +12,10 @@ from ..dopsd_core.hosts.comfy_train import dataset_cache_file, read_cached_datas
 from ..dopsd_core.hosts.family_dataset import build_family_dataset
 from ..dopsd_core.prior import trigger_or_none
 from .toy import ToyTextEncoderSocket
+from .paths import DATASET_ROOTS, folder_inside
 from .vlm import VLM
 
 Dataset = io.Custom("DOPSD_DATASET")
-
-
-DATASET_ROOTS = "dopsd_datasets"  # extra_model_paths.yaml may name more dataset roots under this key
 
 
 def _dataset_roots() -> list[str]:
@@ -29,17 +26,8 @@ def _dataset_roots() -> list[str]:
 
 
 def _folder(name: str) -> Path:
-    """The image folder a node input names, resolved only under the allowed roots, as ComfyUI's loaders
-    resolve file names under their folders: the page of a networked ComfyUI must not make the server
-    read folders elsewhere on its disk. Checked on the normalised path, before anything is read."""
-    roots = [os.path.normpath(os.path.abspath(r)) for r in _dataset_roots()]
-    inside = [p for p in (os.path.normpath(os.path.join(r, name)) for r in roots)  # an absolute name replaces r
-              if any(p == r or p.startswith(r + os.sep) for r in roots)]
-    if inside:
-        return Path(next((p for p in inside if os.path.isdir(p)), inside[0]))
-    raise DopsdError(f"folder {name!r} is outside ComfyUI's input folder {roots[0]}: put the images in a "
-                     f"sub-folder there and give its name (e.g. 'my_concept'); more roots can be added as "
-                     f"'{DATASET_ROOTS}' in extra_model_paths.yaml")
+    """The image folder a node input names, only under ComfyUI's input folder (and the dataset roots)."""
+    return folder_inside(name, _dataset_roots())
 
 
 def _items_from_images(images: torch.Tensor, template: str, resolution: int, buckets: bool) -> list[ImageItem]:

@@ -11,6 +11,7 @@ from comfy_api.latest import io, ui
 from ..dopsd_core.errors import DopsdError
 from ..dopsd_core.fileio import save_tensors
 from ..dopsd_core.plot import loss_plot
+from .paths import lora_file_inside
 
 
 def loras_root() -> Path:
@@ -20,15 +21,7 @@ def loras_root() -> Path:
 
 def lora_path(name: str) -> Path:
     """models/loras/<name>.safetensors; plain names only (sub-folders allowed), never outside loras/."""
-    root = loras_root()
-    name = name.strip().removesuffix(".safetensors")
-    if not name or not re.fullmatch(r"[A-Za-z0-9_.\- /]+", name) or name.startswith("/") or ".." in name.split("/"):
-        raise DopsdError(f"LoRA name {name!r} must be a relative name like 'dopsd/my_concept' (letters, digits, "
-                         "_ . - /), without '..'")
-    path = (root / f"{name}.safetensors").resolve()
-    if root not in path.parents:
-        raise DopsdError(f"LoRA name {name!r} escapes the loras folder")
-    return path
+    return lora_file_inside(name, loras_root())
 
 
 class DOPSDSaveLoRA(io.ComfyNode):

@@ -11,13 +11,11 @@ from ..dopsd_core.objectives import LOSS_WEIGHTS, STATES, TEACHERS
 from ..dopsd_core.optim import OPTIMIZERS
 from ..dopsd_core.trainer import Callbacks, TrainConfig, is_run_folder, read_run_state
 from .dataset import Dataset
-from .live import RUN_NAME
+from .paths import run_folder_inside
 
 def run_dir_for(run_name: str) -> Path:
     import folder_paths
-    if not RUN_NAME.fullmatch(run_name):
-        raise DopsdError(f"run_name {run_name!r} must be a plain name (letters, digits, _ . -), not a path")
-    return Path(folder_paths.get_output_directory()) / "dopsd" / run_name
+    return run_folder_inside(run_name, folder_paths.get_output_directory())
 
 
 def saved_step(run_dir: Path) -> int | None:
