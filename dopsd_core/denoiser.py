@@ -29,22 +29,49 @@ class Record:
 
 @runtime_checkable
 class Denoiser(Protocol):
+    """The model contract: every member the trainer, the objectives, the prior and the sampler use.
+    Implementations: toy/denoiser.py ToyDenoiser, hosts/comfy.py ComfyDenoiser (tests/test_denoiser.py
+    checks that each has every member). One optional member: `train_shift: float`, the shift of the base's
+    training sigma distribution, which SFT draws from; a model without one trains SFT at `shift`."""
+
     family: str  # the family's name, recorded in run folders and LoRA metadata
+    shift: float  # the flow shift of the model's sampling schedule
 
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """x_t: [B, C, H, W], sigma: [B] -> x0_hat: [B, C, H, W]."""
+        """x_t: [B, C, H, W], sigma: [B] -> x0_hat: [B, C, H, W], through the attached LoRA's current mode."""
 
-    def lora(self) -> LoraSet: ...
+    def add_lora(self, rank: int, alpha: float, seed: int = 0) -> LoraSet:
+        """Attach a fresh LoRA (B = 0) to the family's target layers, replacing an earlier one; returns it."""
 
-    def set_checkpointing(self, on: bool) -> None: ...
+    def lora(self) -> LoraSet:
+        """The attached LoRA: student / teacher (EMA) / anchor / off modes, parameters, state dicts."""
 
-    def batch_contexts(self, ctxs: list[Context]) -> Context: ...
+    def set_checkpointing(self, on: bool) -> None:
+        """Activation checkpointing per transformer block, on or off."""
+
+    def batch_contexts(self, ctxs: list[Context]) -> Context:
+        """Per-sample contexts -> one batch context; ValueError where they cannot share a batch."""
 
     def fingerprint(self) -> str:
         """Identifies the base weights; a run folder only resumes on the same base."""
 
     def sigma_grid(self, steps: int, latent_shape: tuple[int, ...]) -> list[float]:
         """The few-step grid sigma_0 = 1 > ... > sigma_steps = 0 for latents of shape [C, H, W]."""
+
+
+@runtime_checkable
+class PromptDenoiser(Denoiser, Protocol):
+    """A Denoiser that encodes its own prompts and decodes its own latents (the toy): what the trainer's
+    previews of preview_prompts and the CLI's sampling use. A ComfyUI model gets its contexts from
+    ComfyUI's text encoder at dataset build and previews through Trainer(preview_fn=...) instead."""
+
+    latent_shape: tuple[int, ...]  # [C, H, W] of the latents it samples
+
+    def encode_prompt(self, caption: str) -> Context:
+        """A caption -> a student (text-only) context of batch size 1."""
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, H, W] -> images [B, H, W, 3] in [0, 1] (ComfyUI's IMAGE layout)."""
 
 
 def euler_step(x: torch.Tensor, x0_hat: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:

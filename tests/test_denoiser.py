@@ -1,8 +1,17 @@
-"""denoiser.py: the Euler step toward x0_hat and the few-step sampler, with tiny stand-in denoisers."""
+"""denoiser.py: the Euler step toward x0_hat and the few-step sampler, with tiny stand-in denoisers; the
+model contract (the Denoiser Protocol) against each implementation."""
+import ast
+import importlib
+import inspect
+import subprocess
+import sys
+import textwrap
+from typing import Protocol
+
 import pytest
 import torch
 
-from dopsd_core.denoiser import Denoiser, euler_step, sample
+from dopsd_core.denoiser import Denoiser, PromptDenoiser, euler_step, sample
 
 SIGMAS = [1.0, 0.75, 0.5, 0.25, 0.0]
 
@@ -138,6 +147,9 @@ def test_noise_is_drawn_on_the_cpu_so_devices_agree():
 
 def test_denoiser_protocol_is_runtime_checkable():
     class Full(FixedX0):
+        shift = 1.0
+
+        def add_lora(self, rank, alpha, seed=0): ...
         def lora(self): ...
         def set_checkpointing(self, on): ...
         def batch_contexts(self, ctxs): ...
@@ -146,3 +158,63 @@ def test_denoiser_protocol_is_runtime_checkable():
 
     assert isinstance(Full(torch.zeros(1)), Denoiser)
     assert not isinstance(Shrink(), Denoiser)  # denoise alone is not the whole interface
+
+
+def protocol_members(proto) -> set[str]:
+    """A Protocol's members: the attributes it annotates and the methods it defines, its own and those of
+    the Protocols it extends."""
+    names = set()
+    for base in proto.__mro__:
+        if base is Protocol or not getattr(base, "_is_protocol", False):
+            continue
+        names |= set(base.__dict__.get("__annotations__", {}))
+        names |= {n for n, v in base.__dict__.items() if inspect.isfunction(v) and not n.startswith("_")}
+    return names
+
+
+def provided_members(cls) -> set[str]:
+    """What an instance of cls has without running it: class attributes (methods, properties, class
+    variables, inherited ones too) and the attributes its __init__ assigns to self."""
+    names = set(dir(cls))
+    init = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
+    for node in ast.walk(init):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        for t in targets:
+            for e in t.elts if isinstance(t, ast.Tuple) else [t]:
+                if isinstance(e, ast.Attribute) and isinstance(e.value, ast.Name) and e.value.id == "self":
+                    names.add(e.attr)
+    return names
+
+
+def test_the_protocols_list_what_the_core_calls():
+    assert protocol_members(Denoiser) == {"family", "shift", "denoise", "add_lora", "lora", "set_checkpointing",
+                                          "batch_contexts", "fingerprint", "sigma_grid"}
+    assert protocol_members(PromptDenoiser) == protocol_members(Denoiser) | {"latent_shape", "encode_prompt", "decode"}
+
+
+# every implementation of the model contract, and the Protocol it implements (a ComfyUI model encodes its
+# prompts with ComfyUI's text encoder, so it is a Denoiser, not a PromptDenoiser)
+IMPLEMENTATIONS = [("dopsd_core.toy.denoiser", "ToyDenoiser", PromptDenoiser),
+                   ("dopsd_core.hosts.comfy", "ComfyDenoiser", Denoiser)]
+
+
+@pytest.mark.parametrize("module, name, proto", IMPLEMENTATIONS, ids=[i[1] for i in IMPLEMENTATIONS])
+def test_each_implementation_has_every_member_of_its_protocol(module, name, proto):
+    cls = getattr(importlib.import_module(module), name)
+    missing = protocol_members(proto) - provided_members(cls)
+    assert not missing, f"{module}.{name} lacks {sorted(missing)} of the {proto.__name__} Protocol"
+    for member in protocol_members(proto):
+        if inspect.isfunction(proto.__dict__.get(member)) or inspect.isfunction(Denoiser.__dict__.get(member)):
+            assert callable(getattr(cls, member)), f"{name}.{member} is not a method"
+
+
+def test_the_toy_is_a_prompt_denoiser(tiny_toy):
+    assert isinstance(tiny_toy(), PromptDenoiser)
+
+
+def test_the_comfy_adapter_imports_without_comfyui():
+    """hosts/comfy.py imports ComfyUI lazily, so the contract test above (and CI) needs no ComfyUI."""
+    code = ("import sys; import dopsd_core.hosts.comfy; "
+            "print([m for m in sys.modules if m == 'comfy' or m.startswith(('comfy.', 'comfy_api'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
