@@ -202,7 +202,7 @@ def primitives(den, trainer, args, device) -> dict:
     the way the objective runs them (teacher under inference_mode; student forward + backward)."""
     lora = den.lora()
     step_den = trainer.step_den
-    batch = trainer._draw_batch()
+    batch = trainer.draw_batch()
     x = torch.randn(batch.x0.shape).to(device)
     s = torch.full((x.shape[0],), 1.0, device=device)
 

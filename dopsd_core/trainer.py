@@ -1,14 +1,8 @@
-"""The training loop: optimizer, accumulation, clipping, EMA teacher, NaN guard, run folders, resume.
+"""The training loop: optimizer, accumulation, clipping, EMA teacher, NaN guard, saves and resume.
 
-Run folder (docs/method.md, "Run folders"):
-  lora.safetensors              the latest save's student LoRA, ComfyUI layout + metadata (what users load)
-  lora-NNNNNN.safetensors       the student LoRA of every save point, kept
-  state/state.json              the commit record, replaced atomically and written last: step, RNG state,
-                                config, fingerprints, loss history, and which generation holds the tensors
-  state/step-NNNNNN/            one save's tensors: lora, teacher (EMA) and optimizer .safetensors
-  loss.csv, loss.png
-A save writes a new generation folder, then commits it by replacing state.json, then removes the older
-ones: a process killed at any point leaves state.json naming a complete generation.
+Read top to bottom: the config, then Trainer.__init__ (the setup: LoRA, optimizer, a new run folder or
+a resumed one), Trainer.run (the loop), Trainer.train_step (one optimizer step), the batches and the
+losses it draws, previews, and the save and resume, which dopsd_core/run_folder.py writes and reads.
 Whatever stops a run keeps its last complete step: should_stop between steps, an exception a callback
 raises (ComfyUI's Cancel from its progress hook), and an exception from inside a step (ComfyUI's Cancel
 raised by the next comfy op of a forward, Ctrl-C, an error). A step that raises is rolled back first
@@ -17,13 +11,11 @@ interrupted step drew. A non-finite loss is the exception: it stops at the last 
 """
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,20 +23,19 @@ from typing import Callable
 
 import torch
 
-from . import __version__
-from .denoiser import Denoiser, Record, sample
+from . import __version__, run_folder
+from .denoiser import Denoiser, PromptDenoiser, Record, sample
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
-from .fileio import link_file, load_tensors, save_json, save_tensors
+from .fileio import load_tensors, save_tensors
 from .lora import lora_metadata, read_lora_file
 from .objectives import LOSS_WEIGHTS, STATES, TEACHERS, Batch, dopsd_backward, sft_backward
-from .optim import (OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, optimizer_state_from_tensors,
-                    optimizer_state_to_tensors)
+from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at
 from .plot import write_loss_files
 from .prior import Prior, concepts_record, earlier_concepts
+from .run_folder import is_run_folder, read_run_state  # noqa: F401  TEMPORARY: cli.py imports them from here
 
 METHODS = ("dopsd", "sft")
 PRIOR_CLASS_IMAGES = 32  # SFT's prior: at least this many class images (more when there are more prompts)
-STATE_VERSION = 2  # 2: tensors in a generation folder named by state.json (1: beside it)
 
 
 @dataclass
@@ -146,42 +137,6 @@ class TrainResult:
     history: list[float] = field(default_factory=list)
 
 
-def records_fingerprint(records: list[Record]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(r.name.encode())
-        h.update("\n".join(r.captions).encode())
-        h.update(r.x0.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _generation_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def is_run_folder(path: Path) -> bool:
-    return (Path(path) / "state" / "state.json").is_file()
-
-
-def read_run_state(run_dir: Path) -> dict:
-    run_dir = Path(run_dir)
-    if not is_run_folder(run_dir):
-        raise DopsdError(f"{run_dir} is not a run folder (no state/state.json); pass the --out folder of an "
-                         "earlier `dopsd train` run")
-    try:
-        return json.loads((run_dir / "state" / "state.json").read_text())
-    except json.JSONDecodeError:
-        raise DopsdError(f"{run_dir}/state/state.json is corrupt; start a new run") from None
-
-
-def _encode_rng(gen: torch.Generator) -> str:
-    return base64.b64encode(gen.get_state().numpy().tobytes()).decode()
-
-
-def _decode_rng(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
 class CompiledDenoiser:
     """The same denoiser with `denoise` run through torch.compile; every other attribute is the
     wrapped one's. Dynamo guards on the LoRA mode and the grad mode, so student, teacher and
@@ -221,7 +176,7 @@ class Trainer:
         self.sigma_grids = {shape: denoiser.sigma_grid(cfg.k, shape) for shape in self.buckets}
         self.sigmas = self.sigma_grids[tuple(records[0].x0.shape)]  # the first image's, for the metadata
         self.model_id = denoiser.fingerprint()
-        self.data_id = records_fingerprint(records)
+        self.data_id = run_folder.records_fingerprint(records)
         if self.prior:  # other prior prompts are other training data
             self.data_id += "-prior-" + hashlib.sha256("\n".join(self.prior.captions).encode()).hexdigest()[:8]
         self.gen = torch.Generator().manual_seed(cfg.seed)
@@ -234,9 +189,9 @@ class Trainer:
         self.init_lora = str(init_lora) if init_lora else None
         self.concepts = concepts_record([c for r in records for c in r.captions], trigger)
         if resume:
-            self._load_run()
+            self._resume()
         else:
-            self._check_fresh_out_dir()
+            run_folder.check_fresh_out_dir(self.run_dir)
             if init_lora:
                 sd, meta = read_lora_file(Path(init_lora))
                 self.lora.load_state_dict_comfy(sd, "student", source=f"--init-lora {init_lora}")
@@ -245,65 +200,58 @@ class Trainer:
                 self.concepts = concepts_record(self.concepts[-1]["captions"], trigger, earlier_concepts(meta))
         self.class_latents = self._class_latents() if self.prior and cfg.method == "sft" else None
 
-    # --- run folder ------------------------------------------------------------------------------
-    def _check_fresh_out_dir(self) -> None:
-        d = self.run_dir
-        if d.exists() and not d.is_dir():
-            raise DopsdError(f"output path {d} is a file; pass a folder for --out")
-        if is_run_folder(d):
-            raise DopsdError(f"{d} already holds a run; pass --resume {d} to continue it or choose a new --out")
-        try:
-            d.mkdir(parents=True, exist_ok=True)
-            probe = d / ".write_test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise DopsdError(f"cannot write to output folder {d} ({e.strerror}); choose a writable --out") from None
-
-    def _metadata(self) -> dict[str, str]:
+    # --- the loop ------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
         c = self.cfg
-        return lora_metadata(self.lora, method=c.method, model_family=self.den.family, steps=str(self.step),
-                             sigma_grid=self.sigmas, k=str(c.k), teacher=c.teacher, loss_weight=c.loss_weight,
-                             states=c.states, lr=str(c.lr), model_fingerprint=self.model_id,
-                             init_lora=self.init_lora or "", version=__version__, step=str(self.step),
-                             concepts=self.concepts, prior_weight=str(c.prior_weight),
-                             prior_prompts=len(self.prior.captions) if self.prior else 0)
+        start_step, t0 = self.step, time.perf_counter()
+        while self.step < c.steps:
+            if self.cb.should_stop and self.cb.should_stop():
+                self._save_at_stop()
+                raise TrainingCancelled(self.step, self.last_saved)
+            with self._saved_if_stopped():  # a stop inside the step: the step before it
+                loss = self.train_step()
+            with self._saved_if_stopped():
+                done = self.step - start_step
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                if self.cb.on_step:
+                    self.cb.on_step(StepInfo(self.step, c.steps, loss, self._lr, rate, (c.steps - self.step) / rate))
+            if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
+                self.save()
+            if c.preview_every and self.preview_fn and self.cb.on_preview and (
+                    self.step % c.preview_every == 0 or self.step == c.steps):
+                with self._saved_if_stopped():
+                    self.cb.on_preview(self.step, self.preview_fn(), self.preview_prompts)
+        return TrainResult(self.run_dir, self.step, self.history)
 
-    def save(self) -> None:
-        """One generation: tensors into state/step-NNNNNN/, then the commit (state.json), then cleanup."""
-        d, tag = self.run_dir, {"dopsd.step": str(self.step)}
-        gen = d / "state" / _generation_name(self.step)
-        if gen.exists():  # left by a save that was killed before its commit; state.json does not name it
-            shutil.rmtree(gen)
-        lora_sd, metadata = self.lora.state_dict_comfy("student"), self._metadata()
-        save_tensors(lora_sd, gen / "lora.safetensors", metadata)
-        save_tensors(self.lora.state_dict_comfy("teacher"), gen / "teacher.safetensors", tag)
-        opt_tensors, opt_extra = optimizer_state_to_tensors(self.opt)
-        save_tensors(opt_tensors, gen / "optimizer.safetensors", tag)
-        if self.init_lora:  # the prior's teacher after a warm start (a fresh run's anchor is its init: B = 0)
-            save_tensors(self.lora.state_dict_comfy("anchor"), gen / "anchor.safetensors", tag)
-        save_json({
-            "version": STATE_VERSION, "step": self.step, "generation": gen.name, "config": self.cfg.to_dict(),
-            "model_family": self.den.family, "model_fingerprint": self.model_id, "data_fingerprint": self.data_id,
-            "sigma_grid": self.sigmas, "rng": _encode_rng(self.gen), "optimizer": opt_extra,
-            "history": self.history, "init_lora": self.init_lora, "data_dir": self.data_dir,
-            "concepts": self.concepts, "prior_prompts": self.prior.captions if self.prior else None,
-        }, d / "state" / "state.json")
-        self.last_saved = self.step
-        # the user's names of the committed LoRA: the latest, and one per save point (kohya's
-        # save_every_n_steps; fidelity often saturates before the end). Links, not second writes.
-        link_file(gen / "lora.safetensors", d / f"lora-{self.step:06d}.safetensors")
-        link_file(gen / "lora.safetensors", d / "lora.safetensors")
-        for old in (d / "state").glob("step-*"):
-            if old.name != gen.name:
-                shutil.rmtree(old, ignore_errors=True)
-        write_loss_files(self.history, d, title=f"{self.cfg.method} {self.den.family}")
-        if self.cb.on_save:
-            self.cb.on_save(self.step, d)
-
-    def _save_at_stop(self) -> None:
-        if self.step != self.last_saved:
-            self.save()
+    def train_step(self) -> float:
+        """One optimizer step. Forwards and backwards may raise anywhere (ComfyUI raises its Cancel from
+        inside the next op); such a step leaves no trace: the state it changed before the optimizer step
+        is its gradients and the RNG stream, and both are put back. From opt.step() on nothing calls the
+        model, so nothing in the host raises there."""
+        c = self.cfg
+        lr = lr_at(self.step, c.steps, c.lr, c.warmup, c.schedule)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        rng_at_start = self.gen.get_state()
+        try:
+            losses = [self._micro_step(self.draw_batch(), 1.0 / c.grad_accum) for _ in range(c.grad_accum)]
+            loss = sum(losses) / len(losses)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
+            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
+                raise NonFiniteLoss(self.step + 1, self.last_saved,
+                                    loss if not math.isfinite(loss) else float(grad_norm))
+        except BaseException:
+            self.opt.zero_grad(set_to_none=True)
+            self.gen.set_state(rng_at_start)
+            raise
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if c.teacher == "ema":
+            self.lora.ema_update(c.ema_decay)
+        self.step += 1
+        self.history.append(loss)
+        self._lr = lr
+        return loss
 
     @contextlib.contextmanager
     def _saved_if_stopped(self):
@@ -317,52 +265,13 @@ class Trainer:
             self._save_at_stop()
             raise
 
-    def _load_run(self) -> None:
-        d = self.run_dir
-        st = read_run_state(d)
-        if st.get("model_family") != self.den.family or st.get("model_fingerprint") != self.model_id:
-            raise DopsdError(f"run folder {d} was trained on model {st.get('model_family')} "
-                             f"({st.get('model_fingerprint')}), not this one ({self.den.family}, {self.model_id}); "
-                             "resume with the same model or start a new --out")
-        if st.get("data_fingerprint") != self.data_id:
-            raise DopsdError(f"run folder {d} was trained on other data; resume with the same --data or start a new --out")
-        saved, now = st["config"], self.cfg.to_dict()
-        diffs = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in now
-                 if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
-        if diffs:
-            raise DopsdError(f"run folder {d} used another training config: {', '.join(diffs)}; "
-                             "resume with the same settings or start a new --out")
-        if self.cfg.steps < st["step"]:
-            raise DopsdError(f"run folder {d} is already at step {st['step']}; pass --steps >= {st['step']} "
-                             "(equal: its LoRA as saved)")
-        if st.get("generation"):
-            gen = d / "state" / st["generation"]
-            files = {"lora.safetensors": gen / "lora.safetensors", "teacher": gen / "teacher.safetensors",
-                     "optimizer": gen / "optimizer.safetensors"}
-        else:  # version 1: the tensors beside state.json
-            files = {"lora.safetensors": d / "lora.safetensors", "teacher": d / "state" / "teacher.safetensors",
-                     "optimizer": d / "state" / "optimizer.safetensors"}
-        loaded = {}
-        for label, path in files.items():
-            if not path.is_file():
-                raise DopsdError(f"run folder {d} is incomplete ({path.name} missing); start a new --out")
-            loaded[label] = load_tensors(path)
-            if loaded[label][1].get("dopsd.step") != str(st["step"]):
-                raise DopsdError(f"run folder {d} was interrupted during a save ({path.name} is from step "
-                                 f"{loaded[label][1].get('dopsd.step')}, state.json from {st['step']}); start a new --out")
-        self.lora.load_state_dict_comfy(loaded["lora.safetensors"][0], "student", source=str(files["lora.safetensors"]))
-        self.lora.load_state_dict_comfy(loaded["teacher"][0], "teacher", source=str(files["teacher"]))
-        optimizer_state_from_tensors(self.opt, loaded["optimizer"][0], st["optimizer"])
-        if st.get("generation") and (d / "state" / st["generation"] / "anchor.safetensors").is_file():
-            anchor = load_tensors(d / "state" / st["generation"] / "anchor.safetensors")[0]
-            self.lora.load_state_dict_comfy(anchor, "anchor", source=f"{d} anchor")
-        self.concepts = st.get("concepts", self.concepts)
-        self.gen.set_state(_decode_rng(st["rng"]))
-        self.step, self.history, self.last_saved = st["step"], list(st["history"]), st["step"]
-        self.init_lora = st.get("init_lora")
+    def _save_at_stop(self) -> None:
+        if self.step != self.last_saved:
+            self.save()
 
-    # --- one step ------------------------------------------------------------------------------------
-    def _draw_batch(self) -> Batch:
+    # --- what a step draws, and its losses ------------------------------------------------------------
+    def draw_batch(self) -> Batch:
+        """batch_size records of one latent size, one caption variant each, from the training stream."""
         if len(self.buckets) == 1:
             idx = torch.randint(len(self.records), (self.cfg.batch_size,), generator=self.gen).tolist()
         else:  # aspect buckets: a batch shares one latent size; a bucket is drawn as often as it has images
@@ -438,64 +347,49 @@ class Trainer:
         save_tensors({"latents": latents}, path, {"dopsd.key": key, "dopsd.prompts": json.dumps(captions)})
         return latents
 
-    def train_step(self) -> float:
-        """One optimizer step. Forwards and backwards may raise anywhere (ComfyUI raises its Cancel from
-        inside the next op); such a step leaves no trace: the state it changed before the optimizer step
-        is its gradients and the RNG stream, and both are put back. From opt.step() on nothing calls the
-        model, so nothing in the host raises there."""
-        c = self.cfg
-        lr = lr_at(self.step, c.steps, c.lr, c.warmup, c.schedule)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        rng_at_start = self.gen.get_state()
-        try:
-            losses = [self._micro_step(self._draw_batch(), 1.0 / c.grad_accum) for _ in range(c.grad_accum)]
-            loss = sum(losses) / len(losses)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
-            if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
-                raise NonFiniteLoss(self.step + 1, self.last_saved,
-                                    loss if not math.isfinite(loss) else float(grad_norm))
-        except BaseException:
-            self.opt.zero_grad(set_to_none=True)
-            self.gen.set_state(rng_at_start)
-            raise
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        if c.teacher == "ema":
-            self.lora.ema_update(c.ema_decay)
-        self.step += 1
-        self.history.append(loss)
-        self._lr = lr
-        return loss
-
+    # --- previews ------------------------------------------------------------------------------------
     @torch.no_grad()
     def preview(self) -> torch.Tensor:
-        """K-step samples of the preview prompts with the student LoRA, fixed seeds -> [N, H, W, 3]."""
-        ctx = self.den.batch_contexts([self.den.encode_prompt(p) for p in self.preview_prompts])
+        """K-step samples of the preview prompts with the student LoRA, fixed seeds -> [N, H, W, 3]. Needs a
+        PromptDenoiser (one that encodes prompts and decodes latents); other models pass a preview_fn."""
+        den: PromptDenoiser = self.den
+        ctx = den.batch_contexts([den.encode_prompt(p) for p in self.preview_prompts])
         gen = torch.Generator().manual_seed(1234)
         with self.lora.use("student"):
-            lat = sample(self.den, ctx, (len(self.preview_prompts), *self.den.latent_shape),
-                         self.den.sigma_grid(self.cfg.k, self.den.latent_shape), gen, device=self.records[0].x0.device)
-        return self.den.decode(lat)
+            lat = sample(den, ctx, (len(self.preview_prompts), *den.latent_shape),
+                         den.sigma_grid(self.cfg.k, den.latent_shape), gen, device=self.records[0].x0.device)
+        return den.decode(lat)
 
-    def run(self) -> TrainResult:
+    # --- save and resume: the run folder (run_folder.py) ----------------------------------------------
+    def lora_metadata(self) -> dict[str, str]:
+        """The safetensors metadata of the student LoRA at the current step (what its saved file carries)."""
         c = self.cfg
-        start_step, t0 = self.step, time.perf_counter()
-        while self.step < c.steps:
-            if self.cb.should_stop and self.cb.should_stop():
-                self._save_at_stop()
-                raise TrainingCancelled(self.step, self.last_saved)
-            with self._saved_if_stopped():  # a stop inside the step: the step before it
-                loss = self.train_step()
-            with self._saved_if_stopped():
-                done = self.step - start_step
-                rate = done / max(time.perf_counter() - t0, 1e-9)
-                if self.cb.on_step:
-                    self.cb.on_step(StepInfo(self.step, c.steps, loss, self._lr, rate, (c.steps - self.step) / rate))
-            if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
-                self.save()
-            if c.preview_every and self.preview_fn and self.cb.on_preview and (
-                    self.step % c.preview_every == 0 or self.step == c.steps):
-                with self._saved_if_stopped():
-                    self.cb.on_preview(self.step, self.preview_fn(), self.preview_prompts)
-        return TrainResult(self.run_dir, self.step, self.history)
+        return lora_metadata(self.lora, method=c.method, model_family=self.den.family, steps=str(self.step),
+                             sigma_grid=self.sigmas, k=str(c.k), teacher=c.teacher, loss_weight=c.loss_weight,
+                             states=c.states, lr=str(c.lr), model_fingerprint=self.model_id,
+                             init_lora=self.init_lora or "", version=__version__, step=str(self.step),
+                             concepts=self.concepts, prior_weight=str(c.prior_weight),
+                             prior_prompts=len(self.prior.captions) if self.prior else 0)
+
+    def save(self) -> None:
+        """The current step as the run folder's newest generation (run_folder.save: the tensors, then the
+        commit, then the cleanup), then the loss files."""
+        run_folder.save(
+            self.run_dir, self.step, self.lora, self.lora_metadata(), self.opt, self.gen,
+            anchor=bool(self.init_lora),  # the prior's teacher after a warm start (a fresh run's is its init)
+            config=self.cfg.to_dict(), model_family=self.den.family, model_fingerprint=self.model_id,
+            data_fingerprint=self.data_id, sigma_grid=self.sigmas, history=self.history, init_lora=self.init_lora,
+            data_dir=self.data_dir, concepts=self.concepts, prior_prompts=self.prior.captions if self.prior else None)
+        self.last_saved = self.step
+        write_loss_files(self.history, self.run_dir, title=f"{self.cfg.method} {self.den.family}")
+        if self.cb.on_save:
+            self.cb.on_save(self.step, self.run_dir)
+
+    def _resume(self) -> None:
+        """Continue the run folder (run_folder.load refuses another model, data or config)."""
+        st = run_folder.load(self.run_dir, self.lora, self.opt, self.gen, model_family=self.den.family,
+                             model_fingerprint=self.model_id, data_fingerprint=self.data_id,
+                             config=self.cfg.to_dict(), resumable=TrainConfig.RESUMABLE_CHANGES)
+        self.concepts = st.get("concepts", self.concepts)
+        self.step, self.history, self.last_saved = st["step"], list(st["history"]), st["step"]
+        self.init_lora = st.get("init_lora")

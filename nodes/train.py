@@ -9,7 +9,8 @@ from ..dopsd_core.errors import DopsdError, TrainingCancelled
 from ..dopsd_core.family_spec import DEFAULT_PRESET, PRESET_LABELS, defaults_text, node_config, spec_named
 from ..dopsd_core.objectives import LOSS_WEIGHTS, STATES, TEACHERS
 from ..dopsd_core.optim import OPTIMIZERS
-from ..dopsd_core.trainer import Callbacks, TrainConfig, is_run_folder, read_run_state
+from ..dopsd_core.run_folder import is_run_folder, read_run_state
+from ..dopsd_core.trainer import Callbacks, TrainConfig
 from .dataset import Dataset
 from .paths import run_folder_inside
 

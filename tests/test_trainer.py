@@ -150,6 +150,7 @@ def test_a_kill_at_any_write_of_a_save_leaves_a_complete_generation(tiny_records
     """Saves at step 2, then at step 4 a kill before the fault_at-th file operation of that save (tensor
     files, the commit, the user's LoRA names, the cleanup, the loss files): the folder must resume, from
     step 2 or step 4, and end where an uninterrupted run ends."""
+    import dopsd_core.run_folder as run_folder_mod
     import dopsd_core.trainer as trainer_mod
     den, records = tiny_records()
     Trainer(den, records, TrainConfig(steps=6, **CFG), tmp_path / "straight").run()
@@ -168,11 +169,11 @@ def test_a_kill_at_any_write_of_a_save_leaves_a_complete_generation(tiny_records
                     raise Killed(name)
             return real(*args, **kwargs)
         return op
-    monkeypatch.setattr(trainer_mod, "save_tensors", counted("save_tensors", trainer_mod.save_tensors))
-    monkeypatch.setattr(trainer_mod, "save_json", counted("save_json", trainer_mod.save_json))
-    monkeypatch.setattr(trainer_mod.shutil, "rmtree", counted("rmtree", trainer_mod.shutil.rmtree))
+    monkeypatch.setattr(run_folder_mod, "save_tensors", counted("save_tensors", run_folder_mod.save_tensors))
+    monkeypatch.setattr(run_folder_mod, "save_json", counted("save_json", run_folder_mod.save_json))
+    monkeypatch.setattr(run_folder_mod.shutil, "rmtree", counted("rmtree", run_folder_mod.shutil.rmtree))
     monkeypatch.setattr(trainer_mod, "write_loss_files", counted("write_loss_files", trainer_mod.write_loss_files))
-    monkeypatch.setattr(trainer_mod, "link_file", counted("link_file", trainer_mod.link_file))
+    monkeypatch.setattr(run_folder_mod, "link_file", counted("link_file", run_folder_mod.link_file))
     with pytest.raises(Killed):
         trainer.run()
     monkeypatch.undo()
@@ -377,7 +378,7 @@ def test_aspect_buckets_batch_one_latent_size(tiny_records, tmp_path):
     t = Trainer(den, records, TrainConfig(steps=5, **{**CFG, "batch_size": 3}), tmp_path / "mixed")
     sizes = []
     for _ in range(300):
-        batch = t._draw_batch()
+        batch = t.draw_batch()
         assert batch.x0.shape[0] == 3
         sizes.append(tuple(batch.x0.shape[-2:]))
     small = sizes.count((16, 16)) / len(sizes)
@@ -390,7 +391,7 @@ def test_one_size_draws_are_unchanged_by_bucketing(tiny_records, tmp_path):
     t = Trainer(den, records, TrainConfig(steps=5, **{**CFG, "batch_size": 3}), tmp_path / "one")
     gen = torch.Generator().manual_seed(t.cfg.seed)
     want = torch.randint(len(records), (3,), generator=gen).tolist()
-    batch = t._draw_batch()
+    batch = t.draw_batch()
     assert torch.equal(batch.x0, torch.stack([records[i].x0 for i in want]))
 
 

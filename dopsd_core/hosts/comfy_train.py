@@ -97,7 +97,7 @@ def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path,
                               trigger=dataset.trigger)
             trainer.run()
             lora_sd = LoraStateDict({k: v.detach().clone() for k, v in den.lora().state_dict_comfy("student").items()},
-                                    trainer._metadata())
+                                    trainer.lora_metadata())
             history = list(trainer.history)
         finally:
             mm.in_training = was_training
