@@ -1,6 +1,6 @@
 """Packaging traps (docs/architecture.md): CI runs the README's test command and then the host tier; the
 root __init__.py is inert outside ComfyUI; declared dependencies and the console script; the training
-core imports nothing from the toy package."""
+core imports nothing from the toy package; the lab (experiments/) stays out of the package and the wheel."""
 import ast
 import importlib.metadata
 import importlib.util
@@ -43,6 +43,39 @@ def test_the_training_core_imports_nothing_from_the_toy_package():
                 assert not re.match(r"(\.|dopsd_core\.)toy\b", target), f"{name}.py imports {target}"
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("dopsd_core.toy") for a in node.names), name
+
+
+LAB_MODULES = ("study", "study_report", "chains", "stages", "experiment", "stats", "pretrain", "evaluator_training")
+LAB_ONLY_WEIGHTS = ("toy_undistilled.safetensors",)
+
+
+def test_the_package_never_imports_the_lab():
+    """experiments/ (the lab) imports dopsd_core, never the other way round: an installed package has no lab."""
+    for path in sorted((ROOT / "dopsd_core").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            assert not any(n.split(".")[0] == "experiments" for n in names), f"{path.relative_to(ROOT)} imports {names}"
+
+
+def test_the_lab_is_not_in_the_package():
+    """The study, chains, experiment, stats and base training live in experiments/toy/lab, and the weights
+    only the lab reads do not ship: neither the package's files nor its package-data globs hold them."""
+    toy = ROOT / "dopsd_core" / "toy"
+    assert not [m for m in LAB_MODULES if (toy / f"{m}.py").exists()]
+    assert all((ROOT / "experiments" / "toy" / "lab" / f"{m}.py").is_file() for m in LAB_MODULES)
+    assert not [p for p in (ROOT / "dopsd_core").rglob("*") if p.name in LAB_ONLY_WEIGHTS]
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["packages"]["find"]["include"] == ["dopsd_core*"]  # experiments/ is no package of the wheel
+    shipped = {p for pattern in setuptools["package-data"]["dopsd_core"] for p in (ROOT / "dopsd_core").glob(pattern)}
+    assert {p.name for p in shipped} >= {"toy_base.safetensors", "toy_evaluator.safetensors"}
+    assert not [p for p in shipped if p.name in LAB_ONLY_WEIGHTS]
+    assert (ROOT / "experiments" / "toy" / "lab" / "weights" / "toy_undistilled.safetensors").is_file()
 
 
 def test_pyproject_dependencies_and_script():

@@ -40,7 +40,7 @@ def demo_block(m: dict) -> str:
 
 def experiment_block(results: dict) -> str:
     """The first experiment's tables (main, ablations) and its continual line, as in its results.md."""
-    from dopsd_core.toy.experiment import ablation_table, continual_line, main_table
+    from experiments.toy.lab.experiment import ablation_table, continual_line, main_table
     continual = continual_line(results)
     return ("\n".join(main_table(results)) + "\n\nAblations on the star (default = D-OPSD, EMA teacher, x0 weight, "
             "all K = 4 states):\n\n" + "\n".join(ablation_table(results)) + "\n"
@@ -57,7 +57,7 @@ def base_notice(measured_on: str, shipped: str) -> str:
 
 def blocks() -> dict[str, str]:
     from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
-    from dopsd_core.toy.study_report import readme_section
+    from experiments.toy.lab.study_report import readme_section
     study = json.loads(STUDY.read_text())
     shipped = load_toy_file(BASE_WEIGHTS).fingerprint()
     experiment = json.loads(EXPERIMENT.read_text())

@@ -21,10 +21,9 @@ log = logging.getLogger("dopsd.toy")
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BASE_WEIGHTS = WEIGHTS_DIR / "toy_base.safetensors"  # the 4-step distilled turbo model
-UNDISTILLED_WEIGHTS = WEIGHTS_DIR / "toy_undistilled.safetensors"  # its many-step parent (for the check)
 SHIFT = 3.0  # flow shift of the toy: ComfyUI's `simple` scheduler at 4 steps gives 1, .9, .75, .5, 0
-TRAIN_SHIFT = 3.0  # logit-normal shift of the base's training sigmas (toy.pretrain explains the choice)
-EMPTY_CAPTION = ""  # the unconditional prompt of classifier-free guidance (trained by toy.pretrain)
+TRAIN_SHIFT = 3.0  # logit-normal shift of the base's training sigmas (experiments/toy/lab/pretrain.py says why)
+EMPTY_CAPTION = ""  # the unconditional prompt of classifier-free guidance (trained by the lab's pretrain.py)
 LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
 
 
@@ -163,7 +162,8 @@ def save_toy(denoiser: ToyDenoiser, path: Path, **meta) -> None:
 def load_toy_file(path: Path, device: str = "cpu") -> ToyDenoiser:
     path = Path(path)
     if not path.is_file():
-        raise DopsdError(f"toy weights {path} not found; train them with `dopsd toy-pretrain` or pass another file")
+        raise DopsdError(f"toy weights {path} not found; pass another file, or train them in a git checkout with "
+                         "`python -m experiments.toy.lab toy-pretrain` and `toy-distill`")
     sd, meta = load_tensors(path)
     cfg = ToyConfig(**json.loads(meta["dopsd.toy_config"]))
     dit, te = ToyDiT(cfg), ToyTextEncoder(cfg.context_dim, cfg.text_depth)

@@ -1,4 +1,4 @@
-"""Training and evaluating LoRAs on the toy world: shared by `dopsd demo` and `dopsd experiment`."""
+"""Training and evaluating LoRAs on the toy world: `dopsd demo`, and the lab's runs (experiments/toy/lab)."""
 from __future__ import annotations
 
 import time
@@ -25,9 +25,6 @@ from .render import CONCEPT_TOKEN, export_concept_folder
 # stays under 5 minutes on 2 cores.
 TOY_BUDGET = dict(steps=300, rank=16, alpha=16.0, lr=3e-3, batch_size=4)
 TOY_PRIOR = dict(prior_weight=1.0, prior_batch=4)  # with `auto` prior prompts: one prior roll-out per sample
-# The earlier default (lr 1e-3, 200 steps): the first experiment (toy/experiment.py) and the probes run at it,
-# so their committed results reproduce.
-MAIN_BUDGET = dict(steps=200, rank=16, alpha=16.0, lr=1e-3, batch_size=4)
 
 
 def concept_data(shape: str, root: Path) -> Path:
@@ -59,15 +56,6 @@ def auto_prior(shape: str, data_root: Path, init_lora: Path | None = None, class
     captions = [c for item in load_image_folder(concept_data(shape, data_root), 32) for c in item.captions]
     earlier = earlier_concepts(read_lora_file(init_lora)[1]) if init_lora else []
     return auto_prior_prompts(captions, CONCEPT_TOKEN[shape], class_word, prior_prompts(), earlier)
-
-
-def load_with_lora(lora_file: Path, base: Path = BASE_WEIGHTS) -> ToyDenoiser:
-    from ..lora import lora_file_shape
-    den = load_toy_file(base)
-    sd, meta = read_lora_file(lora_file)
-    rank, alpha = lora_file_shape(meta, sd)
-    den.add_lora(rank, alpha).load_state_dict_comfy(sd)
-    return den
 
 
 @torch.no_grad()

@@ -19,12 +19,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DopsdError
-from ..fileio import save_json
-from .denoiser import BASE_WEIGHTS, load_toy_file
-from .metrics import concept_training_set
-from .render import HELD_OUT_SHAPES
-from .runs import TOY_BUDGET, auto_prior, load_with_lora, train_concept
+from dopsd_core.errors import DopsdError
+from dopsd_core.fileio import save_json
+from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
+from dopsd_core.toy.metrics import FIDELITY_SEEDS, concept_training_set
+from dopsd_core.toy.render import HELD_OUT_SHAPES
+from dopsd_core.toy.runs import TOY_BUDGET, auto_prior, train_concept
+from .runs import load_with_lora
+from .stats import bootstrap_difference, per_prompt
 from .study import BUDGET, CHECKPOINTS, PRIOR, StudyMetrics, StudyRun, evals_per_step, run_one, setup_evals
 
 SEEDS = (0, 1, 2)
@@ -213,8 +215,6 @@ def chain_summary(chains: list[dict], single: dict[tuple[str, str, int], float])
 def end_difference(a: list[dict], b: list[dict]) -> dict:
     """Per concept, the fidelity at the end of chains a minus chains b, with its bootstrap interval (seeds,
     then prompts)."""
-    from .metrics import FIDELITY_SEEDS
-    from .stats import bootstrap_difference, per_prompt
     ends = [[c["stages"][-1]["concepts"] for c in rs] for rs in (a, b)]
     return {k: bootstrap_difference(*[[per_prompt(e[k]["fid_hits"], FIDELITY_SEEDS) for e in es] for es in ends])
             for k in ends[0][0] if all(k in e for es in ends for e in es)}

@@ -1,6 +1,6 @@
 """The measured D-OPSD vs SFT experiment on the toy world (resumable: finished runs are cached).
 
-main       each held-out concept x 3 seeds x {SFT, D-OPSD}, equal budget (toy.runs.MAIN_BUDGET, no prior)
+main       each held-out concept x 3 seeds x {SFT, D-OPSD}, equal budget (runs.MAIN_BUDGET, no prior)
 ablations  concept 1 x 2 seeds: teacher frozen, velocity weight, one random state, K = 2
            (each against the default D-OPSD runs of the same seeds)
 continual  concepts 1 -> 2 -> 3, each warm-started from the previous LoRA (--init-lora; the EMA
@@ -16,15 +16,20 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from ..errors import DopsdError
-from ..fileio import save_bytes, save_json
-from ..plot import save_png
-from .denoiser import BASE_WEIGHTS, load_toy_file
-from .evaluator import load_evaluator
-from .metrics import ToyMetrics, concept_training_set, token_identity
-from .render import HELD_OUT_SHAPES
-from .runs import MAIN_BUDGET, load_with_lora, train_concept
+from dopsd_core.errors import DopsdError
+from dopsd_core.fileio import save_bytes, save_json
+from dopsd_core.plot import save_png
+from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
+from dopsd_core.toy.evaluator import load_evaluator
+from dopsd_core.toy.metrics import ToyMetrics, concept_training_set, token_identity
+from dopsd_core.toy.render import HELD_OUT_SHAPES
+from dopsd_core.toy.runs import train_concept
+from .runs import MAIN_BUDGET, load_with_lora
 from .stats import bootstrap_difference, per_prompt
+
+# The shipped base's many-step parent (its pretraining's EMA before distillation, docs/toy_training_log.md):
+# only the acceptance check reads it, so it lives in the lab, not in the installed package.
+UNDISTILLED_WEIGHTS = Path(__file__).parent / "weights" / "toy_undistilled.safetensors"
 
 METRICS = ("concept_fidelity", "retention", "leak", "cross_token", "quality_4", "quality_32", "few_step_gap", "drift")
 # compared D-OPSD vs SFT with bootstrap intervals (seeds, then prompts): metric -> samples per prompt in "hits"
@@ -254,8 +259,8 @@ def acceptance(n_unrelated: int = 192, seeds: int = 2) -> dict:
     4-step toy-FID / distilled 4-step toy-FID, the undistilled model sampled both without guidance
     and with the guidance its distillation used); teacher concept_fidelity per held-out shape; token
     identity (per concept token, the share of its prompts drawn with its own outline)."""
-    from ..fileio import load_tensors
-    from .denoiser import UNDISTILLED_WEIGHTS, Guided
+    from dopsd_core.fileio import load_tensors
+    from dopsd_core.toy.denoiser import Guided
     base, undistilled = load_toy_file(BASE_WEIGHTS), load_toy_file(UNDISTILLED_WEIGHTS)
     guidance = float(load_tensors(BASE_WEIGHTS)[1].get("dopsd.guidance", "1.0"))
     metrics = ToyMetrics(load_evaluator(), base, n_unrelated=n_unrelated)

@@ -32,17 +32,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..denoiser import euler_step
-from ..errors import DopsdError
-from ..fileio import load_tensors, save_json, save_tensors
-from ..optim import optimizer_state_from_tensors, optimizer_state_to_tensors
-from ..trainer import _decode_rng, _encode_rng
-from ..schedule import comfy_simple_sigmas, logit_normal_sigmas
-from .denoiser import (EMPTY_CAPTION, SHIFT, TRAIN_SHIFT, Guided, ToyContext, ToyDenoiser, image_to_latent,
+from dopsd_core.denoiser import euler_step
+from dopsd_core.errors import DopsdError
+from dopsd_core.fileio import load_tensors, save_json, save_tensors
+from dopsd_core.optim import optimizer_state_from_tensors, optimizer_state_to_tensors
+from dopsd_core.run_folder import decode_rng, encode_rng
+from dopsd_core.schedule import comfy_simple_sigmas, logit_normal_sigmas
+from dopsd_core.toy.denoiser import (EMPTY_CAPTION, SHIFT, TRAIN_SHIFT, Guided, ToyContext, ToyDenoiser, image_to_latent,
                        load_toy_file, save_toy)
-from .model import ToyConfig, ToyDiT
-from .render import TOKEN_OUTLINE, Scene, caption_variants, random_blob_scene, random_scene, render
-from .text import CONCEPT_TOKENS, ToyTextEncoder, tokenize
+from dopsd_core.toy.model import ToyConfig, ToyDiT
+from dopsd_core.toy.render import TOKEN_OUTLINE, Scene, caption_variants, random_blob_scene, random_scene, render
+from dopsd_core.toy.text import CONCEPT_TOKENS, ToyTextEncoder, tokenize
 
 
 # Training sigma distribution: half logit-normal with shift TRAIN_SHIFT, half uniform (which keeps
@@ -190,7 +190,7 @@ def pretrain(work: Path, steps: int = 8000, batch: int = 32, ref_frac: float = 0
         progress = ckpt.load(modules, opt)
         step = progress["step"]
         rng.setstate(_tuple(progress["rng"]["python"]))
-        gen.set_state(_decode_rng(progress["rng"]["torch"]))
+        gen.set_state(decode_rng(progress["rng"]["torch"]))
         print(f"[pretrain] resuming at step {step}/{steps}", flush=True)
     n_ref = round(batch * ref_frac)
     t0, start, losses = time.perf_counter(), step, []
@@ -221,7 +221,7 @@ def pretrain(work: Path, steps: int = 8000, batch: int = 32, ref_frac: float = 0
         if step % log_every == 0 or step == steps:
             _progress("pretrain", step, steps, sum(losses[-log_every:]) / len(losses[-log_every:]), t0, start)
         if step % save_every == 0 or step == steps:
-            ckpt.save(modules, opt, step, {"python": _list(rng.getstate()), "torch": _encode_rng(gen)},
+            ckpt.save(modules, opt, step, {"python": _list(rng.getstate()), "torch": encode_rng(gen)},
                       {"total": steps})
         if probe_every and step % probe_every == 0:
             ema_cpu = _cpu_copy(ema_dit, ema_te)
@@ -237,9 +237,9 @@ def probe(den: ToyDenoiser, n: int = 48, steps: int = 16, guidance: float = 1.0)
     """Progress of a base model in the acceptance's terms, cheap enough to run during training:
     evaluator accuracies of `steps`-step samples of seen prompts (shape; shape+colour) and of held-out
     shapes drawn with the target itself in context (the D-OPSD teacher's task)."""
-    from .evaluator import load_evaluator
-    from .metrics import generate, unrelated_prompts
-    from .render import CONCEPT_TOKEN, HELD_OUT_SHAPES, concept_scenes
+    from dopsd_core.toy.evaluator import load_evaluator
+    from dopsd_core.toy.metrics import generate, unrelated_prompts
+    from dopsd_core.toy.render import CONCEPT_TOKEN, HELD_OUT_SHAPES, concept_scenes
     ev = load_evaluator()
     prompts = unrelated_prompts(n, seed=7)
     shapes, colours = ev.classify(generate(den, [p for p, *_ in prompts], steps, seed=7, guidance=guidance))
@@ -356,7 +356,7 @@ def distill(work: Path, steps: int = 1500, batch: int = 32, n_traj: int = 3000, 
             raise DopsdError(f"{ckpt.folder} distils another pretrained model; delete it (and "
                              f"{traj_file.name}) to distil {work / 'pretrained.safetensors'}")
         step = progress["step"]
-        gen.set_state(_decode_rng(progress["rng"]["torch"]))
+        gen.set_state(decode_rng(progress["rng"]["torch"]))
         for group in opt.param_groups:  # a continued run may anneal: the lr passed now applies from here
             group["lr"] = lr
         print(f"[distill] resuming at step {step}/{steps} (lr {lr:g})", flush=True)
@@ -397,7 +397,7 @@ def distill(work: Path, steps: int = 1500, batch: int = 32, n_traj: int = 3000, 
         if step % log_every == 0 or step == steps:
             _progress("distill", step, steps, sum(losses[-log_every:]) / len(losses[-log_every:]), t0, start)
         if step % save_every == 0 or step == steps:
-            ckpt.save({"dit": dit}, opt, step, {"torch": _encode_rng(gen)}, {"total": steps, "parent": parent})
+            ckpt.save({"dit": dit}, opt, step, {"torch": encode_rng(gen)}, {"total": steps, "parent": parent})
         if probe_every and step % probe_every == 0:
             dit.eval()
             print(f"[distill] 4-step probe at {step}: {json.dumps(probe(_cpu_copy(dit, student.text_encoder), steps=4))}",

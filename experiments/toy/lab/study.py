@@ -3,7 +3,7 @@ else it keeps, along each run, at 4 steps.
 
 Variants: D-OPSD and SFT, each without and with prior preservation (auto prompts, lambda 1, 4 prior
 samples per step). Every run saves a LoRA every 10 steps; the ones at CHECKPOINTS are evaluated at 4
-steps (toy/metrics.py: fidelity on 96 samples, retention and leak on the 192 evaluation prompts,
+steps (dopsd_core/toy/metrics.py: fidelity on 96 samples, retention and leak on the 192 evaluation prompts,
 cross_token, and retention on a separate selection set used only to pick points).
 
 Stages (each resumable: finished runs and evaluated checkpoints are cached under OUT/runs/):
@@ -12,7 +12,7 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
          like the paper's rank 64 on its models) for the star
   gap    the 4- and 32-step toy-FID of the unrelated prompts at every main run's matched points
   chains continual tuning star -> heart -> crescent with the prior, 3 seeds, and the warm-start teachers
-         (toy/chains.py)
+         (chains.py)
   lambda the prior's weight: 0.3 and 3 against main's 1, both methods, the star, seed 0
   onestate D-OPSD + prior with one supervised roll-out state per step (--states one, 4.5 instead of 12
          model evaluations per sample) x 3 concepts x 3 seeds: the equal-compute comparison with SFT + prior
@@ -21,31 +21,30 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
          needs a larger update than main's (experiments/toy/probes/README.md)
   budgetchains the continual chains at the toy's defaults (TOY_BUDGET: the budget stage's lr, 300 steps a
          stage), from the budget stage's star runs at that step
-Runs are independent, so `jobs` > 1 trains and evaluates that many at once, one torch thread each (on
-2 cores two 1-thread processes outrun one 2-thread process: the toy's matmuls are too small to split).
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
 Compute is counted in model evaluations (a forward or a backward of one sample), not in seconds.
+
+This module holds the runs: their plans, training and evaluation, matched points and the lr choice. The
+continual chains are in chains.py, the report in study_report.py, and stages.py runs the stages; each
+imports only the ones before it (study <- chains <- study_report <- stages).
 """
 from __future__ import annotations
 
 import json
-import multiprocessing
 import random
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ..errors import DopsdError
-from ..fileio import save_json
-from .denoiser import BASE_WEIGHTS, load_toy_file
-from .evaluator import load_evaluator
-from .metrics import ToyMetrics, concept_training_set, generate, hit_string
-from .render import HELD_OUT_SHAPES
-from .runs import TOY_BUDGET, TOY_PRIOR, auto_prior, concept_data, load_with_lora, train_concept
-from .text import BACKGROUNDS, COLOURS, SEEN_SHAPES
+from dopsd_core.errors import DopsdError
+from dopsd_core.fileio import save_json
+from dopsd_core.toy.metrics import ToyMetrics, concept_training_set, generate, hit_string
+from dopsd_core.toy.render import HELD_OUT_SHAPES
+from dopsd_core.toy.runs import TOY_BUDGET, TOY_PRIOR, auto_prior, train_concept
+from dopsd_core.toy.text import BACKGROUNDS, COLOURS, SEEN_SHAPES
+from .runs import load_with_lora
 
 CHECKPOINTS = (10, 20, 40, 80, 140, 200)
 LRS = (1e-4, 3e-4, 1e-3)
@@ -57,7 +56,7 @@ LAMBDAS = (0.3, 3.0)  # the lambda stage's prior weights (main runs have PRIOR's
 LAMBDA_CONCEPTS = ("star",)
 BUDGET = dict(lr=3e-3, steps=400)  # the budget stage's runs
 LONG_EVERY = 100  # past main's last checkpoint, a run is evaluated every this many steps
-N_UNRELATED = 192  # the evaluation set of retention and leak (toy/metrics.py)
+N_UNRELATED = 192  # the evaluation set of retention and leak (dopsd_core/toy/metrics.py)
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ def evals_per_step(method: str, prior: bool, k: int = 4, batch: int = TOY_BUDGET
 
 def setup_evals(method: str, prior: bool, n_prior_prompts: int, k: int = 4) -> int:
     """One-off evaluations: SFT's prior samples its class images once (K forwards each)."""
-    from ..trainer import PRIOR_CLASS_IMAGES
+    from dopsd_core.trainer import PRIOR_CLASS_IMAGES
     return max(PRIOR_CLASS_IMAGES, n_prior_prompts) * k if (method == "sft" and prior) else 0
 
 
@@ -237,91 +236,6 @@ def kept_lrs(prune: list[dict]) -> dict[str, float]:
         raise DopsdError(f"no lr gave fidelity at retention >= {TAUS[-1]} for some variant ({kept}); "
                          "see results.md")
     return kept
-
-
-STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains")
-_WORKER = None  # a forked worker's (metrics, log), inherited from the parent that started the pool
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # also keeps OpenMP from touching the parent's thread pool after fork
-
-
-def _worker_call(fn, item, out: Path, extra: tuple):
-    metrics, log = _WORKER
-    return fn(item, out, metrics, *extra, log=log)
-
-
-def map_runs(fn, items: list, out: Path, metrics: StudyMetrics, *extra, jobs: int = 1, log=print,
-             on_done=None) -> list:
-    """fn(item, out, metrics, *extra, log=log) for every item, in `jobs` forked processes when jobs > 1;
-    returns the results in items' order and calls on_done() after each (the report)."""
-    if jobs <= 1 or len(items) <= 1:
-        results = []
-        for item in items:
-            results.append(fn(item, out, metrics, *extra, log=log))
-            if on_done:
-                on_done()
-        return results
-    global _WORKER
-    _WORKER = metrics, log
-    for concept in HELD_OUT_SHAPES:  # the concepts' data folders, written once before workers read them
-        concept_data(concept, out)
-    ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(min(jobs, len(items)), mp_context=ctx, initializer=_worker_init) as pool:
-        futures = {pool.submit(_worker_call, fn, item, out, extra): i for i, item in enumerate(items)}
-        results = [None] * len(items)
-        try:
-            for f in as_completed(futures):
-                results[futures[f]] = f.result()
-                if on_done:
-                    on_done()
-        except BaseException:  # a failed run or Ctrl-C: don't start the queued ones (finished runs stay cached)
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return results
-
-
-def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict:
-    """Runs the stages up to and including `stage` that are not cached yet (each is resumable), then
-    writes the report from everything cached. jobs: runs at once (map_runs)."""
-    from .study_report import report
-    if stage not in STAGES:
-        raise DopsdError(f"unknown study stage {stage!r}; choose one of {', '.join(STAGES)} (or report)")
-    out = Path(out)
-    base = load_toy_file(BASE_WEIGHTS)
-    stamp = {"base": base.fingerprint(), "study": 1}
-    stamp_file = out / "stamp.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) != stamp:
-        raise DopsdError(f"{out} holds a study of another toy base ({stamp_file}); use a new --out folder")
-    save_json(stamp, stamp_file)
-    metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
-    each = dict(jobs=jobs, log=log, on_done=lambda: report(out))  # a study cut short still reports what it has
-    prune = map_runs(run_one, prune_plan(), out, metrics, **each)
-    todo = STAGES[:STAGES.index(stage) + 1]
-    if "main" in todo:
-        kept = kept_lrs(prune)
-        main = map_runs(run_one, main_plan(kept), out, metrics, **each)
-        if "gap" in todo:
-            base_file = out / "base_gap.json"
-            if not base_file.is_file():
-                save_json(metrics.few_step_quality(base), base_file)
-            map_runs(gap_run, [r for r in main if r["run"]["rank"] != SMALL_RANK], out, metrics, **each)
-        if "chains" in todo:
-            from .chains import chain_plan, run_chain, teacher_check
-            map_runs(run_chain, chain_plan(), out, metrics, kept, **each)
-            teacher_check(out, metrics, kept, log)
-        if "lambda" in todo:
-            map_runs(run_one, lambda_plan(kept), out, metrics, **each)
-        if "onestate" in todo:
-            map_runs(run_one, one_state_plan(kept), out, metrics, **each)
-        if "budget" in todo:
-            map_runs(run_one, budget_plan(), out, metrics, **each)
-        if "budgetchains" in todo:
-            from .chains import chain_plan, run_chain, teacher_check
-            map_runs(run_chain, chain_plan(budget=True), out, metrics, kept, **each)
-            teacher_check(out, metrics, kept, log)
-    return report(out)
 
 
 def gap_points(run: dict) -> list[int]:

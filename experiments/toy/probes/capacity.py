@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, train_concept
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: the lab's modules
+from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+from experiments.toy.lab.runs import MAIN_BUDGET
 from probe_eval import evaluate_checkpoints
 
 torch.set_num_threads(1)

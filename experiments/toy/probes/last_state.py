@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: the lab's modules
 import dopsd_core.trainer as trainer
 from dopsd_core.toy.render import CONCEPT_TOKEN, caption_variants, concept_scenes
-from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, train_concept
+from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+from experiments.toy.lab.runs import MAIN_BUDGET
 from probe_eval import evaluate_checkpoints
 
 HERE = Path(__file__).parent

@@ -1,6 +1,6 @@
 """Probe (seed 0, one concept per call): does D-OPSD + prior at the study's defaults (lr 1e-3, lambda 1,
 4 prior samples per step) move along the front after step 200, where every study run stopped? Trains 400
-steps and evaluates steps 300 and 400 exactly as the study evaluates its checkpoints (toy/study.py:
+steps and evaluates steps 300 and 400 exactly as the study evaluates its checkpoints (experiments/toy/lab/study.py:
 StudyMetrics.checkpoint), so the points compare with the study's run of the same concept and seed.
 
 usage: python experiments/toy/probes/long_runs.py OUT_DIR CONCEPT [SEED]

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: the lab's modules
 from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.metrics import concept_training_set
-from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, load_with_lora, train_concept
-from dopsd_core.toy.study import CHECKPOINTS, N_UNRELATED, TAUS, StudyMetrics, evals_per_step, matched
+from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+from experiments.toy.lab.runs import load_with_lora
+from experiments.toy.lab.study import CHECKPOINTS, N_UNRELATED, TAUS, StudyMetrics, evals_per_step, matched
 
 out, study, concept = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(1)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: the lab's modules
 from dopsd_core.denoiser import euler_step
 from dopsd_core.fileio import save_bytes
 from dopsd_core.plot import save_png, to_pil
@@ -84,7 +85,8 @@ def write_data(out: Path, concept: str) -> list:
 
 
 def train(out: Path, concept: str, seed: int) -> dict:
-    from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, train_concept
+    from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+    from experiments.toy.lab.runs import MAIN_BUDGET
     from probe_eval import evaluate_checkpoints
     scenes = write_data(out, concept)
     run = out / f"{concept}_onepose_s{seed}"

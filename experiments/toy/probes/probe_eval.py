@@ -1,10 +1,12 @@
 """What the probes share: evaluating a run's checkpoints as the study does, and a concept's training captions
 with and without their target in context (the student's and the teacher's contexts)."""
 import json
+import sys
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: the lab's modules
 from dopsd_core.toy.denoiser import BASE_WEIGHTS, ToyContext, image_to_latent, load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.metrics import concept_training_set
@@ -14,8 +16,8 @@ def evaluate_checkpoints(run: Path, concept: str, steps, captions: list[str] | N
     """Each step's lora-<step>.safetensors in `run` evaluated like the study's checkpoints
     (StudyMetrics.checkpoint, per-sample hits left out); captions default to the concept's training captions.
     Returns the base fingerprint and the points, printing each as it comes."""
-    from dopsd_core.toy.runs import load_with_lora
-    from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
+    from experiments.toy.lab.runs import load_with_lora
+    from experiments.toy.lab.study import N_UNRELATED, StudyMetrics
     base = load_toy_file(BASE_WEIGHTS)
     metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
     captions = captions or [caps[0] for caps in concept_training_set(concept)[1]]

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: the lab's modules
 from dopsd_core.data import load_image_folder
 from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.metrics import concept_training_set
-from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, load_with_lora, train_concept
-from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
+from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+from experiments.toy.lab.runs import MAIN_BUDGET, load_with_lora
+from experiments.toy.lab.study import N_UNRELATED, StudyMetrics
 from dopsd_core.toy.render import CONCEPT_TOKEN
 from reroll import rerolled_base
 

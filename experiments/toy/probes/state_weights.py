@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: the lab's modules
 from dopsd_core.denoiser import euler_step
 from dopsd_core.toy.denoiser import BASE_WEIGHTS, latent_to_image, load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
@@ -31,7 +32,7 @@ torch.set_num_threads(1)
 
 @torch.no_grad()
 def targets(concept: str, lora: Path, seeds: int = 8) -> dict:
-    from dopsd_core.toy.runs import load_with_lora
+    from experiments.toy.lab.runs import load_with_lora
     ev, base, student = load_evaluator(), load_toy_file(BASE_WEIGHTS), load_with_lora(lora)
     sigmas = base.sigma_grid(4)
     text_only, in_context = training_contexts(base, concept, seeds)
@@ -55,7 +56,8 @@ def targets(concept: str, lora: Path, seeds: int = 8) -> dict:
 
 
 def train(out: Path, concept: str, weight: str, seed: int) -> dict:
-    from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, train_concept
+    from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+    from experiments.toy.lab.runs import MAIN_BUDGET
     run = out / f"{concept}_dopsd_prior_{weight}_s{seed}"
     train_concept(concept, "dopsd", run, out, seed=seed, save_every=50, loss_weight=weight,
                   prior_prompts=auto_prior(concept, out), **TOY_PRIOR, **MAIN_BUDGET)

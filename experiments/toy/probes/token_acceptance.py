@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository's root: the lab's modules
 from dopsd_core.toy.denoiser import load_toy_file
 from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.metrics import concept_training_set, token_identity
-from dopsd_core.toy.runs import MAIN_BUDGET, TOY_PRIOR, auto_prior, load_with_lora, train_concept
-from dopsd_core.toy.study import N_UNRELATED, StudyMetrics
+from dopsd_core.toy.runs import TOY_PRIOR, auto_prior, train_concept
+from experiments.toy.lab.runs import MAIN_BUDGET, load_with_lora
+from experiments.toy.lab.study import N_UNRELATED, StudyMetrics
 
 base_path, out, concept, prior = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 seed = int(sys.argv[5]) if len(sys.argv) > 5 else 0

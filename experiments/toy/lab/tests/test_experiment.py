@@ -1,4 +1,4 @@
-"""toy/experiment.py: the quick experiment writes a well-formed, resumable results table."""
+"""experiment.py: the quick experiment writes a well-formed, resumable results table."""
 import json
 
 import pytest
@@ -10,7 +10,7 @@ from testutil import needs_weights
 
 @needs_weights
 def test_quick_experiment_writes_a_well_formed_table(tmp_path):
-    from dopsd_core.toy.experiment import run_experiment
+    from experiments.toy.lab.experiment import run_experiment
     res = run_experiment(tmp_path / "exp", quick=True, log=lambda *_: None)
     md = (tmp_path / "exp" / "results.md").read_text()
     assert "| concept | method | concept_fidelity |" in md

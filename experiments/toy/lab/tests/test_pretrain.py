@@ -1,4 +1,4 @@
-"""toy/pretrain.py: the shipped base it produced (small-sample acceptance), the two resumable training
+"""pretrain.py: the shipped base it produced (small-sample acceptance), the two resumable training
 stages, and the pretraining data mix."""
 import random
 
@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from dopsd_core.errors import DopsdError
-from dopsd_core.toy.denoiser import BASE_WEIGHTS, UNDISTILLED_WEIGHTS, load_toy_file
+from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
 from dopsd_core.toy.evaluator import WEIGHTS as EVALUATOR, load_evaluator
 from dopsd_core.toy.metrics import ToyMetrics, concept_training_set
+from experiments.toy.lab.experiment import UNDISTILLED_WEIGHTS
 from testutil import needs_weights
 
 
 @pytest.fixture(scope="module")
 def shipped():
-    """The shipped base, its undistilled parent and metrics on 48 unrelated prompts (a small-sample
-    version of `dopsd toy-acceptance`, whose full-size numbers are in docs/toy_acceptance.json)."""
+    """The shipped base, its undistilled parent and metrics on 48 unrelated prompts (a small-sample version
+    of `python -m experiments.toy.lab toy-acceptance`, whose full-size numbers are in docs/toy_acceptance.json)."""
     from dopsd_core.fileio import load_tensors
     size = sum(p.stat().st_size for p in (BASE_WEIGHTS, UNDISTILLED_WEIGHTS, EVALUATOR))
     assert BASE_WEIGHTS.stat().st_size <= 20e6 and size <= 40e6
@@ -77,7 +78,7 @@ def test_base_training_stages_run_resume_and_chain(tmp_path):
     more steps and writes the same model) and the distilled model differs from its parent."""
     from dopsd_core.fileio import load_tensors
     from dopsd_core.toy.model import ToyConfig
-    from dopsd_core.toy.pretrain import distill, pretrain, probe
+    from experiments.toy.lab.pretrain import distill, pretrain, probe
     cfg = ToyConfig(width=32, depth=1, heads=2, context_dim=16, text_depth=1)
     first = pretrain(tmp_path, steps=3, batch=4, warmup=1, save_every=2, probe_every=0, cfg=cfg)
     sd_first, _ = load_tensors(first)
@@ -108,7 +109,7 @@ def test_base_training_stages_run_resume_and_chain(tmp_path):
 
 
 def test_copy_examples_show_the_target_and_the_loss_asks_for_it():
-    from dopsd_core.toy.pretrain import _copy_loss, make_copy_example
+    from experiments.toy.lab.pretrain import _copy_loss, make_copy_example
     rng = random.Random(1)
     assert all(torch.equal(e.ref, e.target) for e in (make_copy_example(rng) for _ in range(300)))
 
@@ -128,7 +129,7 @@ def test_copy_examples_show_the_target_and_the_loss_asks_for_it():
 
 
 def test_pretraining_mixes_empty_captions_copies_and_blobs():
-    from dopsd_core.toy.pretrain import COPY_PROB, DROP_PROB, EMPTY_TOKENS, make_example
+    from experiments.toy.lab.pretrain import COPY_PROB, DROP_PROB, EMPTY_TOKENS, make_example
     from dopsd_core.toy.text import CONCEPT_TOKENS, TOKEN_ID
     rng = random.Random(0)
     plain = [make_example(rng, 0.0) for _ in range(2000)]
@@ -148,7 +149,7 @@ def test_plain_examples_give_every_concept_token_its_own_outline():
     token in the caption and the outline in the target agree, and every token gets its turn."""
     from dopsd_core.toy.denoiser import latent_to_image
     from dopsd_core.toy.metrics import outline_matches
-    from dopsd_core.toy.pretrain import DROP_PROB, NAMED_PROB, make_example
+    from experiments.toy.lab.pretrain import DROP_PROB, NAMED_PROB, make_example
     from dopsd_core.toy.text import CONCEPT_TOKENS, TOKEN_ID
     rng = random.Random(5)
     plain = [make_example(rng, 0.0) for _ in range(1500)]

@@ -1,9 +1,9 @@
-"""toy/stats.py: per-prompt values from hit strings and the seeds-then-prompts bootstrap."""
+"""stats.py: per-prompt values from hit strings and the seeds-then-prompts bootstrap."""
 import random
 
 import pytest
 
-from dopsd_core.toy.stats import bootstrap_difference, per_prompt
+from experiments.toy.lab.stats import bootstrap_difference, per_prompt
 
 
 def test_per_prompt_averages_each_prompts_samples():

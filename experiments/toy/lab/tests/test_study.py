@@ -1,9 +1,11 @@
-"""toy/study.py: prompt sets, compute counts, matched points, lr choice, and a tiny resumable stage."""
+"""The trade-off study (study.py, chains.py, study_report.py, stages.py): prompt sets, compute counts, matched
+points, lr choice, tiny resumable stages and chains, and the report."""
 import json
 
 import pytest
 
-from dopsd_core.toy import chains as chains_mod, study, study_report
+from dopsd_core.errors import DopsdError
+from experiments.toy.lab import chains as chains_mod, stages, study, study_report
 from dopsd_core.toy.metrics import prior_prompts, unrelated_prompts
 from testutil import needs_weights
 
@@ -44,8 +46,8 @@ def test_a_tiny_prune_stage_runs_caches_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "CHECKPOINTS", (2, 4))
     monkeypatch.setattr(study, "LRS", (1e-3,))
     monkeypatch.setattr(study, "VARIANTS", (("dopsd", False), ("sft", True)))
-    monkeypatch.setattr(study, "N_UNRELATED", 12)
-    res = study.run_study(tmp_path, "prune", log=lambda *_: None)
+    monkeypatch.setattr(stages, "N_UNRELATED", 12)
+    res = stages.run_study(tmp_path, "prune", log=lambda *_: None)
     runs = res["runs"]
     assert len(runs) == 2 and all([p["step"] for p in r["points"]] == [2, 4] for r in runs.values())
     sft = next(r for r in runs.values() if r["variant"] == "sft + prior")
@@ -62,7 +64,7 @@ def test_a_tiny_prune_stage_runs_caches_and_resumes(tmp_path, monkeypatch):
     lost.unlink()
     lora = tmp_path / "runs" / name / "train" / "lora-000004.safetensors"
     mtime = lora.stat().st_mtime_ns
-    again = study.run_study(tmp_path, "prune", log=lambda *_: None)
+    again = stages.run_study(tmp_path, "prune", log=lambda *_: None)
     assert lora.stat().st_mtime_ns == mtime and json.loads(lost.read_text()) == json.loads(before)
     assert again["summary"] == res["summary"]
 
@@ -76,15 +78,15 @@ def _name_and_pid(run, out, metrics, log=print):  # module level: the pool pickl
 def _fail_first(item, out, metrics, log=print):  # a run that fails at once; the others take a while
     import time
     if item == 0:
-        raise study.DopsdError("run 0 failed")
+        raise DopsdError("run 0 failed")
     time.sleep(0.3)
     (out / f"ran-{item}").touch()
 
 
 def test_a_failed_run_stops_the_pool_instead_of_running_the_queue(tmp_path, monkeypatch):
-    monkeypatch.setattr(study, "HELD_OUT_SHAPES", ())  # no concept data to write for this fake fn
-    with pytest.raises(study.DopsdError, match="run 0 failed"):
-        study.map_runs(_fail_first, list(range(12)), tmp_path, None, jobs=2)
+    monkeypatch.setattr(stages, "HELD_OUT_SHAPES", ())  # no concept data to write for this fake fn
+    with pytest.raises(DopsdError, match="run 0 failed"):
+        stages.map_runs(_fail_first, list(range(12)), tmp_path, None, jobs=2)
     assert len(list(tmp_path.glob("ran-*"))) < 6  # at most the runs already handed to the workers
 
 @needs_weights
@@ -93,15 +95,15 @@ def test_two_jobs_run_the_stage_in_worker_processes_and_report_every_run(tmp_pat
     monkeypatch.setattr(study, "CHECKPOINTS", (2,))
     monkeypatch.setattr(study, "LRS", (1e-3,))
     monkeypatch.setattr(study, "VARIANTS", (("sft", False), ("sft", True)))
-    monkeypatch.setattr(study, "N_UNRELATED", 12)
+    monkeypatch.setattr(stages, "N_UNRELATED", 12)
     pids = []
-    names = study.map_runs(_name_and_pid, study.prune_plan(), tmp_path, None, jobs=2,
+    names = stages.map_runs(_name_and_pid, study.prune_plan(), tmp_path, None, jobs=2,
                            on_done=lambda: pids.append(os.getpid()))
     # results in plan order, computed in other processes; on_done ran in this one after each run
     assert [n for n, _ in names] == [r.name for r in study.prune_plan()]
     assert all(pid != os.getpid() for _, pid in names) and pids == [os.getpid()] * 2
     assert all(any((tmp_path / "data" / c).glob("*.png")) for c in ("star", "heart", "crescent"))
-    res = study.run_study(tmp_path / "real", "prune", log=lambda *_: None, jobs=2)
+    res = stages.run_study(tmp_path / "real", "prune", log=lambda *_: None, jobs=2)
     assert sorted(r["variant"] for r in res["runs"].values()) == ["sft", "sft + prior"]
     assert all(len(r["points"][0]["hits"]["concept_fidelity"]) == 96 for r in res["runs"].values())
 
