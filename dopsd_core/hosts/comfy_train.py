@@ -46,6 +46,7 @@ def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_co
     """encode_text(caption) -> (cond_tensor [1, T, D], extra dict): the student's caption encoding.
     teacher_context(caption, latent, item) -> (cond_tensor, extra): the family's in-context teacher.
     prior_captions: prior-preservation prompts, encoded like the student's captions."""
+    import comfy.model_management as mm
     family = detect_family(model_patcher.model)
     den = ComfyDenoiser(model_patcher, family)
     latents = family.encode_images(items, vae)
@@ -58,6 +59,8 @@ def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_co
             x0 = den.base.process_latent_in(lat[None])[0].float()
             student, teacher = [], []
             for cap in item.captions:
+                # a Cancel is honoured here too: the teacher encoders (Z-Image's Qwen3-VL) run no comfy op
+                mm.throw_exception_if_processing_interrupted()
                 cond, extra = encode_text(cap)
                 student.append(den.context(cond, extra, lat))
                 t_cond, t_extra = teacher_context(cap, lat, item)

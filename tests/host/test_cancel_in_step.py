@@ -156,3 +156,30 @@ def test_post_interrupt_at_a_random_moment_keeps_a_resumable_step(comfy, folders
     _ok(comfy, _toy_workflow_graph(comfy, folders["toy"], run, resume=True))
     state, _, lora_step = run_state(comfy, run)
     assert state["step"] == 40 and lora_step == "40" and len(state["history"]) == 40
+
+
+@pytest.mark.parametrize("family", ("flux2-klein", "z-image"))
+def test_cancel_while_the_dataset_is_encoded_leaves_no_cache_entry(comfy, family, request):
+    """Cancel after the images are encoded, before the captions and teacher contexts are (Z-Image: the
+    Qwen3-VL pass): the prompt stops there and no cache entry exists, whole or half; a re-queue builds it."""
+    vlm = request.getfixturevalue("vlm_name") if family == "z-image" else None
+    folder = fresh_name(f"dscancel_{family}")
+    _write_images(comfy.input_dir / folder, 2, seed=11)
+    cache = comfy.output_dir / "dopsd" / "cache"
+    before = set(cache.glob("*")) if cache.is_dir() else set()
+    nodes = loaders(family, vlm)
+    nodes.append((8, "DOPSDTestCancelAfterVAECalls", {"vae": ["3", 0], "calls": 2}))
+    nodes.append(dataset_node(folder, family, vae=["8", 0]))
+    trainer = {"model": ["1", 0], "dataset": ["5", 0], "steps": 1, "gpu_preset": "family default", "rank": 4,
+               "lr": 1e-3, "optimizer": "adamw", "batch_size": 1, "grad_accum": 1, "seed": 0, "checkpointing": False,
+               "save_every": 0, "preview_every": 0, "run_name": fresh_name("dscancel"), "resume": False, "k": 2,
+               "teacher": "ema", "ema_decay": 0.9, "loss_weight": "x0", "states": "all"}
+    entry = comfy.run(graph(*nodes, (6, "DOPSDTrainer", trainer)))
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in kinds, entry["status"]
+    assert (set(cache.glob("*")) if cache.is_dir() else set()) == before  # no entry, no temp file
+
+    nodes = loaders(family, vlm) + [dataset_node(folder, family)]
+    _ok(comfy, graph(*nodes, (6, "DOPSDTrainer", {**trainer, "run_name": fresh_name("dscancel")})))
+    new = set(cache.glob("*.safetensors")) - before
+    assert len(new) == 1

@@ -153,12 +153,46 @@ class DOPSDTestCancelInForward:
         return (model,)
 
 
+class DOPSDTestCancelAfterVAECalls:
+    """Passes the VAE through and sets ComfyUI's interrupt flag right after its `calls`-th encode returns,
+    as a Cancel click during the dataset node's encoding would: the images are encoded, the captions and
+    the teacher contexts (Z-Image: the Qwen3-VL pass, which runs no comfy op) not yet. The VAE's own
+    encode is restored once it has fired."""
+    CATEGORY = CATEGORY
+    FUNCTION = "arm"
+    RETURN_TYPES = ("VAE",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae": ("VAE",), "calls": ("INT", {"default": 1, "min": 1, "max": 10**6})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")
+
+    def arm(self, vae, calls):
+        import comfy.model_management as mm
+        original, seen = vae.encode, []
+
+        def encode(*args, **kwargs):
+            out = original(*args, **kwargs)
+            seen.append(1)
+            if len(seen) == calls:
+                del vae.encode  # the class's method again
+                mm.interrupt_current_processing(True)
+            return out
+        vae.encode = encode
+        return (vae,)
+
+
 NODE_CLASS_MAPPINGS = {c.__name__: c for c in (DOPSDTestTinyZImage, DOPSDTestTinyCLIP, DOPSDTestTinyVAE,
-                                               DOPSDTestCancelAt, DOPSDTestCancelInForward)}
+                                               DOPSDTestCancelAt, DOPSDTestCancelInForward,
+                                               DOPSDTestCancelAfterVAECalls)}
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DOPSDTestTinyZImage": "Tiny Z-Image-Turbo (test)",
     "DOPSDTestTinyCLIP": "Tiny Qwen3 CLIP (test)",
     "DOPSDTestTinyVAE": "Tiny Flux VAE (test)",
     "DOPSDTestCancelAt": "Cancel at progress value (test)",
     "DOPSDTestCancelInForward": "Cancel inside a forward of a training step (test)",
+    "DOPSDTestCancelAfterVAECalls": "Cancel after the VAE's n-th encode (test)",
 }
