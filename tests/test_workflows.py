@@ -1,7 +1,7 @@
 """Shipped workflows (workflows/*.json, ComfyUI's UI format) and node docs, checked without ComfyUI:
 the JSON parses, every link is consistent at both ends, every node type is ours or a stock node on
 the list below, model files use the names of ComfyUI's own templates and each graph's note says where
-they go. tests/host/test_browser.py loads the same files into the real frontend."""
+they go. tests/comfyui/test_browser.py loads the same files into the real frontend."""
 import json
 import re
 from pathlib import Path
@@ -145,7 +145,7 @@ def test_every_node_has_a_doc_page():
         assert text.startswith("# ") and len(text) > 200, f"{i}.md is not a doc page"
 
 
-# DOPSDTrainer's widget inputs in the order of its widgets_values (tests/host/test_workflow_builder.py
+# DOPSDTrainer's widget inputs in the order of its widgets_values (tests/comfyui/test_workflow_builder.py
 # checks the files against real ComfyUI's /object_info, which fixes this order).
 TRAINER_WIDGETS = ("steps", "gpu_preset", "rank", "lr", "optimizer", "batch_size", "grad_accum", "seed",
                    "checkpointing", "save_every", "preview_every", "run_name", "resume", "k", "teacher", "ema_decay",

@@ -10,8 +10,8 @@ files match what the frontend builds for those nodes:
 From Python: write_workflows(source, out_dir), where source is a URL, a saved object_info.json or the
 object_info dict itself; build_workflows(info) returns the graphs without writing them.
 
-Check with tests/host/test_workflow_builder.py (the builder against real ComfyUI reproduces the
-shipped files), tests/test_workflows.py (CI) and tests/host/test_browser.py (real ComfyUI + frontend).
+Check with tests/comfyui/test_workflow_builder.py (the builder against real ComfyUI reproduces the
+shipped files), tests/test_workflows.py (CI) and tests/comfyui/test_browser.py (real ComfyUI + frontend).
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
-"""Writes the README's measured results from the committed results files, so that no number in them is
-typed by hand: the demo's paragraph from docs/demo_metrics.json, the first experiment's tables from
-experiments/toy/results.json and the trade-off study's tables from experiments/toy/study/results.json.
-Each lives between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
+"""Writes the measured results of README.md and docs/toy_results.md from the committed results files, so
+that no number in them is typed by hand: the demo's paragraph from docs/demo_metrics.json and the
+results summary from experiments/toy/study/results.json (README), the first experiment's tables from
+experiments/toy/results.json and the trade-off study's tables from experiments/toy/study/results.json
+(docs/toy_results.md). Each lives between `<!-- NAME:begin -->` and `<!-- NAME:end -->`.
 
-    python tools/readme_results.py          # rewrite README.md
-    python tools/readme_results.py --check  # exit 1 if README.md differs (tests/toy/test_readme_results.py)
+    python tools/readme_results.py          # rewrite the files
+    python tools/readme_results.py --check  # exit 1 if a file differs (tests/toy/test_readme_results.py)
 """
 from __future__ import annotations
 
@@ -55,38 +56,89 @@ def base_notice(measured_on: str, shipped: str) -> str:
             "numbers describe that base until they are measured again on the shipped one.\n\n")
 
 
+def results_block(study: dict) -> str:
+    """The README's summary: the toy's defaults against the aims, and the continual chain at them."""
+    from dopsd_core.family_spec import TOY, number_text
+    from experiments.toy.lab.study_report import AIMS
+    budget = study["summary"]["budget"]
+    shipped, chains = budget["shipped"], budget["chains"]
+    aims = ", ".join(f"{k.replace('concept_', '')} {_pct(shipped[k])} (aim {op} {_pct(v)})"
+                     for k, (op, v) in AIMS.items())
+    lines = [f"At the toy's defaults (lr {number_text(TOY.lr)}, {TOY.steps} steps, rank {TOY.rank}, batch "
+             f"{TOY.batch_size}, prior on), D-OPSD + prior, mean of {shipped['runs']} runs (3 concepts × 3 seeds): "
+             f"{aims}.", ""]
+
+    def end(variant: str) -> str:
+        last = chains[variant]["stages"][-1]
+        kept = ", ".join(f"{c} {_pct(v)}" for c, v in last["fidelity"].items())
+        return f"{kept} at {_pct(last['retention'])} retention"
+    order = " → ".join(st["concept"] for st in chains["dopsd + prior"]["stages"])
+    lines += [f"Taught one after another ({order}, {budget['chain_steps']} steps each), the concepts' fidelity at "
+              f"the end of the chain: D-OPSD + prior {end('dopsd + prior')}; SFT + prior, same steps, "
+              f"{end('sft + prior')}.", "",
+              f"D-OPSD + prior minus SFT + prior in concept fidelity, at retention {TAU} (points, 95 % interval): "
+              f"at equal steps {_differences(budget, '')}; at equal compute (a D-OPSD step costs several SFT "
+              f"steps) {_differences(budget, ', equal compute')} ([docs/toy_results.md](docs/toy_results.md))."]
+    return "\n".join(lines) + "\n"
+
+
+TAU = "0.8"  # the retention at which the study matches the two methods' checkpoints
+
+
+def _differences(budget: dict, kind: str) -> str:
+    def points(x: float) -> str:
+        return f"{100 * x:+.0f}".replace("-", "−")
+    cells = []
+    for concept, by_tau in budget["by_concept"].items():
+        d = by_tau.get(TAU, {}).get(f"dopsd + prior - sft + prior{kind}")
+        cells.append(f"{concept} –" if d is None else
+                     f"{concept} {points(d['diff'])} [{points(d['lo'])}, {points(d['hi'])}]")
+    return ", ".join(cells)
+
+
+def _from_docs(text: str) -> str:
+    """Links written for the repository root, rewritten for a page in docs/."""
+    return text.replace("](docs/", "](").replace("](experiments/", "](../experiments/")
+
+
 def blocks() -> dict[str, str]:
+    """Every generated block, by name (each file takes the blocks it has markers for)."""
     from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
     from experiments.toy.lab.study_report import readme_section
     study = json.loads(STUDY.read_text())
     shipped = load_toy_file(BASE_WEIGHTS).fingerprint()
     experiment = json.loads(EXPERIMENT.read_text())
     return {"demo": demo_block(json.loads(DEMO.read_text())),
-            "experiment": (base_notice(json.loads(EXPERIMENT_STAMP.read_text())["base"], shipped)
-                           + experiment_block(experiment)),
-            "study": base_notice(study["stamp"]["base"], shipped) + readme_section(study)}
+            "results": results_block(study),
+            "experiment": _from_docs(base_notice(json.loads(EXPERIMENT_STAMP.read_text())["base"], shipped)
+                                     + experiment_block(experiment)),
+            "study": _from_docs(base_notice(study["stamp"]["base"], shipped) + readme_section(study))}
+
+
+FILES = {ROOT / "README.md": ("demo", "results"), ROOT / "docs" / "toy_results.md": ("experiment", "study")}
 
 
 def render(readme: str, generated: dict[str, str]) -> str:
     for name, body in generated.items():
         pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(readme):
-            raise SystemExit(f"README.md has no <!-- {name}:begin --> ... <!-- {name}:end --> block")
+            raise SystemExit(f"no <!-- {name}:begin --> ... <!-- {name}:end --> block")
         readme = pattern.sub(lambda m: m.group(1) + body + m.group(2), readme)
     return readme
 
 
 def main(argv: list[str]) -> int:
-    path = ROOT / "README.md"
-    current = path.read_text(encoding="utf-8")
-    wanted = render(current, blocks())
-    if "--check" in argv:
-        return 0 if wanted == current else 1
-    if wanted != current:
-        tmp = path.with_suffix(".md.tmp")
-        tmp.write_text(wanted, encoding="utf-8")
-        tmp.replace(path)
-    return 0
+    generated, stale = blocks(), []
+    for path, names in FILES.items():
+        current = path.read_text(encoding="utf-8")
+        wanted = render(current, {n: generated[n] for n in names})
+        if wanted != current:
+            stale.append(path)
+            if "--check" not in argv:
+                tmp = path.with_suffix(".md.tmp")
+                tmp.write_text(wanted, encoding="utf-8")
+                tmp.replace(path)
+    return 1 if stale and "--check" in argv else 0
 
 
 if __name__ == "__main__":

@@ -17,8 +17,21 @@ def _tool():
 
 def test_readme_results_are_the_generated_ones():
     tool = _tool()
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    assert tool.render(readme, tool.blocks()) == readme, "README results are stale: run python tools/readme_results.py"
+    generated = tool.blocks()
+    assert set(tool.FILES) == {ROOT / "README.md", ROOT / "docs" / "toy_results.md"}
+    for path, names in tool.FILES.items():
+        text = path.read_text(encoding="utf-8")
+        assert tool.render(text, {n: generated[n] for n in names}) == text, \
+            f"{path.name}: results are stale: run python tools/readme_results.py"
+
+
+def test_the_readme_summary_quotes_the_study():
+    tool = _tool()
+    budget = json.loads(tool.STUDY.read_text())["summary"]["budget"]
+    block = tool.blocks()["results"]
+    assert f"fidelity {100 * budget['shipped']['concept_fidelity']:.0f} %" in block
+    star = budget["by_concept"]["star"][tool.TAU]["dopsd + prior - sft + prior, equal compute"]
+    assert f"star {100 * star['diff']:+.0f}".replace("-", "−") in block
 
 
 def test_the_blocks_come_from_the_files_and_a_missing_block_is_named():

@@ -1,9 +1,9 @@
 """FLUX.2-klein and Z-Image-Turbo through ComfyUI's real executor (server on loopback, HTTP API).
 
-The models are tiny and random (tests/host/testing_nodes/tiny_models.py). klein's DiT is a file in
+The models are tiny and random (tests/comfyui/testing_nodes/tiny_models.py). klein's DiT is a file in
 the released key layout loaded by the stock UNETLoader; what ComfyUI recognises only at full size (the
 Z-Image DiT, the Qwen3 CLIPs, the Flux VAEs) comes from the test-only node pack
-tests/host/testing_nodes, built with ComfyUI's own classes inside the executor (so, like a stock
+tests/comfyui/testing_nodes, built with ComfyUI's own classes inside the executor (so, like a stock
 loader's, its weights are inference tensors). Z-Image's teacher reads a tiny Qwen3-VL folder in
 models/dopsd_vlm through DOPSDQwen3VLLoader.
 
@@ -26,8 +26,8 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-from host.hostutil import fresh_name, graph, latest_latent, node_error_text
-from host.testing_nodes import tiny_models
+from comfyui.hostutil import fresh_name, graph, latest_latent, node_error_text
+from comfyui.testing_nodes import tiny_models
 
 RES = 64  # training and sampling resolution: klein latents 128x4x4, Z-Image 16x8x8
 CAPTION = "a photo of [V]"

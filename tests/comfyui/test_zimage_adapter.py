@@ -4,7 +4,7 @@ preset's LoRA targets (docs/method.md), and D-OPSD steps with a teacher context 
 import pytest
 import torch
 
-from host.testing_nodes.tiny_models import tiny_zimage
+from comfyui.testing_nodes.tiny_models import tiny_zimage
 
 
 def test_zimage_family_grid_targets_and_training(comfy_lib, tmp_path):

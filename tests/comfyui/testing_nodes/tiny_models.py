@@ -1,6 +1,6 @@
 """Tiny seeded random-weight models in the real FLUX.2-klein and Z-Image-Turbo layouts, built with
 ComfyUI's own classes. Shared by the test-only node pack (this package, loaded by the ComfyUI server)
-and the in-process host tests (imported as host.testing_nodes.tiny_models).
+and the in-process host tests (imported as comfyui.testing_nodes.tiny_models).
 
 ComfyUI is imported inside the functions: importing this module needs nothing but torch. Every
 builder draws its weights from its own torch.Generator (the global RNG is left alone), so the same

@@ -4,7 +4,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from host.hostutil import fresh_name, graph, latest_latent, node_error_text
+from comfyui.hostutil import fresh_name, graph, latest_latent, node_error_text
 
 from dopsd_core.toy.render import export_concept_folder
 

@@ -6,7 +6,7 @@ import time
 from safetensors import safe_open
 
 from dopsd_core.toy.render import export_concept_folder
-from host.hostutil import fresh_name, graph, node_error_text
+from comfyui.hostutil import fresh_name, graph, node_error_text
 
 
 def dataset_graph(folder: str):

@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from host.hostutil import fresh_name, graph, node_error_text
+from comfyui.hostutil import fresh_name, graph, node_error_text
 
 from dopsd_core.toy.render import export_concept_folder
 

@@ -1,11 +1,11 @@
 """FLUX.2-klein through ComfyUI's own model classes (a tiny random-weight Flux2 built in-process from
-comfy.supported_models.Flux2 by host.testing_nodes.tiny_models): the reference-latent teacher differs
+comfy.supported_models.Flux2 by comfyui.testing_nodes.tiny_models): the reference-latent teacher differs
 from the student, and D-OPSD steps train the LoRA (backward through FLUX.2 needs in_training and the
 in-place fix)."""
 import pytest
 import torch
 
-from host.testing_nodes.tiny_models import tiny_klein
+from comfyui.testing_nodes.tiny_models import tiny_klein
 
 
 def test_klein_family_grid_and_lora_targets(comfy_lib):

@@ -1,7 +1,7 @@
 """Cancel where a user's click lands: inside a forward of a training step, through ComfyUI's real
 executor and its own interrupt flag, on the tiny FLUX.2-klein, the tiny Z-Image and the toy model.
 
-DOPSDTestCancelInForward (tests/host/testing_nodes) sets the flag from a forward hook on the first block
+DOPSDTestCancelInForward (tests/comfyui/testing_nodes) sets the flag from a forward hook on the first block
 of the diffusion model, half-way through step 3's block calls; the next comfy op raises, as it does
 after a click on Cancel. The run folder must hold step 2 (the last complete step: the flag alone would
 only be seen by the trainer after step 3), a re-queue with steps 2 must hand back that saved LoRA, and a
@@ -21,8 +21,8 @@ import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from host.hostutil import api_prompt, fresh_name, graph, node_error_text
-from host.test_family_graphs import _write_images, dataset_node, loaders, vlm_name  # noqa: F401 (fixture)
+from comfyui.hostutil import api_prompt, fresh_name, graph, node_error_text
+from comfyui.test_family_graphs import _write_images, dataset_node, loaders, vlm_name  # noqa: F401 (fixture)
 
 from dopsd_core.toy.render import export_concept_folder
 

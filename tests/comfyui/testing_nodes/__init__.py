@@ -1,6 +1,6 @@
 """Test-only ComfyUI node pack (never shipped; ComfyUI's own tests/execution/testing_nodes pattern).
 
-tests/host/conftest.py links this folder into the test server's custom_nodes. Its nodes build the
+tests/comfyui/conftest.py links this folder into the test server's custom_nodes. Its nodes build the
 tiny FLUX.2-klein / Z-Image components that ComfyUI's stock loaders recognise only at full size (the
 Z-Image DiT, the Qwen3 text encoders, the Flux VAEs) with ComfyUI's own classes and hand real
 MODEL / CLIP / VAE objects to the real executor. Like the stock loaders they run under the executor's

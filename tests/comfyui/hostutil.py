@@ -1,4 +1,4 @@
-"""Helpers of the host tier (imported as host.hostutil; pytest's pythonpath includes tests/)."""
+"""Helpers of the host tier (imported as comfyui.hostutil; pytest's pythonpath includes tests/)."""
 from __future__ import annotations
 
 import json

@@ -1,7 +1,7 @@
 """Host tier: real ComfyUI (COMFYUI_PATH) started as a server on loopback, graphs queued over HTTP.
 
 Run with ComfyUI's own venv python after `pip install -e .` into it:
-    COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/host
+    COMFYUI_PATH=/path/to/ComfyUI python -m pytest tests/comfyui
 Without COMFYUI_PATH every test here is skipped with that reason. With it, a skipped test fails the
 run (.ci/host-tier runs this tier in CI; nothing may silently drop out): DOPSD_ALLOW_SKIP=1 relaxes that
 for a local run without, say, Chromium.
@@ -9,7 +9,7 @@ for a local run without, say, Chromium.
 The server gets its own --base-directory (a temp folder whose custom_nodes/ holds one link to this
 checkout), so the pack is loaded exactly once whether or not it is also linked into the ComfyUI
 checkout, and nothing is written into the ComfyUI checkout. A second link there loads the test-only
-node pack tests/host/testing_nodes (tiny Z-Image MODEL, tiny Qwen3 CLIPs, tiny Flux VAEs), and
+node pack tests/comfyui/testing_nodes (tiny Z-Image MODEL, tiny Qwen3 CLIPs, tiny Flux VAEs), and
 models/diffusion_models/ gets tiny FLUX.2-klein and FLUX.1 DiTs in the released key layout, which the
 stock UNETLoader recognises at that size.
 
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from host.hostutil import Comfy, _free_port
-from host.testing_nodes import tiny_models
+from comfyui.hostutil import Comfy, _free_port
+from comfyui.testing_nodes import tiny_models
 
 REPO = Path(__file__).resolve().parents[2]
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
@@ -57,7 +57,7 @@ def pytest_collection_modifyitems(config, items):
     reason = "host tier: set COMFYUI_PATH to a ComfyUI 0.18.1 checkout to run these tests"
     print(f"\n[skipped] {reason}")
     for item in items:
-        if "tests/host" in str(item.fspath).replace(os.sep, "/"):
+        if "tests/comfyui" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 

@@ -4,7 +4,7 @@ A tiny Z-Image text encoder is built through ComfyUI's own classes (comfy.sd.CLI
 comfy.text_encoders.z_image's model and tokenizer, sizes shrunk through model_options), a tiny
 random Qwen3-VL folder in Hugging Face layout is written to tmp (tokenizer files taken from the
 ComfyUI checkout at test time), and a tiny NextDiT from comfy.supported_models.ZImage is trained on
-the spliced teacher contexts (all three from host.testing_nodes.tiny_models).
+the spliced teacher contexts (all three from comfyui.testing_nodes.tiny_models).
 """
 import json
 import shutil
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from host.hostutil import graph, node_error_text
-from host.testing_nodes.tiny_models import ZIMAGE_TE, tiny_text_encoder, tiny_zimage, write_tiny_qwen3vl
+from comfyui.hostutil import graph, node_error_text
+from comfyui.testing_nodes.tiny_models import ZIMAGE_TE, tiny_text_encoder, tiny_zimage, write_tiny_qwen3vl
 
 HIDDEN = ZIMAGE_TE["hidden_size"]
 

@@ -1,6 +1,6 @@
 """The shipped workflows and the live training view in ComfyUI's real frontend, in headless Chromium.
 
-Needs COMFYUI_PATH (like all of tests/host), the `playwright` Python package and a Chromium binary
+Needs COMFYUI_PATH (like all of tests/comfyui), the `playwright` Python package and a Chromium binary
 (Debian: `apt-get install chromium`; CHROMIUM_PATH overrides /usr/bin/chromium). Playwright drives
 that system browser; it downloads nothing. Without them these tests skip and say why.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from host.hostutil import fresh_name
+from comfyui.hostutil import fresh_name
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
