@@ -14,7 +14,7 @@ import random
 import torch
 
 from dopsd_core.toy.evaluator import load_evaluator
-from dopsd_core.toy.render import ALL_SHAPES, HELD_OUT_SHAPES, _mask, random_scene, render
+from dopsd_core.toy.render import ALL_SHAPES, HELD_OUT_SHAPES, random_scene, render, shape_mask
 
 
 def main():
@@ -29,13 +29,13 @@ def main():
     def iou(a, b):
         return ((a & b).sum() / (a | b).sum()).item()
 
-    known = [_mask(s, x, y) for s in ALL_SHAPES]
-    disc = _mask("circle", x, y).sum().item()
+    known = [shape_mask(s, x, y) for s in ALL_SHAPES]
+    disc = shape_mask("circle", x, y).sum().item()
     kept, masks = [], []
     for seed in range(1, 6000):
         if seed in args.skip:
             continue
-        m = _mask(f"blob:{seed}", x, y)
+        m = shape_mask(f"blob:{seed}", x, y)
         if m.sum().item() / disc < 0.4 or max(iou(m, k) for k in known) > 0.68 or any(iou(m, k) > 0.55 for k in masks):
             continue
         rng = random.Random(f"outline-check-{seed}")

@@ -58,7 +58,7 @@ class Scene:
         return "small" if self.radius < sum(RADIUS) / 2 else "large"
 
 
-def _mask(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def shape_mask(shape: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Inside-test on coordinates normalised so the shape's radius is 1 (y points down)."""
     r = torch.sqrt(x**2 + y**2)
     if shape == "circle":
@@ -124,7 +124,7 @@ def render(scene: Scene) -> torch.Tensor:
     if scene.angle:
         c, s = math.cos(scene.angle), math.sin(scene.angle)
         x, y = c * x + s * y, -s * x + c * y
-    cover = F.avg_pool2d(_mask(scene.shape, x, y).float()[None, None], SUPERSAMPLE)[0]  # [1, 32, 32]
+    cover = F.avg_pool2d(shape_mask(scene.shape, x, y).float()[None, None], SUPERSAMPLE)[0]  # [1, 32, 32]
     fg = torch.tensor(RGB[scene.colour]).view(3, 1, 1)
     bg = torch.tensor(RGB[scene.background]).view(3, 1, 1)
     return bg + (fg - bg) * cover
