@@ -6,40 +6,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import time
 from pathlib import Path
 
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
 from .family_spec import NAMES, TOY, spec_named
+from .progress import ProgressBar, StopOnSignal
 
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse prints the whole usage by default)
         raise DopsdError(f"{message} (see `{self.prog} --help`)")
-
-
-class ProgressBar:
-    """A terminal progress bar with loss and ETA; plain lines when stderr is not a terminal."""
-
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream = total, stream
-        self.tty = stream.isatty()
-        self.every = max(1, total // 20)
-
-    def update(self, info) -> None:
-        width = 24
-        filled = int(width * info.step / info.total)
-        eta = time.strftime("%H:%M:%S", time.gmtime(max(0.0, info.eta_s)))
-        line = (f"[{'#' * filled}{'-' * (width - filled)}] {info.step}/{info.total} loss {info.loss:.4g} "
-                f"lr {info.lr:.2g} {info.it_per_s:.2f} it/s ETA {eta}")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if info.step == info.total else ""))
-            self.stream.flush()
-        elif info.step % self.every == 0 or info.step == info.total:
-            self.stream.write(line + "\n")
 
 
 def load_model(name: str, weights: str | None = None):
@@ -112,7 +90,8 @@ def cmd_train(args) -> int:
     from .data import load_image_folder
     from .plot import image_grid, save_png
     from .prior import Prior, trigger_or_none
-    from .trainer import Callbacks, TrainConfig, Trainer, read_run_state
+    from .run_folder import read_run_state
+    from .trainer import Callbacks, TrainConfig, Trainer
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     # the prior is on by default for a new run (the toy study: it keeps most of what the base could do);
@@ -194,34 +173,6 @@ def _prior_prompts(args, mode: str, captions: list[str], trigger: str | None) ->
 def generic_prompts(model: str) -> list[str]:
     """The model family's built-in generic prompts for --prior-prompts auto."""
     return spec_named(model).prompts_for_prior()
-
-
-class StopOnSignal:
-    """SIGINT and SIGTERM (Ctrl-C, schedulers, rented machines) ask the trainer to stop after the
-    current step; it then saves that step and raises TrainingCancelled. A second signal while it
-    finishes the step or writes the save changes nothing (the save is atomic either way)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum, self.name, self._previous = 0, "", {}
-
-    def requested(self) -> bool:
-        return self.signum != 0
-
-    def _handle(self, signum, _frame) -> None:
-        if not self.signum:
-            self.signum, self.name = signum, signal.Signals(signum).name
-            print(f"\n{self.name}: stopping after this step and saving it", file=sys.stderr)
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def add_sample_parser(sub) -> None:

@@ -32,7 +32,6 @@ from .objectives import LOSS_WEIGHTS, STATES, TEACHERS, Batch, dopsd_backward, s
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at
 from .plot import write_loss_files
 from .prior import Prior, concepts_record, earlier_concepts
-from .run_folder import is_run_folder, read_run_state  # noqa: F401  TEMPORARY: cli.py imports them from here
 
 METHODS = ("dopsd", "sft")
 PRIOR_CLASS_IMAGES = 32  # SFT's prior: at least this many class images (more when there are more prompts)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import ProgressBar
 from ..errors import DopsdError
+from ..progress import ProgressBar
 
 
 def add_toy_parsers(sub) -> None:
