@@ -3,7 +3,7 @@ import counts, the lazy ones inside functions too: a circle closed by a lazy imp
 initialisation order matter, and still ties the two modules together.
 
 - No import circles in dopsd_core.
-- dopsd_core never imports the lab (experiments/) or the pack's nodes (nodes/).
+- dopsd_core never imports the lab (experiments/), the pack's nodes (nodes/) or tools/.
 - ComfyUI only inside functions (lazily), except in MODULE_LEVEL_COMFY, which only ComfyUI loads.
 - hosts/ is the top of the package: nothing else in dopsd_core imports it, so the core, the CLI and the
   toy never need ComfyUI.
@@ -22,7 +22,7 @@ HOSTS = "dopsd_core.hosts"
 COMFY = ("comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "node_helpers",
          "latent_preview", "execution")
 MODULE_LEVEL_COMFY = {"dopsd_core.hosts.comfy_toy"}  # the toy as ComfyUI objects: only ComfyUI imports it
-NEVER = ("experiments", "nodes")  # the lab, and the pack's nodes (the package's callers)
+NEVER = ("experiments", "nodes", "tools")  # the lab, the pack's nodes, the tools: the package's callers
 TOY = "dopsd_core.toy"
 # the training loop and its parts (the CLI, the family spec's toy entry and hosts/ may use the toy)
 CORE = tuple(f"dopsd_core.{m}" for m in ("trainer", "run_folder", "objectives", "prior", "denoiser", "lora",
@@ -188,9 +188,9 @@ def test_no_import_circles_in_the_package():
     assert not cycles, "import circles in dopsd_core:\n" + "\n".join(describe(c) for c in cycles)
 
 
-def test_the_package_never_imports_the_lab_or_the_nodes():
-    """experiments/ and nodes/ import dopsd_core, never the other way round: an installed package has
-    neither (pip installs dopsd_core alone)."""
+def test_the_package_never_imports_the_lab_the_nodes_or_the_tools():
+    """experiments/, nodes/ and tools/ import dopsd_core, never the other way round: an installed
+    package has none of them (pip installs dopsd_core alone)."""
     bad = [str(i) for i in all_imports() if any(under(i.target, n) for n in NEVER)]
     assert not bad, "\n".join(bad)
 
