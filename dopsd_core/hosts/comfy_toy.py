@@ -84,8 +84,8 @@ def load_toy_comfy(path: Path = BASE_WEIGHTS):
     """-> (ModelPatcher, ToyTextEncoderHandle). Weights are created outside inference mode, so they
     can be saved for backward when the toy trains inside a node."""
     if not Path(path).is_file():
-        raise DopsdError(f"toy weights {path} are missing; reinstall the pack or run `dopsd toy-pretrain` and "
-                         "`dopsd toy-distill`")
+        raise DopsdError(f"toy weights {path} are missing; reinstall the pack (a git checkout can also rebuild "
+                         "them: python -m experiments.toy.lab toy-pretrain, then toy-distill)")
     sd, meta = load_tensors(path)
     cfg = ToyConfig(**json.loads(meta["dopsd.toy_config"]))
     with torch.inference_mode(False):
