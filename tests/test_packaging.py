@@ -15,8 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
-    blocks = re.findall(r"```bash\n(.*?)\n```", readme.split("## Quickstart")[1].split("\n## ")[0], re.S)
-    assert len(blocks) == 2, "Quickstart must have exactly two commands"
+    all_blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    assert "custom_nodes" in all_blocks[0] and "requirements.txt" in all_blocks[0], \
+        "the README's first code block installs the pack into ComfyUI"
+    try_out = readme.split("## Try it on a CPU")[1].split("\n## ")[0]
+    blocks = re.findall(r"```bash\n(.*?)\n```", try_out, re.S)
+    assert len(blocks) == 2, "the CPU try-out must have exactly two commands: the demo and the tests"
+    assert "dopsd demo" in blocks[0]
     test_cmd = blocks[1].strip()
     pattern = re.search(r"grep -m1 -E '(.*?)' README.md", ci).group(1)
     matches = [line for line in readme.splitlines() if re.search(pattern, line)]
@@ -81,3 +86,9 @@ def test_python_m_entry_point():
     assert out.returncode == 0
     for cmd in ("train", "sample", "toy-data"):
         assert cmd in out.stdout
+
+
+def test_the_readme_stays_a_user_page():
+    """The README is for people installing from ComfyUI: under 20 KB, research in docs/."""
+    size = len((ROOT / "README.md").read_bytes())
+    assert size < 20_000, f"README.md is {size} bytes; move reference material into docs/"
