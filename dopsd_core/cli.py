@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 
+from . import distributed
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
 from .family_spec import NAMES, TOY, spec_named
 from .progress import ProgressBar, StopOnSignal
@@ -133,29 +135,41 @@ def cmd_train(args) -> int:
     def on_preview(step, images, _prompts):
         save_png(image_grid([images], scale=4), run_dir / "previews" / f"step_{step:06d}.png")
 
+    dist = distributed.from_env()  # torchrun: this process's rank; a plain run: rank 0 of 1
+    main = dist.is_main
     bar = ProgressBar(cfg.steps)
-    stop = StopOnSignal()
-    trainer = Trainer(den, records, cfg, run_dir,
-                      Callbacks(on_step=bar.update, on_preview=on_preview, should_stop=stop.requested),
-                      preview_prompts=prompts, init_lora=args.init_lora, resume=bool(args.resume),
-                      data_dir=str(Path(data).resolve()), prior=prior, trigger=trigger)
-    if args.resume:
-        print(f"resuming {run_dir} at step {trainer.step}/{cfg.steps}", file=sys.stderr)
+    stop = StopOnSignal(announce=main)
+    callbacks = Callbacks(on_step=bar.update if main else None, on_preview=on_preview if main else None,
+                          should_stop=stop.requested)
     try:
+        trainer = Trainer(den, records, cfg, run_dir, callbacks, preview_prompts=prompts, init_lora=args.init_lora,
+                          resume=bool(args.resume), data_dir=str(Path(data).resolve()), prior=prior, trigger=trigger,
+                          dist=dist)
+        if args.resume and main:
+            print(f"resuming {run_dir} at step {trainer.step}/{cfg.steps}", file=sys.stderr)
+        if dist.world > 1 and main:
+            print(f"data parallel: {dist.world} processes, {cfg.batch_size // dist.world} of the batch of "
+                  f"{cfg.batch_size} each", file=sys.stderr)
         with stop:
             result = trainer.run()
     except TrainingCancelled as e:
-        print(f"\n{stop.name}: stopped at step {e.step}; {run_dir} keeps it. Continue with: "
-              f"dopsd train --resume {run_dir} --steps {cfg.steps}", file=sys.stderr)
-        return 128 + stop.signum
+        if main:
+            print(f"\n{stop.name or 'another process'}: stopped at step {e.step}; {run_dir} keeps it. Continue with: "
+                  f"dopsd train --resume {run_dir} --steps {cfg.steps}", file=sys.stderr)
+        return 128 + (stop.signum or signal.SIGTERM)
     except (DopsdError, NonFiniteLoss):
         raise
     except BaseException as e:  # an error inside a step (e.g. out of memory): the trainer kept the step before
-        kept = f"{run_dir} keeps step {trainer.last_saved}" if trainer.last_saved is not None else "nothing was saved"
-        print(f"\n{type(e).__name__} during step {trainer.step + 1}; {kept}. Continue with: "
-              f"dopsd train --resume {run_dir} --steps {cfg.steps}", file=sys.stderr)
+        if main:
+            kept = f"{run_dir} keeps step {trainer.last_saved}" if trainer.last_saved is not None else "nothing was saved"
+            print(f"\n{type(e).__name__} during step {trainer.step + 1}; {kept}. Continue with: "
+                  f"dopsd train --resume {run_dir} --steps {cfg.steps}", file=sys.stderr)
         raise
-    print(f"trained {result.steps_done} steps; LoRA: {run_dir / 'lora.safetensors'}  loss curve: {run_dir / 'loss.png'}")
+    finally:
+        distributed.shutdown(dist)
+    if main:
+        print(f"trained {result.steps_done} steps; LoRA: {run_dir / 'lora.safetensors'}  loss curve: "
+              f"{run_dir / 'loss.png'}")
     return 0
 
 

@@ -25,6 +25,16 @@ class Batch:
     x0: torch.Tensor  # [B, C, H, W] clean latents (SFT's target; D-OPSD only uses its shape)
     student_ctx: Context  # caption only
     teacher_ctx: Context  # caption + the target image in context
+    # Data parallelism: these B rows are rows[start:stop] of a global batch of global_size. Noise is drawn
+    # for the whole global batch and sliced, so a row's noise does not depend on how the batch is split.
+    rows: slice | None = None
+    global_size: int | None = None
+
+    def noise(self, generator: torch.Generator) -> torch.Tensor:
+        """Standard normal noise of this batch's rows, drawn for the whole global batch."""
+        if self.rows is None:
+            return torch.randn(self.x0.shape, generator=generator)
+        return torch.randn((self.global_size, *self.x0.shape[1:]), generator=generator)[self.rows]
 
 
 def step_weight(kind: str, sigma: float, sigma_next: float) -> float:
@@ -57,7 +67,7 @@ def dopsd_backward(denoiser: Denoiser, batch: Batch, sigmas: list[float], genera
     B = batch.x0.shape[0]
     device = batch.x0.device
     supervised = list(range(K)) if states == "all" else [int(torch.randint(K, (1,), generator=generator))]
-    x = torch.randn(batch.x0.shape, generator=generator).to(device) * sigmas[0]  # x_{sigma_0 = 1} = eps
+    x = batch.noise(generator).to(device) * sigmas[0]  # x_{sigma_0 = 1} = eps
     if supervised[0] > 0:
         # one-state mode: the student's own prefix with no autograd bookkeeping at all (inference_mode),
         # then one plain copy of the state so autograd may use it
@@ -92,8 +102,11 @@ def sft_backward(denoiser: Denoiser, batch: Batch, shift: float, generator: torc
     lora = denoiser.lora()
     B = batch.x0.shape[0]
     device = batch.x0.device
-    sigma = logit_normal_sigmas(B, shift, generator).to(device)
-    eps = torch.randn(batch.x0.shape, generator=generator).to(device)
+    if batch.rows is None:
+        sigma = logit_normal_sigmas(B, shift, generator).to(device)
+    else:  # drawn for the global batch, as the noise
+        sigma = logit_normal_sigmas(batch.global_size, shift, generator)[batch.rows].to(device)
+    eps = batch.noise(generator).to(device)
     s4 = sigma.reshape(-1, 1, 1, 1)
     x_t = (1 - s4) * batch.x0 + s4 * eps
     with lora.use("student"):

@@ -35,8 +35,9 @@ class StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signum, self.name, self._previous = 0, "", {}
+        self.announce = announce  # data parallelism: rank 0 speaks for all
 
     def requested(self) -> bool:
         return self.signum != 0
@@ -44,7 +45,8 @@ class StopOnSignal:
     def _handle(self, signum, _frame) -> None:
         if not self.signum:
             self.signum, self.name = signum, signal.Signals(signum).name
-            print(f"\n{self.name}: stopping after this step and saving it", file=sys.stderr)
+            if self.announce:
+                print(f"\n{self.name}: stopping after this step and saving it", file=sys.stderr)
 
     def __enter__(self):
         for sig in self.SIGNALS:

@@ -25,6 +25,7 @@ import torch
 
 from . import __version__, run_folder
 from .denoiser import Denoiser, PromptDenoiser, Record, sample
+from .distributed import SINGLE, Dist
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
 from .fileio import load_tensors, save_tensors
 from .lora import lora_metadata, read_lora_file
@@ -154,8 +155,11 @@ class Trainer:
                  callbacks: Callbacks | None = None, preview_prompts: list[str] | None = None,
                  init_lora: Path | None = None, resume: bool = False, data_dir: str | None = None,
                  preview_fn: Callable[[], torch.Tensor] | None = None, prior: Prior | None = None,
-                 trigger: str | None = None):
+                 trigger: str | None = None, dist: Dist = SINGLE):
         self.den, self.records, self.cfg = denoiser, records, cfg.validate()
+        self.dist = dist  # data parallelism (distributed.py): this rank's share of every global batch
+        self.rows = dist.share(cfg.batch_size)
+        self.prior_rows = dist.share(cfg.prior_batch, "prior batch") if cfg.prior_weight > 0 else None
         self.prior = prior if cfg.prior_weight > 0 else None
         if cfg.prior_weight > 0 and not (prior and prior.captions):
             raise DopsdError("a prior weight > 0 needs prior prompts (CLI: --prior-prompts auto or a file; ComfyUI: "
@@ -190,7 +194,8 @@ class Trainer:
         if resume:
             self._resume()
         else:
-            run_folder.check_fresh_out_dir(self.run_dir)
+            if dist.is_main:
+                run_folder.check_fresh_out_dir(self.run_dir)
             if init_lora:
                 sd, meta = read_lora_file(Path(init_lora))
                 self.lora.load_state_dict_comfy(sd, "student", source=f"--init-lora {init_lora}")
@@ -204,7 +209,7 @@ class Trainer:
         c = self.cfg
         start_step, t0 = self.step, time.perf_counter()
         while self.step < c.steps:
-            if self.cb.should_stop and self.cb.should_stop():
+            if self.dist.any(bool(self.cb.should_stop and self.cb.should_stop())):  # every rank stops together
                 self._save_at_stop()
                 raise TrainingCancelled(self.step, self.last_saved)
             with self._saved_if_stopped():  # a stop inside the step: the step before it
@@ -234,7 +239,7 @@ class Trainer:
         rng_at_start = self.gen.get_state()
         try:
             losses = [self._micro_step(self.draw_batch(), 1.0 / c.grad_accum) for _ in range(c.grad_accum)]
-            loss = sum(losses) / len(losses)
+            loss = self._mean_over_ranks(sum(losses) / len(losses))
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
             if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                 raise NonFiniteLoss(self.step + 1, self.last_saved,
@@ -251,6 +256,18 @@ class Trainer:
         self.history.append(loss)
         self._lr = lr
         return loss
+
+    def _mean_over_ranks(self, loss: float) -> float:
+        """Data parallelism: gradients and the loss become their means over ranks (one all-reduce), so
+        every rank steps alike. One process: nothing to do."""
+        if self.dist.world == 1:
+            return loss
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        loss_t = torch.tensor([loss], dtype=torch.float32)
+        self.dist.mean_([p.grad for p in self.params] + [loss_t])
+        return float(loss_t.item())
 
     @contextlib.contextmanager
     def _saved_if_stopped(self):
@@ -270,7 +287,8 @@ class Trainer:
 
     # --- what a step draws, and its losses ------------------------------------------------------------
     def draw_batch(self) -> Batch:
-        """batch_size records of one latent size, one caption variant each, from the training stream."""
+        """batch_size records of one latent size, one caption variant each, from the training stream: the
+        whole global batch is drawn on every rank, which keeps its rows."""
         if len(self.buckets) == 1:
             idx = torch.randint(len(self.records), (self.cfg.batch_size,), generator=self.gen).tolist()
         else:  # aspect buckets: a batch shares one latent size; a bucket is drawn as often as it has images
@@ -278,14 +296,19 @@ class Trainer:
             bucket = self.buckets[tuple(self.records[first].x0.shape)]
             rest = torch.randint(len(bucket), (self.cfg.batch_size - 1,), generator=self.gen).tolist()
             idx = [first] + [bucket[j] for j in rest]
-        xs, cs, ct = [], [], []
-        for i in idx:
-            r = self.records[i]
-            v = int(torch.randint(len(r.captions), (1,), generator=self.gen))
-            xs.append(r.x0)
-            cs.append(r.student_ctx[v])
-            ct.append(r.teacher_ctx[v])
-        return Batch(torch.stack(xs), self.den.batch_contexts(cs), self.den.batch_contexts(ct))
+        variants = [int(torch.randint(len(self.records[i].captions), (1,), generator=self.gen)) for i in idx]
+        picked = list(zip(idx, variants))[self.rows]
+        xs = [self.records[i].x0 for i, _ in picked]
+        cs = [self.records[i].student_ctx[v] for i, v in picked]
+        ct = [self.records[i].teacher_ctx[v] for i, v in picked]
+        return Batch(torch.stack(xs), self.den.batch_contexts(cs), self.den.batch_contexts(ct), *self._split())
+
+    def _split(self, prior: bool = False) -> tuple[slice | None, int | None]:
+        """Batch.rows / global_size of this rank's share (None, None with one process: the stream is the
+        single-process one either way)."""
+        if self.dist.world == 1:
+            return None, None
+        return (self.prior_rows, self.cfg.prior_batch) if prior else (self.rows, self.cfg.batch_size)
 
     def _micro_step(self, batch: Batch, scale: float) -> float:
         c = self.cfg
@@ -310,8 +333,10 @@ class Trainer:
     def _prior_batch(self, shape: tuple[int, ...]) -> Batch:
         """prior_batch prompts drawn from the prior; x0 only gives the roll-out its shape."""
         idx = torch.randint(len(self.prior.contexts), (self.cfg.prior_batch,), generator=self.gen).tolist()
+        idx = idx[self.prior_rows]
         ctx = self._batch_prior_contexts(idx)
-        return Batch(torch.zeros((len(idx), *shape), device=self.records[0].x0.device), ctx, ctx)
+        return Batch(torch.zeros((len(idx), *shape), device=self.records[0].x0.device), ctx, ctx,
+                     *self._split(prior=True))
 
     def _batch_prior_contexts(self, idx: list[int]):
         try:
@@ -322,8 +347,9 @@ class Trainer:
 
     def _class_batch(self) -> Batch:
         idx = torch.randint(len(self.class_latents), (self.cfg.prior_batch,), generator=self.gen).tolist()
+        idx = idx[self.prior_rows]
         ctx = self._batch_prior_contexts(idx)
-        return Batch(self.class_latents[idx], ctx, ctx)
+        return Batch(self.class_latents[idx], ctx, ctx, *self._split(prior=True))
 
     @torch.no_grad()
     def _class_latents(self) -> torch.Tensor:
@@ -343,7 +369,8 @@ class Trainer:
         with self.lora.use("anchor"):  # one at a time: contexts of different lengths do not batch (Z-Image)
             latents = torch.cat([sample(self.den, self.prior.contexts[i % len(captions)], (1, *shape), sigmas, gen,
                                         device=device) for i in range(n)])
-        save_tensors({"latents": latents}, path, {"dopsd.key": key, "dopsd.prompts": json.dumps(captions)})
+        if self.dist.is_main:  # every rank samples the same images; one writes them
+            save_tensors({"latents": latents}, path, {"dopsd.key": key, "dopsd.prompts": json.dumps(captions)})
         return latents
 
     # --- previews ------------------------------------------------------------------------------------
@@ -372,7 +399,10 @@ class Trainer:
 
     def save(self) -> None:
         """The current step as the run folder's newest generation (run_folder.save: the tensors, then the
-        commit, then the cleanup), then the loss files."""
+        commit, then the cleanup), then the loss files. Data parallelism: rank 0 writes, every rank counts it."""
+        if not self.dist.is_main:
+            self.last_saved = self.step
+            return
         run_folder.save(
             self.run_dir, self.step, self.lora, self.lora_metadata(), self.opt, self.gen,
             anchor=bool(self.init_lora),  # the prior's teacher after a warm start (a fresh run's is its init)
