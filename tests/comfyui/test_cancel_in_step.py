@@ -153,9 +153,11 @@ def test_post_interrupt_at_a_random_moment_keeps_a_resumable_step(comfy, folders
     live = next(r for r in comfy.get("/dopsd/runs")["runs"] if r["run"] == run)
     assert live["status"] == "cancelled" and live["saved_step"] == state["step"], live
 
+    stopped = state
     _ok(comfy, _toy_workflow_graph(comfy, folders["toy"], run, resume=True))
     state, _, lora_step = run_state(comfy, run)
     assert state["step"] == 40 and lora_step == "40" and len(state["history"]) == 40
+    assert state["history"][:stopped["step"]] == stopped["history"]  # it went on from the stop step
 
 
 @pytest.mark.parametrize("family", ("flux2-klein", "z-image"))
