@@ -8,6 +8,7 @@ import torch
 
 from ..data import load_image_folder
 from ..denoiser import sample
+from ..family_spec import TOY
 from ..fileio import save_json
 from ..lora import read_lora_file
 from ..plot import image_grid, save_png
@@ -18,13 +19,14 @@ from .evaluator import WEIGHTS as EVALUATOR_WEIGHTS, load_evaluator
 from .metrics import ToyMetrics
 from .render import CONCEPT_TOKEN, export_concept_folder
 
-# The toy's default budget, D-OPSD and SFT alike (equal steps, lr, rank, batch, data), with the prior below.
+# The toy's default budget (read from its family spec), D-OPSD and SFT alike (equal steps, lr, rank, batch,
+# data), with the prior below.
 # From the trade-off study's budget stage (experiments/toy/study): D-OPSD + prior at lr 3e-3 meets the
 # fidelity, retention and leak aims at step 300 (85 / 88 / 2 %, mean of 3 concepts x 3 seeds) and at step
 # 400 (86 / 89 / 2 %); 300 is kept: within sampling error of 400, a quarter cheaper, and `dopsd demo`
 # stays under 5 minutes on 2 cores.
-TOY_BUDGET = dict(steps=300, rank=16, alpha=16.0, lr=3e-3, batch_size=4)
-TOY_PRIOR = dict(prior_weight=1.0, prior_batch=4)  # with `auto` prior prompts: one prior roll-out per sample
+TOY_BUDGET = dict(steps=TOY.steps, rank=TOY.rank, alpha=TOY.alpha, lr=TOY.lr, batch_size=TOY.batch_size)
+TOY_PRIOR = dict(prior_weight=TOY.prior_weight, prior_batch=TOY.prior_batch)  # `auto` prompts: one roll-out per sample
 
 
 def concept_data(shape: str, root: Path) -> Path:
