@@ -112,7 +112,8 @@ class ToyFamily(Family):
         return weights_id(inputs.toy_text_encoder, "encoder", "cond_stage_model"), ""
 
     def encode_images(self, items: list[ImageItem], vae) -> list[torch.Tensor]:
-        return [item.image * 2.0 - 1.0 for item in items]  # the toy's "VAE" is the identity on [-1, 1]
+        from ..toy.denoiser import image_to_latent  # the toy's "VAE": the identity on [-1, 1]
+        return [image_to_latent(item.image) for item in items]
 
     def student_encoder(self, inputs: EncoderInputs) -> EncodeText:
         def encode(caption: str):

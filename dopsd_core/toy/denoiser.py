@@ -12,6 +12,7 @@ import torch
 from ..denoiser import Record
 from ..errors import DopsdError
 from ..fileio import load_tensors, save_tensors
+from ..family_spec import TOY
 from ..lora import LoraSet, find_targets
 from ..schedule import comfy_simple_sigmas
 from .model import ToyConfig, ToyDiT
@@ -24,7 +25,7 @@ BASE_WEIGHTS = WEIGHTS_DIR / "toy_base.safetensors"  # the 4-step distilled turb
 SHIFT = 3.0  # flow shift of the toy: ComfyUI's `simple` scheduler at 4 steps gives 1, .9, .75, .5, 0
 TRAIN_SHIFT = 3.0  # logit-normal shift of the base's training sigmas (experiments/toy/lab/pretrain.py says why)
 EMPTY_CAPTION = ""  # the unconditional prompt of classifier-free guidance (trained by the lab's pretrain.py)
-LORA_TARGETS = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))"
+LORA_TARGETS = TOY.lora_targets  # the family spec's
 
 
 @dataclass
