@@ -69,7 +69,7 @@ class FamilySpec:
 
     def prompts_for_prior(self) -> list[str]:
         if self.name == "toy":
-            from .toy.metrics import prior_prompts
+            from .toy.render import prior_prompts  # the toy's vocabulary, not a model
             return prior_prompts()
         return list(self.generic_prompts)
 

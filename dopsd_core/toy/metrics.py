@@ -36,19 +36,6 @@ def unrelated_prompts(n: int = 192, seed: int = 0) -> list[tuple[str, str, str, 
     return out
 
 
-def prior_prompts() -> list[str]:
-    """The toy's generic prompts for --prior-prompts auto: every seen shape in every colour without a
-    background, every seen shape on every background without a colour, and the concept tokens no
-    held-out concept uses ([V4]..[V8]). Worded differently from every evaluation prompt set here, so
-    that retention and leak are measured on prompts the prior never trained on."""
-    from .text import CONCEPT_TOKENS
-    free_tokens = [t.upper() for t in CONCEPT_TOKENS if t.upper() not in CONCEPT_TOKEN.values() and t != "[v]"]
-    return ([f"a {c} {s}" for s in SEEN_SHAPES for c in COLOURS]
-            + [f"a {s} on a {b} background" for s in SEEN_SHAPES for b in BACKGROUNDS]
-            + [f"a {c} {t} on a {b} background" for i, t in enumerate(free_tokens)
-               for c, b in zip(COLOURS[i::2], BACKGROUNDS)])
-
-
 FIDELITY_PROMPTS, FIDELITY_SEEDS = 24, 4  # 96 concept samples per evaluation
 CROSS_PROMPTS = 24  # per other concept token
 

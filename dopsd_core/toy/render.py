@@ -175,3 +175,16 @@ def export_concept_folder(shape: str, out: Path, n: int = 6, seed: int = 0) -> l
         save_png(to_pil(render(sc).permute(1, 2, 0)), out / f"{shape}_{i:02d}.png")
         save_bytes(("\n".join(caption_variants(sc, CONCEPT_TOKEN[shape])) + "\n").encode(), out / f"{shape}_{i:02d}.txt")
     return scenes
+
+
+def prior_prompts() -> list[str]:
+    """The toy's generic prompts for --prior-prompts auto: every seen shape in every colour without a
+    background, every seen shape on every background without a colour, and the concept tokens no
+    held-out concept uses ([V4]..[V8]). Worded differently from every evaluation prompt set in metrics.py, so
+    that retention and leak are measured on prompts the prior never trained on."""
+    from .text import CONCEPT_TOKENS
+    free_tokens = [t.upper() for t in CONCEPT_TOKENS if t.upper() not in CONCEPT_TOKEN.values() and t != "[v]"]
+    return ([f"a {c} {s}" for s in SEEN_SHAPES for c in COLOURS]
+            + [f"a {s} on a {b} background" for s in SEEN_SHAPES for b in BACKGROUNDS]
+            + [f"a {c} {t} on a {b} background" for i, t in enumerate(free_tokens)
+               for c, b in zip(COLOURS[i::2], BACKGROUNDS)])

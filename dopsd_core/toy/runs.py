@@ -54,7 +54,7 @@ def auto_prior(shape: str, data_root: Path, init_lora: Path | None = None, class
     """`--prior-prompts auto` for a toy concept (its captions, the empty prompt, an init LoRA's concepts,
     the toy's generic prompts)."""
     from ..prior import auto_prior_prompts, earlier_concepts
-    from .metrics import prior_prompts
+    from .render import prior_prompts
     captions = [c for item in load_image_folder(concept_data(shape, data_root), 32) for c in item.captions]
     earlier = earlier_concepts(read_lora_file(init_lora)[1]) if init_lora else []
     return auto_prior_prompts(captions, CONCEPT_TOKEN[shape], class_word, prior_prompts(), earlier)

@@ -107,7 +107,7 @@ def test_dataset_is_cached_on_disk_by_content(comfy):
 def test_auto_prior_prompts_are_built_and_cached_by_the_dataset_node(comfy):
     """'auto': the captions with the trigger removed (or the class word), the empty prompt and the toy's
     generic prompts; the cache key covers them (another class word, another cached dataset)."""
-    from dopsd_core.toy.metrics import prior_prompts
+    from dopsd_core.toy.render import prior_prompts
     data = comfy.input_dir / "toy_star_prior"
     if not data.exists():  # 3 images: no other test's data, so its datasets are cached here first
         export_concept_folder("star", data, n=3)

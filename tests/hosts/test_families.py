@@ -193,7 +193,7 @@ def test_generic_prompts_are_non_empty_and_unique():
 
 
 def test_toy_generic_prompts_are_the_toys_own():
-    from dopsd_core.toy.metrics import prior_prompts
+    from dopsd_core.toy.render import prior_prompts
     prompts = ToyFamily().generic_prompts()
     _assert_prompt_list(prompts)
     assert prompts == prior_prompts()

@@ -7,7 +7,7 @@ import torch
 from dopsd_core.errors import DopsdError
 from dopsd_core.fileio import save_tensors
 from dopsd_core.toy import runs
-from dopsd_core.toy.metrics import prior_prompts
+from dopsd_core.toy.render import prior_prompts
 from dopsd_core.toy.render import CONCEPT_TOKEN
 
 

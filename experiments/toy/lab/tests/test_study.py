@@ -6,7 +6,8 @@ import pytest
 
 from dopsd_core.errors import DopsdError
 from experiments.toy.lab import chains as chains_mod, stages, study, study_report
-from dopsd_core.toy.metrics import prior_prompts, unrelated_prompts
+from dopsd_core.toy.metrics import unrelated_prompts
+from dopsd_core.toy.render import prior_prompts
 from testutil import needs_weights
 
 
