@@ -10,7 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from . import distributed
+from . import distributed, tensorboard_log
+from .tensorboard_log import LOG_WITH
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
 from .family_spec import NAMES, TOY, spec_named
 from .progress import ProgressBar, StopOnSignal
@@ -66,6 +67,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--save-every", type=int, help="save the run folder every N steps (default: at the end)")
     p.add_argument("--preview-every", type=int, help="write preview samples every N steps (default: never)")
     p.add_argument("--checkpointing", action="store_true", default=None, help="per-block gradient checkpointing")
+    p.add_argument("--log-with", choices=LOG_WITH, default="none",
+                   help="also log scalars and previews for TensorBoard under RUN_DIR/tensorboard (needs the "
+                        "tensorboard package); loss.csv and loss.png are written either way")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the denoiser (20-35 s compile per graph; pays off only on long runs)")
     p.add_argument("--seed", type=int, help=f"(default {d.seed})")
@@ -135,18 +139,24 @@ def cmd_train(args) -> int:
     def on_preview(step, images, _prompts):
         save_png(image_grid([images], scale=4), run_dir / "previews" / f"step_{step:06d}.png")
 
+    tensorboard_log.require(args.log_with)
     dist = distributed.from_env()  # torchrun: this process's rank; a plain run: rank 0 of 1
     main = dist.is_main
     bar = ProgressBar(cfg.steps)
     stop = StopOnSignal(announce=main)
     callbacks = Callbacks(on_step=bar.update if main else None, on_preview=on_preview if main else None,
                           should_stop=stop.requested)
+    tb = None
     try:
         trainer = Trainer(den, records, cfg, run_dir, callbacks, preview_prompts=prompts, init_lora=args.init_lora,
                           resume=bool(args.resume), data_dir=str(Path(data).resolve()), prior=prior, trigger=trigger,
                           dist=dist)
         if args.resume and main:
             print(f"resuming {run_dir} at step {trainer.step}/{cfg.steps}", file=sys.stderr)
+        tb = tensorboard_log.open_log(args.log_with, run_dir, trainer.step) if main else None
+        if tb:
+            callbacks.on_step = tensorboard_log.chain(callbacks.on_step, tb.step)
+            callbacks.on_preview = tensorboard_log.chain(callbacks.on_preview, lambda step, images, _: tb.preview(step, images))
         if dist.world > 1 and main:
             print(f"data parallel: {dist.world} processes, {cfg.batch_size // dist.world} of the batch of "
                   f"{cfg.batch_size} each", file=sys.stderr)
@@ -166,6 +176,8 @@ def cmd_train(args) -> int:
                   f"dopsd train --resume {run_dir} --steps {cfg.steps}", file=sys.stderr)
         raise
     finally:
+        if tb:
+            tb.close()
         distributed.shutdown(dist)
     if main:
         print(f"trained {result.steps_done} steps; LoRA: {run_dir / 'lora.safetensors'}  loss curve: "

@@ -115,10 +115,12 @@ class TrainConfig:
 class StepInfo:
     step: int
     total: int
-    loss: float
+    loss: float  # the step's loss: the concept term plus prior_weight x the prior term
     lr: float
     it_per_s: float
     eta_s: float
+    grad_norm: float | None = None  # before clipping
+    prior_loss: float | None = None  # the prior term alone (None without a prior): the run's measure of drift
 
 
 @dataclass
@@ -189,6 +191,7 @@ class Trainer:
         denoiser.set_checkpointing(cfg.checkpointing)
         self.step_den = CompiledDenoiser(denoiser) if cfg.compile else denoiser  # what the objectives call
         self.step, self.history, self.last_saved = 0, [], None
+        self._lr = self._grad_norm = self._prior_loss = None  # the last step's, for on_step
         self.init_lora = str(init_lora) if init_lora else None
         self.concepts = concepts_record([c for r in records for c in r.captions], trigger)
         if resume:
@@ -218,7 +221,8 @@ class Trainer:
                 done = self.step - start_step
                 rate = done / max(time.perf_counter() - t0, 1e-9)
                 if self.cb.on_step:
-                    self.cb.on_step(StepInfo(self.step, c.steps, loss, self._lr, rate, (c.steps - self.step) / rate))
+                    self.cb.on_step(StepInfo(self.step, c.steps, loss, self._lr, rate, (c.steps - self.step) / rate,
+                                             self._grad_norm, self._prior_loss))
             if (c.save_every and self.step % c.save_every == 0) or self.step == c.steps:
                 self.save()
             if c.preview_every and self.preview_fn and self.cb.on_preview and (
@@ -238,8 +242,10 @@ class Trainer:
             group["lr"] = lr
         rng_at_start = self.gen.get_state()
         try:
+            self._prior_parts = []
             losses = [self._micro_step(self.draw_batch(), 1.0 / c.grad_accum) for _ in range(c.grad_accum)]
-            loss = self._mean_over_ranks(sum(losses) / len(losses))
+            prior = sum(self._prior_parts) / len(self._prior_parts) if self._prior_parts else None
+            loss, prior = self._mean_over_ranks(sum(losses) / len(losses), prior)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
             if not (math.isfinite(loss) and torch.isfinite(grad_norm)):
                 raise NonFiniteLoss(self.step + 1, self.last_saved,
@@ -254,20 +260,20 @@ class Trainer:
             self.lora.ema_update(c.ema_decay)
         self.step += 1
         self.history.append(loss)
-        self._lr = lr
+        self._lr, self._grad_norm, self._prior_loss = lr, float(grad_norm), prior
         return loss
 
-    def _mean_over_ranks(self, loss: float) -> float:
-        """Data parallelism: gradients and the loss become their means over ranks (one all-reduce), so
+    def _mean_over_ranks(self, loss: float, prior: float | None) -> tuple[float, float | None]:
+        """Data parallelism: gradients and the losses become their means over ranks (one all-reduce), so
         every rank steps alike. One process: nothing to do."""
         if self.dist.world == 1:
-            return loss
+            return loss, prior
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        loss_t = torch.tensor([loss], dtype=torch.float32)
-        self.dist.mean_([p.grad for p in self.params] + [loss_t])
-        return float(loss_t.item())
+        losses = torch.tensor([loss, 0.0 if prior is None else prior], dtype=torch.float32)
+        self.dist.mean_([p.grad for p in self.params] + [losses])
+        return float(losses[0]), None if prior is None else float(losses[1])
 
     @contextlib.contextmanager
     def _saved_if_stopped(self):
@@ -318,16 +324,20 @@ class Trainer:
             loss = dopsd_backward(self.step_den, batch, sigmas, self.gen, teacher=c.teacher,
                                   loss_weight=c.loss_weight, states=c.states, loss_scale=scale)["loss"]
             if self.prior:  # on-policy prior: the starting model, text only, on the student's own states
-                loss += c.prior_weight * dopsd_backward(
-                    self.step_den, self._prior_batch(shape), sigmas, self.gen, teacher="start",
-                    loss_weight=c.loss_weight, states=c.states, loss_scale=scale * c.prior_weight)["loss"]
+                prior = dopsd_backward(self.step_den, self._prior_batch(shape), sigmas, self.gen, teacher="start",
+                                       loss_weight=c.loss_weight, states=c.states,
+                                       loss_scale=scale * c.prior_weight)["loss"]
+                self._prior_parts.append(prior)
+                loss += c.prior_weight * prior
         else:
             # SFT draws sigma from the model's own training distribution
             shift = getattr(self.den, "train_shift", self.den.shift)
             loss = sft_backward(self.step_den, batch, shift, self.gen, loss_scale=scale)["loss"]
             if self.prior:  # DreamBooth's prior: flow matching on the cached class images
-                loss += c.prior_weight * sft_backward(self.step_den, self._class_batch(), shift, self.gen,
-                                                      loss_scale=scale * c.prior_weight)["loss"]
+                prior = sft_backward(self.step_den, self._class_batch(), shift, self.gen,
+                                     loss_scale=scale * c.prior_weight)["loss"]
+                self._prior_parts.append(prior)
+                loss += c.prior_weight * prior
         return loss
 
     def _prior_batch(self, shape: tuple[int, ...]) -> Batch:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from comfy_api.latest import io
 
+from ..dopsd_core import tensorboard_log
 from ..dopsd_core.errors import DopsdError, TrainingCancelled
 from ..dopsd_core.family_spec import DEFAULT_PRESET, PRESET_LABELS, defaults_text, node_config, spec_named
 from ..dopsd_core.objectives import LOSS_WEIGHTS, STATES, TEACHERS
@@ -98,7 +100,10 @@ def late_inputs():
                            tooltip="Continue from a LoRA in models/loras (as ComfyUI's Train LoRA's existing_lora): "
                                    "a new run whose student, EMA teacher and prior anchor start from it. Its "
                                    "concepts stay in the new LoRA's metadata; to keep them, put their captions in "
-                                   "the dataset's prior_prompts. A resumed run keeps the LoRA it started from.")]
+                                   "the dataset's prior_prompts. A resumed run keeps the LoRA it started from."),
+            io.Boolean.Input("tensorboard", default=False, optional=True,
+                             tooltip="Also write TensorBoard logs (loss, prior loss, lr, grad norm, it/s, previews) "
+                                     "to output/dopsd/<run_name>/tensorboard (needs: pip install tensorboard).")]
 
 
 NO_LORA = "[none]"
@@ -121,7 +126,7 @@ def init_lora_path(name: str | None) -> Path | None:
 
 
 def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offload: bool = False,
-                 init_lora: str | None = None):
+                 init_lora: str | None = None, tensorboard: bool = False):
     import comfy.model_management as mm
     import comfy.utils
     from server import PromptServer
@@ -157,10 +162,17 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offloa
             grid.paste(tile.resize((w * scale, h * scale), Image.NEAREST), (i * w * scale, 0))
         png = run_dir / "previews" / f"step_{step:06d}.png"
         save_png(grid, png)
+        if tb:
+            import numpy as np
+            tb.preview(step, torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None])
         pbar.update_absolute(step, cfg.steps, ("JPEG", grid, 512))
         live.run_preview(node_id, run_id, step, png)
 
     callbacks = Callbacks(on_step=on_step, on_preview=on_preview, should_stop=mm.processing_interrupted)
+    tb = None
+    if tensorboard:
+        tb = tensorboard_log.open_log("tensorboard", run_dir, (saved_step(run_dir) or 0) if resume else 0)
+        callbacks.on_step = tensorboard_log.chain(on_step, tb.step)
     run_id = live.run_started(node_id, run_name, cfg.method, cfg.steps)
     status = "error"
     try:
@@ -175,6 +187,8 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offloa
         status = "cancelled"                  # saved the last complete step
         raise
     finally:
+        if tb:
+            tb.close()
         live.run_finished(node_id, run_id, status, saved_step(run_dir))
     return io.NodeOutput(patched, lora_sd, {"loss": history})
 
@@ -206,11 +220,11 @@ class DOPSDTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, k, teacher, ema_decay, loss_weight,
-                states, offload=False, prior_weight=1.0, prior_batch=0, init_lora=NO_LORA):
+                states, offload=False, prior_weight=1.0, prior_batch=0, init_lora=NO_LORA, tensorboard=False):
         cfg = make_config("dopsd", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, k=k, teacher=teacher, ema_decay=ema_decay,
                           loss_weight=loss_weight, states=states, prior_weight=prior_weight, prior_batch=prior_batch)
-        return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora)
+        return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora, tensorboard)
 
 
 class DOPSDSFTTrainer(io.ComfyNode):
@@ -229,10 +243,10 @@ class DOPSDSFTTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, offload=False, prior_weight=1.0,
-                prior_batch=0, init_lora=NO_LORA):
+                prior_batch=0, init_lora=NO_LORA, tensorboard=False):
         cfg = make_config("sft", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, prior_weight=prior_weight, prior_batch=prior_batch)
-        return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora)
+        return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora, tensorboard)
 
 
 NODES = [DOPSDTrainer, DOPSDSFTTrainer]
