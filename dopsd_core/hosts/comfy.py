@@ -68,11 +68,15 @@ class ComfyDenoiser:
     # --- Denoiser interface --------------------------------------------------------------------
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, ctx: ComfyContext) -> torch.Tensor:
         topts = dict(self.patcher.model_options.get("transformer_options", {}))  # DiTs mutate it: fresh copy
-        if self.fam.in_place_blocks and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             # FLUX.2 blocks update their hidden states in place (img += ..., x += ...) after autograd saved
             # them. Saving a copy of every activation autograd keeps (tensors that require grad) makes
             # backward work; frozen weights are saved by reference, so the cost is the activations only.
-            with torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, _identity):
+            # Weights ComfyUI casts per forward (an fp8 or bf16 base computed in another dtype: comfy.ops'
+            # manual cast) are saved as a recipe and cast again in backward (SavedWeightRecast).
+            hooks = SavedWeightRecast(copy_activations=self.fam.in_place_blocks)
+            self.recast_stats = hooks
+            with hooks.tagging(), torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
                 return self.base.apply_model(x_t, sigma, transformer_options=topts, **ctx.kwargs)
         return self.base.apply_model(x_t, sigma, transformer_options=topts, **ctx.kwargs)
 
@@ -146,19 +150,96 @@ class ComfyDenoiser:
         return ComfyContext({k: _clone_tree(v) for k, v in kwargs.items()})
 
 
+RECAST_SAVED_WEIGHTS = True  # off: autograd keeps every cast weight until backward (the pre-fix behaviour)
+
+
+@dataclass
+class _Recast:
+    """What autograd keeps instead of a cast copy of a frozen weight: the module, the cast's dtype and
+    device, and the view autograd saved (e.g. the transposed weight of a matmul)."""
+    module: Any
+    dtype: torch.dtype
+    device: torch.device
+    shape: tuple
+    size: tuple
+    stride: tuple
+    offset: int
+
+
+class SavedWeightRecast:
+    """saved_tensors_hooks that keep no cast copies of frozen base weights for backward.
+
+    ComfyUI computes a base stored in another dtype (fp8 weight_dtype, a pre-quantized fp8 file, a bf16
+    base on a device without bf16 compute) by casting each Linear's weight per forward (comfy.ops
+    cast_bias_weight). Autograd saves that cast copy for the input gradient, so without checkpointing a
+    training forward held a second, wider copy of every weight until backward: for klein-4B on the CPU
+    (bf16 stored, fp32 compute) 15.5 GB on top of the 7.75 GB base, which ran a 24 GB machine out of memory
+    (docs/logs/full_size_klein-4b.txt); on a GPU with an fp8 base, a bf16 copy (7.75 GB for klein-4B).
+    Here each cast copy is tagged when it is made (only while this is active) and saved as a recipe that
+    casts the stored weight again in backward, bit for bit the same tensor. Weights used as stored (no
+    cast) are saved by reference anyway; checkpointed blocks use torch's own hooks."""
+
+    def __init__(self, copy_activations: bool):
+        self.copy_activations = copy_activations
+        self.packed = 0  # cast weights saved as recipes
+        self.recast = 0  # recipes cast again in backward
+
+    def tagging(self):
+        import contextlib
+
+        import comfy.ops
+        original = comfy.ops.cast_bias_weight
+
+        @contextlib.contextmanager
+        def ctx():
+            if not RECAST_SAVED_WEIGHTS or getattr(original, "_dopsd_tagging", False):
+                yield
+                return
+
+            def tagged(s, *args, **kwargs):
+                out = original(s, *args, **kwargs)
+                w = out[0]
+                stored = getattr(s, "weight", None)
+                if torch.is_tensor(w) and w is not stored and not w.requires_grad and torch.is_grad_enabled() \
+                        and not getattr(stored, "requires_grad", True):
+                    w._dopsd_recast = (s, w.dtype, w.device)
+                return out
+            tagged._dopsd_tagging = True
+            comfy.ops.cast_bias_weight = tagged
+            try:
+                yield
+            finally:
+                comfy.ops.cast_bias_weight = original
+        self._original = original
+        return ctx()
+
+    def pack(self, t: torch.Tensor):
+        src = t if hasattr(t, "_dopsd_recast") else t._base if t._base is not None and hasattr(t._base, "_dopsd_recast") else None
+        if src is not None and src.is_contiguous():
+            module, dtype, device = src._dopsd_recast
+            self.packed += 1
+            return _Recast(module, dtype, device, tuple(src.shape), tuple(t.size()), tuple(t.stride()),
+                           t.storage_offset() - src.storage_offset())
+        if self.copy_activations and t.requires_grad:
+            return t.clone()
+        return t
+
+    def unpack(self, x):
+        if isinstance(x, _Recast):
+            with torch.no_grad():
+                w = self._original(x.module, dtype=x.dtype, device=x.device, bias_dtype=x.dtype)[0].contiguous()
+            if tuple(w.shape) != x.shape:
+                raise RuntimeError(f"cast weight of {type(x.module).__name__} changed shape in backward")
+            self.recast += 1
+            return w.as_strided(x.size, x.stride, w.storage_offset() + x.offset)
+        return x
+
+
 def _run_on_copies(f: Callable, *args, **kwargs):
     """f on copies of its tensor arguments (so in-place updates inside f leave the caller's intact)."""
     args = [a.clone() if torch.is_tensor(a) else a for a in args]
     kwargs = {k: v.clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}
     return f(*args, **kwargs)
-
-
-def _copy_if_grad(t: torch.Tensor) -> torch.Tensor:
-    return t.clone() if t.requires_grad else t
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def _clone_tree(v):

@@ -161,3 +161,67 @@ def test_tiny_writer_files_load_through_the_stock_loader(comfy_lib, tmp_path):
         assert outs[fp8].isfinite().all()
     # the fp8 file holds the same values as the bf16 one, rounded to e4m3 (scale 0.02 / 64)
     assert torch.allclose(outs[True], outs[False], atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("variant", ["bf16", "fp8_e4m3fn", "fp8-file"])
+def test_training_keeps_no_cast_copies_of_the_base_for_backward(comfy_lib, tmp_path, monkeypatch, variant):
+    """What broke at full size (docs/logs/full_size_klein-4b.txt): ComfyUI computes a base stored in another
+    dtype by casting each Linear's weight per forward, and autograd kept every cast copy until backward,
+    so the first D-OPSD step without checkpointing of klein-4B (bf16 stored, fp32 compute on the CPU) ran
+    a 24 GB machine out of memory. Now the cast copies are saved as recipes and cast again in backward:
+    autograd holds (almost) none of those bytes, and losses and LoRA are bit-identical to keeping them.
+    Tiny klein from the full-size writer, loaded as UNETLoader loads it (bf16 storage / fp8_e4m3fn
+    weight_dtype / a pre-quantized fp8 file), LoRA on, one forward and backward."""
+    import comfy.model_management as mm
+    from comfy.sd import load_diffusion_model
+
+    import dopsd_core.hosts.comfy as hc
+    from dopsd_core.hosts.comfy import ComfyDenoiser, make_weights_trainable
+    monkeypatch.setattr(mm, "in_training", True)  # as train() sets it: differentiable RoPE
+    path = tmp_path / "tiny.safetensors"
+    (fs.write_tiny_klein_fp8 if variant == "fp8-file" else fs.write_tiny_klein)(path)
+    opts = {"fp8_e4m3fn": {"dtype": torch.float8_e4m3fn}, "bf16": {"dtype": torch.bfloat16}}.get(variant, {})
+    kept_bytes, results = {}, {}
+    real_pack = hc.SavedWeightRecast.pack
+
+    def counting_pack(self, t):
+        out = real_pack(self, t)
+        if torch.is_tensor(out):
+            self.kept = getattr(self, "kept", 0) + out.numel() * out.element_size()
+        return out
+    monkeypatch.setattr(hc.SavedWeightRecast, "pack", counting_pack)
+    for on in (False, True):
+        monkeypatch.setattr(hc, "RECAST_SAVED_WEIGHTS", on)
+        with torch.inference_mode():
+            mp = load_diffusion_model(str(path), model_options=opts)
+        den = ComfyDenoiser(mp)
+        make_weights_trainable(den.dm)
+        lora = den.add_lora(rank=4, alpha=4.0, seed=0)
+        with torch.no_grad():
+            for p in lora.student.parameters():  # the up matrices start at zero
+                p.add_(0.01)
+        g = torch.Generator().manual_seed(0)
+        x, ctx = torch.randn(1, 128, 2, 2, generator=g), torch.randn(1, 8, 96, generator=g)
+        c = den.context(ctx, {"reference_latents": [x[0:1].clone()]}, x[0])
+        with torch.inference_mode(False), torch.enable_grad():
+            out = den.denoise(x, torch.tensor([0.6]), c)
+            out.square().mean().backward()
+        grads = [p.grad.clone() for p in lora.student.parameters()]
+        stats = den.recast_stats
+        kept_bytes[on] = stats.kept
+        results[on] = (out.detach(), grads)
+        if on and variant != "fp8-file":
+            assert stats.packed > 0 and stats.recast == stats.packed, (stats.packed, stats.recast)
+        den.release()
+    # fp32 copies of the blocks' Linear weights (the LoRA targets; embedders before them need no input grad)
+    block_bytes = sum(m.weight.numel() * 4 for n, m in mp.model.diffusion_model.named_modules()
+                      if n.startswith(("double_blocks.", "single_blocks.")) and type(m).__name__ == "Linear")
+    if variant == "fp8-file":  # ComfyUI's own QuantLinearFunc saves the stored fp8 weight, never a copy
+        assert kept_bytes[True] == kept_bytes[False] < kept_bytes[True] + block_bytes / 4, kept_bytes
+    else:
+        assert kept_bytes[False] - kept_bytes[True] >= 0.75 * block_bytes, (kept_bytes, block_bytes)
+    assert torch.equal(results[True][0], results[False][0])
+    assert len(results[True][1]) == len(results[False][1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(results[True][1], results[False][1]))
+    assert any(a.abs().sum() > 0 for a in results[True][1])
+
