@@ -19,7 +19,8 @@ the remaining budget cannot hold (estimated from the runs so far) is skipped and
 whose projected peak exceeds the free device memory. Without bitsandbytes, 8-bit AdamW runs as AdamW
 and the row says so (the projection is then made for AdamW as well).
 
-The tiny mode runs the same functions on the CPU: tiny widths, 2+2 blocks, 128 px, K = 2, one step;
+The tiny mode runs the same functions on the CPU: klein-4B's layout at tiny widths, 2+2 blocks, 128 px,
+K = 2, one step, the 12 GB preset and the family default;
 the peak is the tensor-byte tracker's (bench/memory.py), the projection the tiny fit's (pass
 --memory-json from `python bench/memory.py --tiny`).
 """
@@ -62,6 +63,8 @@ def plan(tiny: bool) -> list[tuple[str, str, str, dict, str]]:
         for model in ORDER_MODELS:
             pre = memory.presets(model)
             ordered = pre[1:] + pre[:1]  # the GPU presets first, the family default (no checkpointing) last
+            if tiny:
+                ordered = [ordered[0], ordered[-1]]  # one checkpointed preset and the family default
             for label, preset in ordered:
                 for method in ("dopsd", "sft"):
                     runs.append((base, model, label, preset, method))

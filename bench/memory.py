@@ -393,9 +393,10 @@ PHASES = ("student", "teacher", "sft")  # D-OPSD's student and teacher phases; S
 
 def fit(points: list[dict]) -> dict:
     """Per (model, checkpointing) and phase, dynamic bytes without weight casts as linear functions of the
-    features; casts as one constant (median). D-OPSD: the student-phase and the teacher-phase peaks of
-    dynamic bytes without gradients (gradients are static from its second state on). SFT: the dynamic
-    bytes at the step's peak, with the gradients that exist then. Fitted on measured points."""
+    features; casts as one constant (median). The phases' peaks of dynamic bytes without gradients: D-OPSD's
+    student and teacher phases, SFT's step ("sft"). Gradients are counted as static, whole (D-OPSD: all
+    present from its second state on; SFT: an upper bound, they grow during its one backward; fitting
+    them would book per-block bytes as per-token ones). Fitted on measured points."""
     out = {}
     groups: dict = {}
     for p in points:
@@ -410,14 +411,9 @@ def fit(points: list[dict]) -> dict:
                 s = p["setup"]
                 if (s["method"] == "sft") != (phase == "sft"):
                     continue
-                if phase == "sft":
-                    cats = p["peak_by_category"]
-                    y = p["peak_bytes"] - sum(cats[c] for c in STATIC)
-                    t = p["tokens"]["student"]
-                else:
-                    cats = p["phase_by_category"][phase]
-                    y = p["phase_peak_bytes"][phase]
-                    t = p["tokens"][phase]
+                cats = p["phase_by_category"]["student" if phase == "sft" else phase]
+                y = p["phase_peak_bytes"]["student" if phase == "sft" else phase]
+                t = p["tokens"]["student" if phase == "sft" else phase]
                 casts.append(cats["base weight casts"])
                 ys.append(y - cats["base weight casts"])
                 rows.append(features(kind, s["nd"], s["ns"], t))
@@ -440,7 +436,7 @@ def project(fits: dict, setup: Setup, *, device: str = "cuda", lora_b: int | Non
     measured bf16/fp32 factor of the fp32 fit); "cpu": as measured (fp32 compute and LoRA)."""
     kind = setup.spec().kind
     f = fits[fit_key(setup.model, setup.checkpointing, setup.tiny)]
-    factor = fits.get("_cuda_factor", 0.5) if device == "cuda" else 1.0
+    factor = fits.get("_cuda_factor", {}).get(kind, 0.5) if device == "cuda" else 1.0
     lora_b = lora_b or (2 if device == "cuda" else 4)
     compute_b = 2 if device == "cuda" else 4
     store_b = {"fp8": 1, "bf16": 2, "fp32": 4}[setup.store]
@@ -450,13 +446,13 @@ def project(fits: dict, setup: Setup, *, device: str = "cuda", lora_b: int | Non
     tok = tokens(setup)
     phases = {}
     for phase in (("student", "teacher") if setup.method == "dopsd" else ("sft",)):
-        e = f[phase]
+        e = f[phase] if phase in f else f["student"]  # a reduced sweep: SFT's step = D-OPSD's student phase
         t = tok["student" if phase == "sft" else phase]
         dyn = sum(c * x for c, x in zip(e["coef"], features(kind, setup.nd, setup.ns, t)))
         cast = e["cast_bytes"] if setup.store != setup.compute and (device == "cpu" or setup.store == "fp8") else 0
         phases[phase] = factor * (dyn + cast)
     top = max(phases, key=phases.get)
-    static = {k: v for k, v in st.items() if k != "lora_params" and (setup.method == "dopsd" or k != "gradients")}
+    static = {k: v for k, v in st.items() if k != "lora_params"}
     total = sum(static.values()) + phases[top]
     return {"peak_bytes": total, "peak_gib": total / GIB, "static_bytes": static, "phase_bytes": phases,
             "peak_phase": top, "lora_params": st["lora_params"], "tokens": tok}
@@ -500,9 +496,14 @@ def offload_blocks(model: str, store: str, peak: int, card_gb: int) -> int | Non
 def table(fits: dict) -> list[dict]:
     rows = []
     for model in MODELS:
-        if fit_key(model, True) not in fits or fit_key(model, False) not in fits:
+        if fit_key(model, True) not in fits:
             continue  # not measured (yet)
         for label, preset in presets(model):
+            if fit_key(model, preset["checkpointing"]) not in fits:  # a reduced sweep: checkpointing only
+                rows.extend({"model": model, "title": TITLES[model], "preset": label, "base": store, **preset,
+                             "not_projected": "not measured on the CPU without checkpointing (CPU time)"}
+                            for store in BASES)
+                continue
             for store in BASES:
                 row = {"model": model, "title": TITLES[model], "preset": label, "base": store, **preset}
                 for res in RESOLUTIONS:
@@ -532,7 +533,7 @@ def POINTS_TINY(res):  # one more: the residual of the fit is tested
     return POINTS(res) + ((2, 2, res[1]),)
 
 
-def sweep_setups(tiny: bool = False, validation: str = "full") -> tuple[list[Setup], list[Setup]]:
+def sweep_setups(tiny: bool = False, validation: str = "full", reduced: bool = False) -> tuple[list[Setup], list[Setup]]:
     """The fitted points and the validation points. Per family: 4 depth/resolution points (1+1 blocks at
     two resolutions, 2+1 and 1+2 at the smaller) x 2 methods x checkpointing on (8-bit AdamW) and off
     (AdamW), 64-256 image tokens, K = 1 (memory does not grow with K: per-state backward).
@@ -540,16 +541,18 @@ def sweep_setups(tiny: bool = False, validation: str = "full") -> tuple[list[Set
     blocks and tokens than any fitted point; klein-9B: 256), K = 2 (every gradient live from the second
     state on); with checkpointing both methods (klein-9B: D-OPSD), without it D-OPSD on klein-4B (CPU time).
     The tiny mode: one family, checkpointing on, AdamW, a fifth point (2+2 blocks) for a residual.
-    `validation` "light": D-OPSD with checkpointing only, at 256 px; "none": no validation points. The tiny mode: one family, checkpointing on, AdamW."""
+    `validation` "light": D-OPSD with checkpointing only, at 256 px; "none": no validation points.
+    `reduced` (CPU time): checkpointing on and D-OPSD only; SFT is then projected with D-OPSD's
+    student-phase fit (the two are equal where both are measured) and the family default is not projected. The tiny mode: one family, checkpointing on, AdamW."""
     fitted, valid = [], []
     res = (64, 128) if tiny else (128, 256)
     vres = 160 if tiny else 320
     for model in (MODELS[:1] if tiny else MODELS):
         kind = shapes.SPECS[model].kind
         text, t_text = (32, 32) if kind == "flux2" else (32, 96)
-        for ckpt in ((True,) if tiny else (True, False)):
+        for ckpt in ((True,) if tiny or reduced else (True, False)):
             opt = "adamw8bit" if ckpt and not tiny else "adamw"
-            for method in ("dopsd", "sft"):
+            for method in ("dopsd",) if reduced else ("dopsd", "sft"):
                 for nd, ns, r in POINTS_TINY(res) if tiny else POINTS(res):
                     fitted.append(Setup(model, nd, ns, r, text, t_text, method=method, checkpointing=ckpt,
                                         optimizer=opt, tiny=tiny))
@@ -620,12 +623,15 @@ def dtype_check(tiny: bool) -> dict:
     return out
 
 
-def cuda_factor(dcheck: dict | None) -> float:
-    """bf16 bytes per fp32 byte of the dynamic memory: the largest ratio the dtype check measured (at
-    hidden 512; at full width the fp32-only tensors weigh less, so this is on the safe side), else 0.5."""
+def cuda_factor(dcheck: dict | None) -> dict:
+    """bf16 bytes per fp32 byte of the dynamic memory, per model kind: the larger of the two phases' ratios
+    the dtype check measured (hidden 512), at least 0.5. On the safe side: at full width the fp32-only
+    tensors (norm statistics, attention log-sum-exp) weigh less, and the CPU's rms_norm saves an fp32 copy
+    of its bf16 input, which CUDA's fused kernel does not (Z-Image's blocks use six)."""
+    kinds = {"klein4b": "flux2", "zimage": "nextdit"}
     if not dcheck:
-        return 0.5
-    return max(0.5, max(r for m in dcheck.values() for r in m["ratio"].values()))
+        return {k: 0.5 for k in kinds.values()}
+    return {kinds[m]: max(0.5, max(d["ratio"].values())) for m, d in dcheck.items()}
 
 
 def versions() -> dict:
@@ -687,6 +693,7 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny dims, one family (the CI test)")
     p.add_argument("--validation", choices=["full", "light", "none"], default="full",
                    help="validation points: full (see sweep_setups), light (D-OPSD with checkpointing), none")
+    p.add_argument("--reduced", action="store_true", help="checkpointing on and D-OPSD only (CPU time)")
     p.add_argument("--project-only", action="store_true", help="re-fit and re-project from --out's measured points")
     p.add_argument("--only", default="", help="comma-separated models to measure (the others' points are kept "
                    "from --out); add 'dtype' to re-run the dtype check")
@@ -696,7 +703,7 @@ def main(argv=None) -> int:
         old = json.loads(args.out.read_text())
         report = summarize(old["points"], old["validation_points"], old["dtype_check"], old["tiny"], old["run_seconds"])
     else:
-        fitted_s, valid_s = sweep_setups(args.tiny, args.validation)
+        fitted_s, valid_s = sweep_setups(args.tiny, args.validation, args.reduced)
         keep_f, keep_v, old = [], [], {}
         if args.only:
             only = set(args.only.split(","))
