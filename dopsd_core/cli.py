@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import distributed, tensorboard_log
+from .teacher_check import MODES as TEACHER_CHECK_MODES
 from .tensorboard_log import LOG_WITH
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
 from .family_spec import NAMES, TOY, spec_named
@@ -67,6 +68,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--save-every", type=int, help="save the run folder every N steps (default: at the end)")
     p.add_argument("--preview-every", type=int, help="write preview samples every N steps (default: never)")
     p.add_argument("--checkpointing", action="store_true", default=None, help="per-block gradient checkpointing")
+    p.add_argument("--teacher-check", choices=TEACHER_CHECK_MODES, default="warn",
+                   help="before a new run's first step, check that the teacher draws a few training images "
+                        "(warn: report and go on, the default; stop: stop if it does not; off)")
     p.add_argument("--log-with", choices=LOG_WITH, default="none",
                    help="also log scalars and previews for TensorBoard under RUN_DIR/tensorboard (needs the "
                         "tensorboard package); loss.csv and loss.png are written either way")
@@ -153,6 +157,8 @@ def cmd_train(args) -> int:
                           dist=dist)
         if args.resume and main:
             print(f"resuming {run_dir} at step {trainer.step}/{cfg.steps}", file=sys.stderr)
+        if not args.resume and args.teacher_check != "off":  # every rank: none waits on rank 0's check
+            _preflight_teacher_check(den, records, cfg, run_dir, args, main)
         tb = tensorboard_log.open_log(args.log_with, run_dir, trainer.step) if main else None
         if tb:
             callbacks.on_step = tensorboard_log.chain(callbacks.on_step, tb.step)
@@ -183,6 +189,21 @@ def cmd_train(args) -> int:
         print(f"trained {result.steps_done} steps; LoRA: {run_dir / 'lora.safetensors'}  loss curve: "
               f"{run_dir / 'loss.png'}")
     return 0
+
+
+def _preflight_teacher_check(den, records, cfg, run_dir: Path, args, main: bool = True) -> None:
+    """The teacher check (teacher_check.py) before the first step: logged and written to the run folder by
+    rank 0, and a stop (on every rank) when asked for."""
+    from .fileio import save_json
+    from .teacher_check import check_teacher, toy_judge
+    toy = args.model == TOY.name
+    report = check_teacher(den, records, cfg.k, seed=cfg.seed, judge=toy_judge() if toy else None,
+                           decode=den.decode if toy else None)
+    if main:
+        save_json(report.to_dict(), run_dir / "teacher_check.json")
+        print(report.summary(), file=sys.stderr)
+    if not report.passed and args.teacher_check == "stop":
+        raise DopsdError(f"--teacher-check stop: {report.advice} (report: {run_dir / 'teacher_check.json'})")
 
 
 def _prior_prompts(args, mode: str, captions: list[str], trigger: str | None) -> list[str]:

@@ -61,7 +61,7 @@ def run_started(node_id: str, run_name: str, method: str, total: int, start_step
         _runs[node_id] = {"id": run_id, "node": node_id, "run": run_name, "method": method,
                           "prompt_id": _current_prompt_id(), "total": int(total), "step": int(start_step),
                           "points": [], "it_per_s": None, "eta_s": None, "preview": None, "status": "running",
-                          "saved_step": None,
+                          "saved_step": None, "note": None,
                           "started": time.time()}
     _send("dopsd.progress", snapshot(node_id))
     return run_id
@@ -97,6 +97,19 @@ def run_preview(node_id: str, run_id: str, step: int, png: Path) -> None:
         rec["preview"] = {"step": int(step), "url": preview_url(rec["run"], Path(png).name)}
         event = {"id": run_id, "node": rec["node"], "run": rec["run"], **rec["preview"]}
     _send("dopsd.preview", event)
+
+
+def run_note(node_id: str, run_id: str, text: str, ok: bool = True) -> None:
+    """A line the page shows under the run's stats (the teacher check's result); ok False draws it as a
+    warning."""
+    with _lock:
+        rec = _record(node_id, run_id)
+        if rec is None:
+            return
+        rec["note"] = {"text": str(text), "ok": bool(ok)}
+        event = {"id": run_id, "node": rec["node"], "run": rec["run"], "step": rec["step"], "total": rec["total"],
+                 "status": rec["status"], "note": rec["note"]}
+    _send("dopsd.progress", event)
 
 
 def run_finished(node_id: str, run_id: str, status: str, saved_step: int | None = None) -> None:

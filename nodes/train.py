@@ -11,6 +11,7 @@ from ..dopsd_core.errors import DopsdError, TrainingCancelled
 from ..dopsd_core.family_spec import DEFAULT_PRESET, PRESET_LABELS, defaults_text, node_config, spec_named
 from ..dopsd_core.objectives import LOSS_WEIGHTS, STATES, TEACHERS
 from ..dopsd_core.optim import OPTIMIZERS
+from ..dopsd_core.teacher_check import MODES as TEACHER_CHECK_MODES
 from ..dopsd_core.run_folder import is_run_folder, read_run_state
 from ..dopsd_core.trainer import Callbacks, TrainConfig
 from .dataset import Dataset
@@ -101,6 +102,10 @@ def late_inputs():
                                    "a new run whose student, EMA teacher and prior anchor start from it. Its "
                                    "concepts stay in the new LoRA's metadata; to keep them, put their captions in "
                                    "the dataset's prior_prompts. A resumed run keeps the LoRA it started from."),
+            io.Combo.Input("teacher_check", options=list(TEACHER_CHECK_MODES), default="warn", optional=True,
+                           tooltip="Before a new run's first step, check that the teacher (the model with the "
+                                   "target in context) draws a few training images: warn shows the result on the "
+                                   "node and goes on, stop refuses to train when it does not, off skips it."),
             io.Boolean.Input("tensorboard", default=False, optional=True,
                              tooltip="Also write TensorBoard logs (loss, prior loss, lr, grad norm, it/s, previews) "
                                      "to output/dopsd/<run_name>/tensorboard (needs: pip install tensorboard).")]
@@ -126,7 +131,7 @@ def init_lora_path(name: str | None) -> Path | None:
 
 
 def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offload: bool = False,
-                 init_lora: str | None = None, tensorboard: bool = False):
+                 init_lora: str | None = None, tensorboard: bool = False, teacher_check: str = "warn"):
     import comfy.model_management as mm
     import comfy.utils
     from server import PromptServer
@@ -176,8 +181,12 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offloa
     run_id = live.run_started(node_id, run_name, cfg.method, cfg.steps)
     status = "error"
     try:
+        def on_teacher_check(report):
+            server.send_progress_text(report.summary(), node_id)
+            live.run_note(node_id, run_id, report.summary(), ok=report.passed)
         patched, lora_sd, history = train(model, dataset, cfg, run_dir, callbacks, resume=resume, offload=offload,
-                                          init_lora=None if resume else init_lora_path(init_lora))
+                                          init_lora=None if resume else init_lora_path(init_lora),
+                                          teacher_check=teacher_check, on_teacher_check=on_teacher_check)
         status = "finished"
     except TrainingCancelled:  # Cancel seen between steps: the trainer saved the step it stopped at
         status = "cancelled"
@@ -220,11 +229,12 @@ class DOPSDTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, k, teacher, ema_decay, loss_weight,
-                states, offload=False, prior_weight=1.0, prior_batch=0, init_lora=NO_LORA, tensorboard=False):
+                states, offload=False, prior_weight=1.0, prior_batch=0, init_lora=NO_LORA, tensorboard=False,
+                teacher_check="warn"):
         cfg = make_config("dopsd", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, k=k, teacher=teacher, ema_decay=ema_decay,
                           loss_weight=loss_weight, states=states, prior_weight=prior_weight, prior_batch=prior_batch)
-        return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora, tensorboard)
+        return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora, tensorboard, teacher_check)
 
 
 class DOPSDSFTTrainer(io.ComfyNode):
@@ -243,10 +253,11 @@ class DOPSDSFTTrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, offload=False, prior_weight=1.0,
-                prior_batch=0, init_lora=NO_LORA, tensorboard=False):
+                prior_batch=0, init_lora=NO_LORA, tensorboard=False,
+                teacher_check="warn"):
         cfg = make_config("sft", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, prior_weight=prior_weight, prior_batch=prior_batch)
-        return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora, tensorboard)
+        return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora, tensorboard, teacher_check)
 
 
 NODES = [DOPSDTrainer, DOPSDSFTTrainer]

@@ -96,3 +96,13 @@ def test_a_stopped_run_reports_the_step_its_folder_holds(live):
     other = live.run_started("6", "r2", "dopsd", 10)
     live.run_finished("6", other, "cancelled")  # stopped before anything was saved
     assert live.sent[-1][1]["saved_step"] is None and live.snapshot("6")["saved_step"] is None
+
+
+def test_a_note_reaches_the_page_and_stays_in_the_record(live):
+    """The teacher check's result: shown on the node, a warning when it failed."""
+    rid = live.run_started("8", "r", "dopsd", 10)
+    live.run_note("8", rid, "teacher check: 1/4 training images drawn", ok=False)
+    assert live.sent[-1][1]["note"] == {"text": "teacher check: 1/4 training images drawn", "ok": False}
+    assert live.snapshot("8")["note"]["ok"] is False
+    live.run_note("8", "old-id", "late", ok=True)  # another run's: dropped
+    assert live.snapshot("8")["note"]["text"].startswith("teacher check")

@@ -50,7 +50,8 @@ def trainer_widgets(spec: FamilySpec, save_every: int, preview_every: int) -> di
     return {"steps": spec.steps, "gpu_preset": DEFAULT_PRESET, "rank": 0, "lr": 0.0, "optimizer": "adamw",
             "batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seed": 0, "checkpointing": False,
             "save_every": save_every, "preview_every": preview_every, "resume": False, "offload": False,
-            "prior_weight": spec.prior_weight, "prior_batch": spec.prior_batch, "init_lora": "[none]", "tensorboard": False}
+            "prior_weight": spec.prior_weight, "prior_batch": spec.prior_batch, "init_lora": "[none]", "teacher_check": "warn",
+            "tensorboard": False}
 
 
 TOY_TRAIN = trainer_widgets(TOY, save_every=100, preview_every=25)

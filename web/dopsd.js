@@ -65,8 +65,11 @@ function createView(node) {
   preview.addEventListener("load", () => { root.dataset.previewLoaded = preview.dataset.src || ""; });
   const caption = el("span", { opacity: "0.7" });
   caption.className = "dopsd-caption";
-  root.append(header, canvas, preview, caption);
-  const view = { node, root, stats, canvas, preview, caption, logBox };
+  // the teacher check's result (or any other note of the run); a failed check is drawn as a warning
+  const note = el("span", { whiteSpace: "pre-wrap", display: "none" });
+  note.className = "dopsd-note";
+  root.append(header, note, canvas, preview, caption);
+  const view = { node, root, stats, canvas, preview, caption, logBox, note };
   logBox.addEventListener("change", () => draw(view));
   const widget = node.addDOMWidget("dopsd_live", "dopsd_live", root, { serialize: false, getMinHeight: () => 180 });
   widget.serialize = false; // not a value: keeps it out of the workflow's widgets_values
@@ -152,6 +155,14 @@ function render(view, rec) {
   if (rec.it_per_s) parts.push(`${Number(rec.it_per_s).toFixed(2)} it/s`);
   parts.push(rec.status === "running" ? `ETA ${formatSeconds(rec.eta_s)}` : statusText(rec));
   view.stats.textContent = parts.join("  ·  ");
+  if (rec.note) {
+    view.note.textContent = rec.note.text;
+    view.note.style.display = "";
+    view.note.style.color = rec.note.ok ? "" : "#f5a623";
+    view.root.dataset.note = rec.note.ok ? "ok" : "warning";
+  } else {
+    view.note.style.display = "none";
+  }
   view.stats.title = view.stats.textContent;
   view.root.dataset.status = String(rec.status);
   view.root.dataset.node = String(view.node.id);
@@ -193,6 +204,7 @@ function setRecord(rec) {
     for (const p of mine.points) if (p[0] > lastStep) points.push(p);
     if (mine.step > rec.step) rec = { ...rec, step: mine.step, it_per_s: mine.it_per_s, eta_s: mine.eta_s };
     if (mine.status !== "running") rec = { ...rec, status: mine.status, saved_step: mine.saved_step };
+    if (mine.note && !rec.note) rec = { ...rec, note: mine.note };
     if (mine.preview && (!rec.preview || mine.preview.step > rec.preview.step)) rec = { ...rec, preview: mine.preview };
   }
   runs.set(key, { ...rec, points });
@@ -249,6 +261,7 @@ app.registerExtension({
       if (Array.isArray(detail.points)) return setRecord(detail); // a run starts: its whole record
       const patch = { run: detail.run, step: detail.step, total: detail.total, status: detail.status };
       if (detail.saved_step !== undefined) patch.saved_step = detail.saved_step;
+      if (detail.note !== undefined) patch.note = detail.note;
       if (detail.it_per_s !== undefined) Object.assign(patch, { it_per_s: detail.it_per_s, eta_s: detail.eta_s });
       const rec = patchRecord(detail, patch);
       if (detail.loss !== undefined) {

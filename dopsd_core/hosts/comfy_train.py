@@ -82,9 +82,13 @@ def load_for_training(mp, offload: bool) -> None:
 
 
 def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path, callbacks: Callbacks,
-          resume: bool = False, init_lora: Path | None = None, offload: bool = False):
+          resume: bool = False, init_lora: Path | None = None, offload: bool = False, teacher_check: str = "off",
+          on_teacher_check=None):
     """Train on the MODEL's shared diffusion model; afterwards nothing stays injected. Returns
-    (patched MODEL clone carrying the LoRA, LoRA state dict in ComfyUI layout, loss history)."""
+    (patched MODEL clone carrying the LoRA, LoRA state dict in ComfyUI layout, loss history).
+    teacher_check (warn | stop | off): a new run first checks that its teacher draws the training images
+    (teacher_check.py, the latent rule), writes <run>/teacher_check.json and passes the report to
+    on_teacher_check; `stop` refuses to train on a failed check."""
     import comfy.model_management as mm
     family = check_same_family(model_patcher, dataset)
     mp = model_patcher.clone()
@@ -98,6 +102,8 @@ def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path,
             trainer = Trainer(den, dataset.records, cfg, run_dir, callbacks, init_lora=init_lora, resume=resume,
                               preview_fn=_preview_with_contexts(den, dataset), prior=dataset.prior,
                               trigger=dataset.trigger)
+            if teacher_check != "off" and not resume:
+                _preflight(den, dataset, cfg, run_dir, teacher_check, on_teacher_check)
             trainer.run()
             lora_sd = LoraStateDict({k: v.detach().clone() for k, v in den.lora().state_dict_comfy("student").items()},
                                     trainer.lora_metadata())
@@ -106,6 +112,22 @@ def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path,
             mm.in_training = was_training
             den.release()
     return lora_patches_model(model_patcher, lora_sd), lora_sd, history
+
+
+def _preflight(den: ComfyDenoiser, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path, mode: str,
+               on_report) -> None:
+    import logging
+
+    from ..errors import DopsdError
+    from ..fileio import save_json
+    from ..teacher_check import check_teacher
+    report = check_teacher(den, dataset.records, den.fam.sample_steps, seed=cfg.seed)
+    save_json(report.to_dict(), Path(run_dir) / "teacher_check.json")
+    logging.getLogger("dopsd").warning("[D-OPSD] %s", report.summary())
+    if on_report:
+        on_report(report)
+    if not report.passed and mode == "stop":
+        raise DopsdError(f"teacher_check stop: {report.advice} (report: {Path(run_dir) / 'teacher_check.json'})")
 
 
 def _preview_with_contexts(den: ComfyDenoiser, dataset: ComfyDataset):
