@@ -81,7 +81,7 @@ def _worst(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def folders(comfy) -> dict:
     toy, real = fresh_name("instep_toy"), fresh_name("instep_real")
-    export_concept_folder("star", comfy.input_dir / toy, n=3)
+    export_concept_folder("crescent", comfy.input_dir / toy, n=3)  # no other test caches these images
     _write_images(comfy.input_dir / real, 2, seed=3)
     return {"toy": toy, "flux2-klein": real, "z-image": real}
 

@@ -11,7 +11,7 @@ def test_the_trainer_node_writes_tensorboard_logs(comfy):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     data, run = fresh_name("tb_data"), fresh_name("tb_run")
-    export_concept_folder("heart", comfy.input_dir / data, n=2)
+    export_concept_folder("heart", comfy.input_dir / data, n=3)  # images no other test caches
     entry = comfy.run(graph(
         (1, "DOPSDToyModelLoader", {}),
         (2, "DOPSDDataset", {"model": ["1", 0], "folder": data, "caption_template": "a [V]", "resolution": 32,
