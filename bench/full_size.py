@@ -546,6 +546,7 @@ def main(argv=None) -> int:
     r.add_argument("--prior-prompts", default="", help="DOPSDDataset prior_prompts (default none: faster)")
     r.add_argument("--fp8-text-encoder", action="store_true", help="ComfyUI --fp8_e4m3fn-text-enc")
     r.add_argument("--vlm-dtype", default="auto")
+    r.add_argument("--stop-after", choices=["load", "dataset", "all"], default="all")
     r.add_argument("--log", type=Path, default=None)
     r.add_argument("--timeout", type=float, default=6 * 3600)
     c = sub.add_parser("clean", help="delete the written files")

@@ -3,7 +3,8 @@
 Starts ComfyUI (COMFYUI_PATH) with --cpu on the folder `write` filled (its models/ and a fresh input/,
 output/, custom_nodes/ with links to this pack and to bench/full_size_nodes), and queues over the HTTP
 API what a user queues, one prompt after another (unchanged loader and dataset nodes are served from
-ComfyUI's cache, as in the UI):
+ComfyUI's cache, as in the UI; with --cache-none, which the run uses, every prompt loads again and
+outputs are freed as soon as their last consumer ran):
 
 1. the stock loaders (UNETLoader with the asked weight_dtype, CLIPLoader type flux2 / lumina2,
    VAELoader; DOPSDQwen3VLLoader for Z-Image) -> DOPSDFullSizeInfo: what ComfyUI detected, parameter
@@ -248,7 +249,10 @@ def run(a) -> int:
     # On the CPU ComfyUI stores a default-dtype DiT in fp32 (bf16 compute is slow there: should_use_bf16 is
     # False for the CPU), which doubles its RAM. --bf16-unet keeps the bf16 storage a CUDA user gets; the
     # compute is fp32 by ComfyUI's manual cast, layer by layer, exactly as for an fp8 base.
-    extra = ["--bf16-unet"]
+    # --cache-none (a stock option for low-RAM machines): ComfyUI keeps no node outputs between prompts and
+    # frees each within a prompt once its last consumer ran, so the text encoder is freed after DOPSDDataset
+    # (the dataset itself is cached on disk by the pack) instead of sitting beside the DiT while it trains.
+    extra = ["--bf16-unet", "--cache-none"]
     if a.fp8_text_encoder:
         extra.append("--fp8_e4m3fn-text-enc")
     server = Server(base, extra, log)
@@ -299,6 +303,8 @@ def _run(a, server, log, family, klein, dit_file, files, te_table, dit_table, va
         log(f"count {what}: loaded {got:,} vs published {want:,}: {'OK' if ok else 'DIFFERENT'}")
         if not ok:
             failures.append(f"count {what}")
+    if a.stop_after == "load":
+        return 0 if not failures else 1
     # 2. dataset
     ds_inputs = {"model": ["1", 0], "folder": data_name, "caption_template": CAPTION, "resolution": a.resolution,
                  "aspect_buckets": False, "clip": ["2", 0], "vae": ["3", 0], "prior_prompts": a.prior_prompts}
@@ -312,6 +318,8 @@ def _run(a, server, log, family, klein, dit_file, files, te_table, dit_table, va
         return 1
     log("dataset:", json.dumps(next(iter(_infos(entry)), {}), indent=1))
     log("dataset cache file:", _dataset_info(server.base))
+    if a.stop_after == "dataset":
+        return 0 if not failures else 1
     # 3. trainers
     presets = PRESETS if a.presets == "all" else [p for p in PRESETS if p.split()[0] in a.presets.split(",")]
     saved = []
