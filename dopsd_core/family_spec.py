@@ -84,9 +84,10 @@ GENERIC_PHOTO_PROMPTS = (
     "an oil painting of a harbour", "a watercolor of flowers", "a bird on a branch", "a plate of food",
 )
 
-# Consumer-GPU presets of the photo families. Their memory is not measured yet (no GPU has been lent;
-# bench/step_cost.py is ready): they follow the peers' LoRA settings for these cards (8-bit AdamW and
-# checkpointing on 12-24 GB, a smaller rank on 12 GB).
+# Consumer-GPU presets of the photo families: the peers' LoRA settings for these cards (8-bit AdamW and
+# checkpointing on 12-24 GB, a smaller rank on 12 GB). Their memory is projected from CPU measurements
+# (bench/memory.py -> bench/results/memory.json, the README's memory table), not yet measured on a GPU:
+# with an fp8 base both fit the cards they name, except klein-9B on 12 GB, which needs `offload`.
 PHOTO_PRESETS = (
     GpuPreset("12 GB (rank 16, 8-bit AdamW, checkpointing)",
               {"rank": 16, "alpha": 32.0, "optimizer": "adamw8bit", "checkpointing": True}),
@@ -102,7 +103,8 @@ _PHOTO_SOURCES = {
     "prior": "ours: the toy study (experiments/toy/study) kept 88 % retention with the prior at lambda 1 and "
              "lost retention without it; the paper prescribes no prior",
     "resolution": "1024 px, the released training resolution",
-    "gpu_presets": "ours: the peers' settings for these cards; memory not measured yet",
+    "gpu_presets": "ours: the peers' settings for these cards; memory projected from CPU measurements "
+                   "(bench/memory.py), not yet measured on a GPU",
 }
 
 TOY = FamilySpec(
