@@ -13,8 +13,12 @@ outputs are freed as soon as their last consumer ran):
 3. per GPU preset: DOPSDTrainer (few D-OPSD steps) and DOPSDSFTTrainer (few SFT steps) -> DOPSDSaveLoRA;
    a preset that cannot run here (8-bit AdamW without bitsandbytes) is logged with its error, then run
    with everything else it changes (rank, alpha = rank, checkpointing) and AdamW;
-4. the first saved LoRA through the stock LoraLoaderModelOnly, sampled beside the base model (stock
-   sampler, 1 step, same seed): the outputs must differ.
+4. right after the first LoRA is saved: it goes through the stock LoraLoaderModelOnly, sampled beside
+   the base model (stock sampler, 1 step, same seed): the outputs must differ.
+
+The trainers' pre-flight teacher check (node input teacher_check, default warn: a few-step teacher and
+student sampling before step 1) is off unless --teacher-check asks for it: at full size on the CPU it
+costs about eight forwards, more than a step.
 
 Step times come from ComfyUI's own progress messages (websocket), memory from the server process's RSS
 (sampled every 0.5 s; peak per prompt) -- RSS, not a tensor tracker: what the machine had to hold.
@@ -321,7 +325,8 @@ def _run(a, server, log, family, klein, dit_file, files, te_table, dit_table, va
     if a.stop_after == "dataset":
         return 0 if not failures else 1
     # 3. trainers
-    presets = PRESETS if a.presets == "all" else [p for p in PRESETS if p.split()[0] in a.presets.split(",")]
+    order = [int(i) for i in a.presets.split(",")] if a.presets != "all" else range(len(PRESETS))
+    presets = [PRESETS[i] for i in order]
     saved = []
     for preset in presets:
         for method in [m.strip() for m in a.methods.split(",") if m.strip()]:
@@ -342,9 +347,8 @@ def _run(a, server, log, family, klein, dit_file, files, te_table, dit_table, va
                 failures.append(tag)
             elif lora:
                 saved.append(lora)
-    # 4. the saved LoRA through the stock LoraLoaderModelOnly
-    if saved:
-        _check_lora(a, server, log, loaders, klein, saved[0], failures)
+                if len(saved) == 1:  # 4. the first saved LoRA through the stock LoraLoaderModelOnly
+                    _check_lora(a, server, log, loaders, klein, saved[0], failures)
     return 0 if not failures else 1
 
 
@@ -371,7 +375,7 @@ def _train(a, server, log, loaders, dataset, preset, method, steps, tag, overrid
     inputs = {"model": ["1", 0], "dataset": ["5", 0], "steps": steps, "gpu_preset": preset,
               "rank": overrides.get("rank", 0), "lr": 0.0, "optimizer": "adamw", "batch_size": 1, "grad_accum": 1,
               "seed": 0, "checkpointing": overrides.get("checkpointing", False), "save_every": 0, "preview_every": 0,
-              "run_name": run_name, "resume": False}
+              "run_name": run_name, "resume": False, "teacher_check": a.teacher_check}
     if method == "dopsd":
         inputs.update(k=a.k, teacher="ema", ema_decay=0.9999, loss_weight="x0", states=a.states)
         node = "DOPSDTrainer"
