@@ -10,9 +10,9 @@ import time
 class ProgressBar:
     """A terminal progress bar with loss and ETA; plain lines when stderr is not a terminal."""
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream = total, stream
-        self.tty = stream.isatty()
+    def __init__(self, total: int, stream=None):
+        self.total, self.stream = total, stream or sys.stderr  # at call time: tests and wrappers replace it
+        self.tty = self.stream.isatty()
         self.every = max(1, total // 20)
 
     def update(self, info) -> None:

@@ -151,7 +151,8 @@ def test_an_exception_inside_a_forward_keeps_the_step_before_it_and_resume_match
     names the step it kept (2), passes the error on, and --resume ends where an uninterrupted run ends."""
     from dopsd_core import cli
     from dopsd_core.toy.denoiser import ToyDenoiser
-    args = ["train", "--data", str(image_folder), "--steps", "5", "--rank", "4", "--k", "2", "--seed", "3"]
+    args = ["train", "--data", str(image_folder), "--steps", "5", "--rank", "4", "--k", "2", "--seed", "3",
+            "--teacher-check", "off"]  # every denoise call is a training step's
     real = ToyDenoiser.denoise
     calls = []
 
