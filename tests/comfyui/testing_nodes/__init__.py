@@ -135,11 +135,14 @@ class DOPSDTestCancelInForward:
 
         def disarm():
             st["handle"].remove()
+            st["handle"] = None
             cu.set_progress_bar_global_hook(original)
             cu.PROGRESS_THROTTLE_MIN_INTERVAL, cu.PROGRESS_THROTTLE_MIN_PERCENT = throttle
 
         def progress(value, total, preview, **kwargs):
             st["done"] = value
+            if value >= at_step and st["handle"] is not None:  # past its step unfired: never leave it armed
+                disarm()
             return original(value, total, preview, **kwargs)
 
         def forward_hook(_module, _args, _output):
