@@ -31,7 +31,7 @@ def _add_demo_parsers(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def _require_toy_weights() -> None:
+def require_toy_weights() -> None:
     from .denoiser import BASE_WEIGHTS
     from .evaluator import WEIGHTS
     for path in (BASE_WEIGHTS, WEIGHTS):
@@ -40,7 +40,7 @@ def _require_toy_weights() -> None:
                              "`python -m experiments.toy.lab toy-pretrain`, `toy-distill` and `toy-evaluator`")
 
 
-def _writable_dir(path: Path) -> Path:
+def writable_dir(path: Path) -> Path:
     if path.exists() and not path.is_dir():
         raise DopsdError(f"output path {path} is a file; pass a folder for --out")
     try:
@@ -53,8 +53,8 @@ def _writable_dir(path: Path) -> Path:
 def cmd_demo(args) -> int:
     import json
     from .runs import demo
-    _require_toy_weights()
-    out = _writable_dir(Path(args.out))
+    require_toy_weights()
+    out = writable_dir(Path(args.out))
     if (out / "state" / "state.json").is_file():
         raise DopsdError(f"{out} already holds a demo run; choose a new --out")
     if args.steps is not None and args.steps < 1:

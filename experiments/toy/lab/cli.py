@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from dopsd_core.errors import DopsdError, NonFiniteLoss
+from dopsd_core.toy.cli import require_toy_weights, writable_dir
 
 STUDY_STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains", "report")
 
@@ -81,25 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _require_toy_weights() -> None:
-    from dopsd_core.toy.denoiser import BASE_WEIGHTS
-    from dopsd_core.toy.evaluator import WEIGHTS
-    for path in (BASE_WEIGHTS, WEIGHTS):
-        if not path.is_file():
-            raise DopsdError(f"{path} is missing; build it with `python -m experiments.toy.lab toy-pretrain`, "
-                             "`toy-distill` and `toy-evaluator` (docs/toy_training_log.md)")
-
-
-def _writable_dir(path: Path) -> Path:
-    if path.exists() and not path.is_dir():
-        raise DopsdError(f"output path {path} is a file; pass a folder for --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DopsdError(f"cannot create output folder {path} ({e.strerror}); choose a writable --out") from None
-    return path
-
-
 def _threads(n: int) -> None:
     import torch
     if n > 0:
@@ -107,8 +89,8 @@ def _threads(n: int) -> None:
 
 
 def cmd_experiment(args) -> int:
-    _require_toy_weights()
-    out = _writable_dir(Path(args.out))
+    require_toy_weights()
+    out = writable_dir(Path(args.out))
     if args.stage:
         if args.jobs < 1:
             raise DopsdError(f"--jobs must be at least 1, got {args.jobs}")
@@ -166,7 +148,7 @@ def cmd_toy_evaluator(args) -> int:
 def cmd_toy_acceptance(args) -> int:
     import json
     from .experiment import acceptance
-    _require_toy_weights()
+    require_toy_weights()
     text = json.dumps(acceptance(), indent=1)
     print(text)
     if args.out:
