@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from comfyui.hostutil import api_prompt, fresh_name, graph, node_error_text
+from comfyui.test_cancel_resume import run_state
 from comfyui.test_family_graphs import _write_images, dataset_node, loaders, vlm_name  # noqa: F401 (fixture)
 
 from dopsd_core.toy.render import export_concept_folder
@@ -59,14 +59,6 @@ def _graph(family: str, folder: str, vlm: str | None, run: str, steps: int = STE
     if save_as:
         nodes.append((7, "DOPSDSaveLoRA", {"lora": ["6", 1], "name": save_as, "overwrite": False}))
     return graph(*nodes)
-
-
-def run_state(comfy, run: str) -> tuple[dict, dict, str]:
-    d = comfy.output_dir / "dopsd" / run
-    state = json.loads((d / "state" / "state.json").read_text())
-    with safe_open(str(d / "lora.safetensors"), "pt") as f:
-        step = f.metadata()["dopsd.step"]
-    return state, load_file(str(d / "lora.safetensors")), step
 
 
 def _ok(comfy, g: dict) -> dict:
