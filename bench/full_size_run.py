@@ -268,6 +268,7 @@ def run(a) -> int:
                     failures)
     except Exception:  # noqa: BLE001 - the log keeps whatever broke
         log("FAILED with an exception in the bench driver:\n" + traceback.format_exc())
+        failures.append("bench driver: " + traceback.format_exc().strip().splitlines()[-1])
         return 1
     finally:
         for ln in server.new_server_lines():

@@ -14,7 +14,7 @@ from . import distributed, tensorboard_log
 from .teacher_check import MODES as TEACHER_CHECK_MODES
 from .tensorboard_log import LOG_WITH
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
-from .family_spec import NAMES, TOY, spec_named
+from .family_spec import DEFAULT_PRESET, NAMES, PRESET_LABELS, TOY, spec_named
 from .progress import ProgressBar, StopOnSignal
 
 
@@ -24,13 +24,53 @@ class _Parser(argparse.ArgumentParser):
         raise DopsdError(f"{message} (see `{self.prog} --help`)")
 
 
+ALIASES = {"klein": "flux2-klein", "zimage": "z-image"}
+
+
+def model_name(value: str) -> str:
+    """--model: a family spec's name, or its short alias (klein, zimage)."""
+    name = ALIASES.get(value, value)
+    if name not in NAMES:
+        raise argparse.ArgumentTypeError(f"unknown model {value!r}; pick one of {', '.join(NAMES)} (or klein, zimage)")
+    return name
+
+
+def add_model_arguments(p, with_training: bool = False) -> None:
+    """--model, the toy's weights, and the ComfyUI files of the families run headless."""
+    p.add_argument("--model", type=model_name, help="base model: toy (the default for a new run), flux2-klein "
+                   "(klein) or z-image (zimage); a resumed run keeps its own")
+    p.add_argument("--weights", help="toy weights file (default: the shipped toy base)")
+    g = p.add_argument_group("FLUX.2-klein and Z-Image-Turbo, through ComfyUI as a library (no server)")
+    g.add_argument("--comfyui", metavar="PATH", help="the ComfyUI folder (with main.py and models/); default "
+                   "$COMFYUI_PATH")
+    g.add_argument("--diffusion-model", metavar="FILE", help="a file in models/diffusion_models (or a path), as "
+                   "UNETLoader lists it")
+    g.add_argument("--text-encoder", metavar="FILE", help="its Qwen3 file in models/text_encoders (or a path)")
+    g.add_argument("--vae", metavar="FILE", help="its VAE in models/vae (or a path)")
+    g.add_argument("--weight-dtype", choices=("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"),
+                   help="UNETLoader's weight_dtype (default: as stored)")
+    g.add_argument("--vlm", metavar="FOLDER", help="Z-Image: the Qwen3-VL-4B-Instruct folder of the teacher (a path "
+                   "or its name in models/dopsd_vlm)")
+    g.add_argument("--vlm-dtype", choices=("auto", "bf16", "fp16", "fp32"), help="Z-Image: Qwen3-VL precision "
+                   "while it encodes (default auto: bf16 on a GPU, fp32 on the CPU)")
+    if with_training:
+        g.add_argument("--resolution", type=int, help="training resolution, about resolution² pixels per image "
+                       "(default: the family's, 1024)")
+        g.add_argument("--no-aspect-buckets", dest="aspect_buckets", action="store_false", default=None,
+                       help="centre-crop every image to a square (default: keep aspect ratios in buckets)")
+        g.add_argument("--gpu-preset", choices=PRESET_KEYS, help="a consumer-GPU preset: " + "; ".join(
+            f"{k}: {label}" for k, label in PRESET_KEYS.items()) + " (flags given override it)")
+        g.add_argument("--offload", action="store_true", help="low VRAM: ComfyUI's partial loading, blocks that do "
+                       "not fit stay in RAM")
+
+
+PRESET_KEYS = {label.split(" (")[0].lower().replace(" ", ""): label for label in PRESET_LABELS
+               if label != DEFAULT_PRESET}  # "12gb", "16-24gb"
+
+
 def load_model(name: str, weights: str | None = None):
-    spec = spec_named(name)
-    if spec is TOY:
-        from .toy.denoiser import load_toy
-        return load_toy(weights=Path(weights) if weights else None)
-    raise DopsdError(f"the CLI runs the toy model only so far; train {spec.title} in ComfyUI (workflows/ has "
-                     "its graph)")
+    from .toy.denoiser import load_toy
+    return load_toy(weights=Path(weights) if weights else None)
 
 
 def train_defaults(model: str) -> dict:
@@ -45,8 +85,7 @@ def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA with D-OPSD or the SFT baseline")
     d = TrainConfig(**train_defaults(TOY.name))
     p.add_argument("--method", choices=METHODS, help=f"objective (default {d.method})")
-    p.add_argument("--model", choices=NAMES, default=TOY.name, help="base model (default toy)")
-    p.add_argument("--weights", help="toy weights file (default: the shipped toy base)")
+    add_model_arguments(p, with_training=True)
     p.add_argument("--data", help="folder of images with same-name .txt captions")
     p.add_argument("--out", help="run folder to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder (unset flags keep its values)")
@@ -97,11 +136,8 @@ CONFIG_FLAGS = ("method", "steps", "rank", "alpha", "lr", "optimizer", "schedule
 
 
 def cmd_train(args) -> int:
-    from .data import load_image_folder
-    from .plot import image_grid, save_png
-    from .prior import Prior, trigger_or_none
     from .run_folder import read_run_state
-    from .trainer import Callbacks, TrainConfig, Trainer
+    from .trainer import Callbacks, TrainConfig
 
     given = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k) is not None}
     # the prior is on by default for a new run (the toy study: it keeps most of what the base could do);
@@ -109,57 +145,59 @@ def cmd_train(args) -> int:
     prior_mode = args.prior_prompts or (None if args.resume else "auto")
     if prior_mode == "none":
         prior_mode = None
-    if args.prior_weight is None and not args.resume:  # the family's lambda with a prior, 0 without
-        given["prior_weight"] = spec_named(args.model).prior_weight if prior_mode else 0.0
-    elif prior_mode and args.prior_weight is None:
-        given["prior_weight"] = spec_named(args.model).prior_weight
     prior_captions = None
     if args.resume:
         run_dir = Path(args.resume)
         state = read_run_state(run_dir)
+        model = state.get("model_family", TOY.name)
+        if args.model and args.model != model:
+            raise DopsdError(f"{run_dir} is a {model} run; drop --model {args.model} or start a new --out")
         if args.out and Path(args.out).resolve() != run_dir.resolve():
             raise DopsdError("--resume continues in its own folder; drop --out or pass the same folder")
         if args.init_lora:
             raise DopsdError("--init-lora starts a new run; it cannot be combined with --resume")
-        cfg = TrainConfig(**{**state["config"], **given})
+        if args.gpu_preset:
+            raise DopsdError("--gpu-preset sets up a new run; a resumed run keeps its settings (flags change them)")
+        base = state["config"]
         data = args.data or state.get("data_dir")
         prior_captions = state.get("prior_prompts")  # unless --prior-prompts names others (then refused)
     else:
         if not args.out:
             raise DopsdError("--out is required: the run folder to create (e.g. --out runs/my_concept)")
-        run_dir, cfg, data = Path(args.out), TrainConfig(**{**train_defaults(args.model), **given}), args.data
-    cfg.validate()
+        model = args.model or TOY.name
+        spec = spec_named(model)
+        if args.gpu_preset and spec is TOY:
+            raise DopsdError("--gpu-preset is for FLUX.2-klein and Z-Image-Turbo; the toy runs on any CPU")
+        run_dir, data = Path(args.out), args.data
+        base = {**train_defaults(model), **spec.preset(PRESET_KEYS[args.gpu_preset] if args.gpu_preset else DEFAULT_PRESET)}
+    if args.prior_weight is None and not args.resume:  # the family's lambda with a prior, 0 without
+        given["prior_weight"] = spec_named(model).prior_weight if prior_mode else 0.0
+    elif prior_mode and args.prior_weight is None:
+        given["prior_weight"] = spec_named(model).prior_weight
+    if "rank" in given and "alpha" not in given and not args.resume and spec_named(model) is not TOY:
+        given["alpha"] = float(given["rank"])  # as the trainer nodes: an explicit rank sets alpha = rank
+    cfg = TrainConfig(**{**base, **given}).validate()
     if not data:
         raise DopsdError("--data is required: a folder of images with same-name .txt captions")
-    den = load_model(args.model, args.weights)
-    records = den.build_records(load_image_folder(Path(data), den.resolution))
-    prompts = [r.captions[0] for r in records[:4]]
-    captions = [c for r in records for c in r.captions]
-    trigger = args.trigger or trigger_or_none(captions)
-    if prior_mode:
-        prior_captions = _prior_prompts(args, prior_mode, captions, trigger)
-    prior = Prior(prior_captions, [den.encode_prompt(p) for p in prior_captions]) if prior_captions else None
-
-    def on_preview(step, images, _prompts):
-        save_png(image_grid([images], scale=4), run_dir / "previews" / f"step_{step:06d}.png")
 
     tensorboard_log.require(args.log_with)
     dist = distributed.from_env()  # torchrun: this process's rank; a plain run: rank 0 of 1
     main = dist.is_main
     bar = ProgressBar(cfg.steps)
     stop = StopOnSignal(announce=main)
-    callbacks = Callbacks(on_step=bar.update if main else None, on_preview=on_preview if main else None,
-                          should_stop=stop.requested)
-    tb = None
+    callbacks = Callbacks(on_step=bar.update if main else None, should_stop=stop.requested)
+    tb = session = None
     try:
-        trainer = Trainer(den, records, cfg, run_dir, callbacks, preview_prompts=prompts, init_lora=args.init_lora,
-                          resume=bool(args.resume), data_dir=str(Path(data).resolve()), prior=prior, trigger=trigger,
-                          dist=dist)
+        if model == TOY.name:
+            session = _ToyTraining(args, cfg, run_dir, data, prior_mode, prior_captions, callbacks, dist)
+        else:
+            from .hosts.headless import FamilyTraining  # ComfyUI, imported only for its families
+            session = FamilyTraining(args, model, cfg, run_dir, data, prior_captions, callbacks, dist,
+                                     prior_prompts=lambda captions, trigger: _prior_prompts(
+                                         args, model, prior_mode, captions, trigger) if prior_mode else None)
         if args.resume and main:
-            print(f"resuming {run_dir} at step {trainer.step}/{cfg.steps}", file=sys.stderr)
-        if not args.resume and args.teacher_check != "off":  # every rank: none waits on rank 0's check
-            _preflight_teacher_check(den, records, cfg, run_dir, args, main)
-        tb = tensorboard_log.open_log(args.log_with, run_dir, trainer.step) if main else None
+            print(f"resuming {run_dir} at step {session.start_step}/{cfg.steps}", file=sys.stderr)
+        tb = tensorboard_log.open_log(args.log_with, run_dir, session.start_step) if main else None
         if tb:
             callbacks.on_step = tensorboard_log.chain(callbacks.on_step, tb.step)
             callbacks.on_preview = tensorboard_log.chain(callbacks.on_preview, lambda step, images, _: tb.preview(step, images))
@@ -167,7 +205,7 @@ def cmd_train(args) -> int:
             print(f"data parallel: {dist.world} processes, {cfg.batch_size // dist.world} of the batch of "
                   f"{cfg.batch_size} each", file=sys.stderr)
         with stop:
-            result = trainer.run()
+            steps_done = session.run()
     except TrainingCancelled as e:
         if main:
             print(f"\n{stop.name or 'another process'}: stopped at step {e.step}; {run_dir} keeps it. Continue with: "
@@ -177,8 +215,10 @@ def cmd_train(args) -> int:
         raise
     except BaseException as e:  # an error inside a step (e.g. out of memory): the trainer kept the step before
         if main:
-            kept = f"{run_dir} keeps step {trainer.last_saved}" if trainer.last_saved is not None else "nothing was saved"
-            print(f"\n{type(e).__name__} during step {trainer.step + 1}; {kept}. Continue with: "
+            kept = _kept_step(run_dir)
+            kept = f"{run_dir} keeps step {kept}" if kept is not None else "nothing was saved"
+            during = f"step {session.current_step + 1}" if session is not None else "loading"
+            print(f"\n{type(e).__name__} during {during}; {kept}. Continue with: "
                   f"dopsd train --resume {run_dir} --steps {cfg.steps}", file=sys.stderr)
         raise
     finally:
@@ -186,9 +226,52 @@ def cmd_train(args) -> int:
             tb.close()
         distributed.shutdown(dist)
     if main:
-        print(f"trained {result.steps_done} steps; LoRA: {run_dir / 'lora.safetensors'}  loss curve: "
+        print(f"trained {steps_done} steps; LoRA: {run_dir / 'lora.safetensors'}  loss curve: "
               f"{run_dir / 'loss.png'}")
     return 0
+
+
+def _kept_step(run_dir: Path) -> int | None:
+    from .run_folder import is_run_folder, read_run_state
+    try:
+        return int(read_run_state(run_dir)["step"]) if is_run_folder(run_dir) else None
+    except (DopsdError, KeyError, ValueError):
+        return None
+
+
+class _ToyTraining:
+    """The toy's run: its own text encoder and denoiser, records from the folder."""
+
+    def __init__(self, args, cfg, run_dir: Path, data, prior_mode, prior_captions, callbacks, dist):
+        from .data import load_image_folder
+        from .plot import image_grid, save_png
+        from .prior import Prior, trigger_or_none
+        from .trainer import Trainer
+        den = load_model(TOY.name, args.weights)
+        records = den.build_records(load_image_folder(Path(data), den.resolution))
+        captions = [c for r in records for c in r.captions]
+        trigger = args.trigger or trigger_or_none(captions)
+        if prior_mode:
+            prior_captions = _prior_prompts(args, TOY.name, prior_mode, captions, trigger)
+        prior = Prior(prior_captions, [den.encode_prompt(p) for p in prior_captions]) if prior_captions else None
+
+        def on_preview(step, images, _prompts):
+            save_png(image_grid([images], scale=4), run_dir / "previews" / f"step_{step:06d}.png")
+        if dist.is_main:
+            callbacks.on_preview = on_preview
+        self.trainer = Trainer(den, records, cfg, run_dir, callbacks, preview_prompts=[r.captions[0] for r in records[:4]],
+                               init_lora=args.init_lora, resume=bool(args.resume), data_dir=str(Path(data).resolve()),
+                               prior=prior, trigger=trigger, dist=dist)
+        if not args.resume and args.teacher_check != "off":  # every rank: none waits on rank 0's check
+            _preflight_teacher_check(den, records, cfg, run_dir, args, dist.is_main)
+        self.start_step = self.trainer.step
+
+    @property
+    def current_step(self) -> int:
+        return self.trainer.step
+
+    def run(self) -> int:
+        return self.trainer.run().steps_done
 
 
 def _preflight_teacher_check(den, records, cfg, run_dir: Path, args, main: bool = True) -> None:
@@ -206,7 +289,7 @@ def _preflight_teacher_check(den, records, cfg, run_dir: Path, args, main: bool 
         raise DopsdError(f"--teacher-check stop: {report.advice} (report: {run_dir / 'teacher_check.json'})")
 
 
-def _prior_prompts(args, mode: str, captions: list[str], trigger: str | None) -> list[str]:
+def _prior_prompts(args, model: str, mode: str, captions: list[str], trigger: str | None) -> list[str]:
     from .prior import auto_prior_prompts, earlier_concepts, read_prompt_file
     if mode != "auto":
         return read_prompt_file(Path(mode))
@@ -214,7 +297,7 @@ def _prior_prompts(args, mode: str, captions: list[str], trigger: str | None) ->
     if args.init_lora:
         from .lora import read_lora_file
         earlier = earlier_concepts(read_lora_file(Path(args.init_lora))[1])
-    return auto_prior_prompts(captions, trigger, args.class_word, generic_prompts(args.model), earlier)
+    return auto_prior_prompts(captions, trigger, args.class_word, generic_prompts(model), earlier)
 
 
 def generic_prompts(model: str) -> list[str]:
@@ -224,12 +307,13 @@ def generic_prompts(model: str) -> list[str]:
 
 def add_sample_parser(sub) -> None:
     p = sub.add_parser("sample", help="few-step samples from the model (optionally with a LoRA)")
-    p.add_argument("--model", choices=NAMES, default=TOY.name)
-    p.add_argument("--weights", help="toy weights file (default: the shipped toy base)")
+    add_model_arguments(p)
     p.add_argument("--lora", help="LoRA .safetensors to apply")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--steps", type=int, default=4, help="sampling steps (default 4)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the family's few-step setting, 4)")
     p.add_argument("--n", type=int, default=4, help="number of samples (default 4)")
+    p.add_argument("--width", type=int, help="image width (default: the family's resolution; the toy: 32)")
+    p.add_argument("--height", type=int, help="image height (default: the family's resolution; the toy: 32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for the PNGs")
     p.set_defaults(func=cmd_sample)
@@ -238,6 +322,8 @@ def add_sample_parser(sub) -> None:
 def _sampling_model(args, lora: str | None):
     """Checks --steps, --n and --out, loads the model and applies the LoRA file if one is given."""
     from .lora import lora_file_shape, read_lora_file
+    args.model = args.model or TOY.name
+    args.steps = args.steps or spec_named(args.model).sample_steps
     if args.steps < 1 or args.n < 1:
         raise DopsdError("--steps and --n must be >= 1")
     out = Path(args.out)
@@ -256,6 +342,9 @@ def cmd_sample(args) -> int:
     from .denoiser import sample
     from .plot import save_png, to_pil
 
+    if (args.model or TOY.name) != TOY.name:
+        from .hosts.headless import sample_command
+        return sample_command(args)
     den, out = _sampling_model(args, args.lora)
     ctx = den.batch_contexts([den.encode_prompt(args.prompt)] * args.n)
     latents = sample(den, ctx, (args.n, *den.latent_shape), den.sigma_grid(args.steps, den.latent_shape),
@@ -270,11 +359,11 @@ def cmd_sample(args) -> int:
 def add_preview_teacher_parser(sub) -> None:
     p = sub.add_parser("preview-teacher", help="the teacher's few-step samples per training image and caption, "
                                                "before training (D-OPSD cannot teach more than its teacher shows)")
-    p.add_argument("--model", choices=NAMES, default=TOY.name)
-    p.add_argument("--weights", help="toy weights file (default: the shipped toy base)")
+    add_model_arguments(p)
     p.add_argument("--data", required=True, help="folder of images with same-name .txt captions")
     p.add_argument("--init-lora", metavar="FILE", help="preview a warm start's teacher (the base with this LoRA)")
-    p.add_argument("--steps", type=int, default=4, help="sampling steps (default 4)")
+    p.add_argument("--resolution", type=int, help="image size, about resolution² pixels (default: the family's)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the family's few-step setting, 4)")
     p.add_argument("--n", type=int, default=4, help="samples per image and caption (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="folder for one PNG per image (target, then samples) and report.json")
@@ -286,33 +375,25 @@ def cmd_preview_teacher(args) -> int:
 
     from .data import load_image_folder
     from .denoiser import sample
-    from .fileio import save_json
-    from .plot import image_grid, save_png
+    from .teacher_check import write_teacher_preview
 
+    if (args.model or TOY.name) != TOY.name:
+        from .hosts.headless import preview_teacher_command
+        return preview_teacher_command(args)
     den, out = _sampling_model(args, args.init_lora)
     records = den.build_records(load_image_folder(Path(args.data), den.resolution))
-    verdict = _toy_verdict() if args.model == TOY.name else None
-    report = []
-    for r in records:
-        target = den.decode(r.x0[None])  # [1, H, W, 3]
-        rows = []
-        for caption, ctx in zip(r.captions, r.teacher_ctx):
-            gen = torch.Generator().manual_seed(args.seed)
-            lat = sample(den, den.batch_contexts([ctx] * args.n), (args.n, *r.x0.shape),
-                         den.sigma_grid(args.steps, tuple(r.x0.shape)), gen, device=r.x0.device)
-            images = den.decode(lat)  # [n, H, W, 3] in [0, 1]
-            psnr = [float(-10 * torch.log10(((img - target[0]) ** 2).mean().clamp_min(1e-10))) for img in images]
-            entry = {"image": r.name, "caption": caption, "psnr_db": [round(v, 2) for v in psnr]}
-            line = f"{r.name} | {caption!r}: PSNR to the target {sum(psnr) / len(psnr):.1f} dB"
-            if verdict:
-                entry["shapes"] = verdict(images)
-                line += "; drawn as " + ", ".join(f"{k} {v}/{args.n}" for k, v in entry["shapes"].items())
-            print(line)
-            report.append(entry)
-            rows.append(torch.cat([target, images]))
-        save_png(image_grid(rows, scale=4), out / f"{Path(r.name).stem}.png")
-    save_json(report, out / "report.json")
-    print(f"wrote {len(records)} PNGs (per row: the target, then {args.n} teacher samples) and {out / 'report.json'}")
+
+    def per_image():
+        for r in records:
+            target = den.decode(r.x0[None])  # [1, H, W, 3]
+            rows = []
+            for caption, ctx in zip(r.captions, r.teacher_ctx):
+                lat = sample(den, den.batch_contexts([ctx] * args.n), (args.n, *r.x0.shape),
+                             den.sigma_grid(args.steps, tuple(r.x0.shape)), torch.Generator().manual_seed(args.seed),
+                             device=r.x0.device)
+                rows.append((caption, target, den.decode(lat)))
+            yield r.name, rows
+    write_teacher_preview(per_image(), args.n, out, _toy_verdict())
     return 0
 
 

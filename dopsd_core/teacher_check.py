@@ -104,3 +104,33 @@ def toy_judge():
         drawn = ", ".join(f"{k} {v}/{len(images)}" for k, v in got.most_common())
         return hits * 2 >= len(images), f"target is a {want}; teacher draws {drawn}"
     return judge
+
+
+def write_teacher_preview(per_image, n: int, out, verdict=None) -> int:
+    """`dopsd preview-teacher`'s output for any family. per_image yields (image name, [(caption, target image
+    [1, H, W, 3], teacher samples [n, H, W, 3]) ...]) in [0, 1]; verdict(images) names what they show (the toy).
+    Writes one PNG per image (per row: the target, then the samples) and report.json; prints a line per
+    caption. Returns the number of images."""
+    from pathlib import Path
+
+    from .fileio import save_json
+    from .plot import image_grid, save_png
+    out, report, count = Path(out), [], 0
+    for name, rows in per_image:
+        grid = []
+        for caption, target, images in rows:
+            psnr = [_psnr(img, target[0]) for img in images]
+            entry = {"image": name, "caption": caption, "psnr_db": [round(v, 2) for v in psnr]}
+            line = f"{name} | {caption!r}: PSNR to the target {sum(psnr) / len(psnr):.1f} dB"
+            if verdict:
+                entry["shapes"] = verdict(images)
+                line += "; drawn as " + ", ".join(f"{k} {v}/{n}" for k, v in entry["shapes"].items())
+            print(line)
+            report.append(entry)
+            grid.append(torch.cat([target, images]))
+        scale = max(1, 128 // max(grid[0].shape[1:3]))
+        save_png(image_grid(grid, scale=scale), out / f"{Path(name).stem}.png")
+        count += 1
+    save_json(report, out / "report.json")
+    print(f"wrote {count} PNGs (per row: the target, then {n} teacher samples) and {out / 'report.json'}")
+    return count

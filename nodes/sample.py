@@ -9,17 +9,8 @@ from .dataset import Dataset
 
 
 def _sample(model, contexts, latent_shape, steps, seed):
-    import comfy.model_management as mm
-
-    from ..dopsd_core.denoiser import sample
-    from ..dopsd_core.hosts.comfy import ComfyDenoiser
-    mm.load_models_gpu([model])  # applies the MODEL's own patches (e.g. a LoRA) to the shared weights
-    den = ComfyDenoiser(model)
-    ctx = den.batch_contexts(contexts)
-    device = mm.get_torch_device()
-    x0 = sample(den, ctx, (len(contexts), *latent_shape), den.sigma_grid(steps, tuple(latent_shape)),
-                torch.Generator().manual_seed(seed), device=device)
-    return model.model.process_latent_out(x0).cpu()  # back to the VAE's space, as KSampler returns it
+    from ..dopsd_core.hosts.comfy import sample_latents
+    return sample_latents(model, contexts, latent_shape, steps, seed)
 
 
 class DOPSDFewStepSampler(io.ComfyNode):

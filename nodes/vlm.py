@@ -6,13 +6,12 @@ unloaded by DOPSDDataset (dopsd_core.hosts.zimage_vl) while it builds the teache
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from comfy_api.latest import io
 
 from ..dopsd_core.errors import DopsdError
-from ..dopsd_core.hosts.zimage_vl import VLM_FOLDER_NAME, check_vlm_folder, find_vlm_folders
+from ..dopsd_core.hosts.zimage_vl import VLM_FOLDER_NAME, VLMHandle, check_vlm_folder, find_vlm_folders
 
 VLM = io.Custom("DOPSD_VLM")
 FROM_CLIP = "(the clip input of D-OPSD Dataset)"
@@ -49,14 +48,6 @@ def resolve_vlm(name: str) -> Path:
             return path
     raise DopsdError(f"Qwen3-VL folder '{name}' is not in {', '.join(roots)} (moved or deleted?); put "
                      f"Qwen3-VL-4B-Instruct into models/{VLM_FOLDER_NAME}/ and pick it again")
-
-
-@dataclass(frozen=True)
-class VLMHandle:
-    """What DOPSDDataset needs to build Z-Image teacher contexts (no weights held)."""
-    folder: str
-    text_encoder_file: str | None  # None: splice from the CLIP connected to the dataset node
-    dtype: str
 
 
 class DOPSDQwen3VLLoader(io.ComfyNode):

@@ -5,8 +5,8 @@ initialisation order matter, and still ties the two modules together.
 - No import circles in dopsd_core.
 - dopsd_core never imports the lab (experiments/), the pack's nodes (nodes/) or tools/.
 - ComfyUI only inside functions (lazily), except in MODULE_LEVEL_COMFY, which only ComfyUI loads.
-- hosts/ is the top of the package: nothing else in dopsd_core imports it, so the core, the CLI and the
-  toy never need ComfyUI.
+- hosts/ is the top of the package: nothing else in dopsd_core imports it, so the core and the toy never
+  need ComfyUI. The one door is the CLI's: for the ComfyUI families it imports hosts.headless, lazily.
 - The training core (CORE) imports nothing from the toy package: the toy is one model among others.
 """
 from __future__ import annotations
@@ -203,8 +203,12 @@ def test_comfyui_is_imported_inside_functions_only():
     assert not bad, "ComfyUI imported at module level:\n" + "\n".join(bad)
 
 
+CLI_DOOR = ("dopsd_core.cli", "dopsd_core.hosts.headless")  # the CLI runs the ComfyUI families through it
+
+
 def test_nothing_below_hosts_imports_hosts():
-    bad = [str(i) for i in all_imports() if under(i.target, HOSTS) and not under(i.source, HOSTS)]
+    bad = [str(i) for i in all_imports() if under(i.target, HOSTS) and not under(i.source, HOSTS)
+           and not ((i.source, i.target) == CLI_DOOR and i.lazy)]
     assert not bad, "hosts/ is the top of the package; these import it from below:\n" + "\n".join(bad)
 
 

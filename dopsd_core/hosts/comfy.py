@@ -256,3 +256,17 @@ def lora_patches_model(model_patcher, lora_sd: dict[str, torch.Tensor], strength
     stock LoraLoaderModelOnly would apply the same file."""
     import comfy.sd
     return comfy.sd.load_lora_for_models(model_patcher, None, lora_sd, strength, 0)[0]
+
+
+def sample_latents(model_patcher, contexts: list, latent_shape: tuple, steps: int, seed: int) -> torch.Tensor:
+    """Few-step Euler samples on the family's grid from one seed, in the VAE's latent space (as KSampler
+    returns them): what the sampler nodes and the CLI show."""
+    import comfy.model_management as mm
+
+    from ..denoiser import sample
+    mm.load_models_gpu([model_patcher])  # applies the MODEL's own patches (e.g. a LoRA) to the shared weights
+    den = ComfyDenoiser(model_patcher)
+    x0 = sample(den, den.batch_contexts(contexts), (len(contexts), *latent_shape),
+                den.sigma_grid(steps, tuple(latent_shape)), torch.Generator().manual_seed(seed),
+                device=mm.get_torch_device())
+    return model_patcher.model.process_latent_out(x0).cpu()

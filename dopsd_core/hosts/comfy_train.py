@@ -11,6 +11,7 @@ import torch
 
 from ..data import ImageItem
 from ..denoiser import Record
+from ..distributed import SINGLE, Dist
 from ..prior import Prior
 from ..trainer import Callbacks, TrainConfig, Trainer
 from .comfy import ComfyContext, ComfyDenoiser, lora_patches_model, make_weights_trainable
@@ -83,12 +84,13 @@ def load_for_training(mp, offload: bool) -> None:
 
 def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path, callbacks: Callbacks,
           resume: bool = False, init_lora: Path | None = None, offload: bool = False, teacher_check: str = "off",
-          on_teacher_check=None):
+          on_teacher_check=None, dist: Dist = SINGLE, data_dir: str | None = None):
     """Train on the MODEL's shared diffusion model; afterwards nothing stays injected. Returns
     (patched MODEL clone carrying the LoRA, LoRA state dict in ComfyUI layout, loss history).
     teacher_check (warn | stop | off): a new run first checks that its teacher draws the training images
     (teacher_check.py, the latent rule), writes <run>/teacher_check.json and passes the report to
-    on_teacher_check; `stop` refuses to train on a failed check."""
+    on_teacher_check; `stop` refuses to train on a failed check. dist: this process's share of a torchrun
+    run (distributed.py); data_dir: the image folder, recorded in the run folder."""
     import comfy.model_management as mm
     family = check_same_family(model_patcher, dataset)
     mp = model_patcher.clone()
@@ -101,9 +103,9 @@ def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path,
         try:
             trainer = Trainer(den, dataset.records, cfg, run_dir, callbacks, init_lora=init_lora, resume=resume,
                               preview_fn=_preview_with_contexts(den, dataset), prior=dataset.prior,
-                              trigger=dataset.trigger)
+                              trigger=dataset.trigger, dist=dist, data_dir=data_dir)
             if teacher_check != "off" and not resume:
-                _preflight(den, dataset, cfg, run_dir, teacher_check, on_teacher_check)
+                _preflight(den, dataset, cfg, run_dir, teacher_check, on_teacher_check, write=dist.is_main)
             trainer.run()
             lora_sd = LoraStateDict({k: v.detach().clone() for k, v in den.lora().state_dict_comfy("student").items()},
                                     trainer.lora_metadata())
@@ -115,17 +117,18 @@ def train(model_patcher, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path,
 
 
 def _preflight(den: ComfyDenoiser, dataset: ComfyDataset, cfg: TrainConfig, run_dir: Path, mode: str,
-               on_report) -> None:
+               on_report, write: bool = True) -> None:
     import logging
 
     from ..errors import DopsdError
     from ..fileio import save_json
     from ..teacher_check import check_teacher
     report = check_teacher(den, dataset.records, den.fam.sample_steps, seed=cfg.seed)
-    save_json(report.to_dict(), Path(run_dir) / "teacher_check.json")
-    logging.getLogger("dopsd").warning("[D-OPSD] %s", report.summary())
-    if on_report:
-        on_report(report)
+    if write:  # every rank checks (none waits on another), rank 0 reports
+        save_json(report.to_dict(), Path(run_dir) / "teacher_check.json")
+        logging.getLogger("dopsd").warning("[D-OPSD] %s", report.summary())
+        if on_report:
+            on_report(report)
     if not report.passed and mode == "stop":
         raise DopsdError(f"teacher_check stop: {report.advice} (report: {Path(run_dir) / 'teacher_check.json'})")
 

@@ -77,6 +77,10 @@ class Family:
             return cond, {**extra, "reference_latents": [latent[None]]}
         return teacher
 
+    def context_width(self, base_model) -> int | None:
+        """How wide a text context the diffusion model reads (None: any)."""
+        return None
+
     def release_encoders(self) -> None:
         """After the dataset is cached: free the text encoder and VAE for training."""
         import comfy.model_management as mm
@@ -132,6 +136,7 @@ class Flux2KleinFamily(Family):
     spec = FLUX2_KLEIN
     in_place_blocks = True
     teacher_suffix = FLUX2_KLEIN.teacher_suffix
+    clip_type = "flux2"  # CLIPLoader's type for its Qwen3 text encoders
 
     @classmethod
     def matches(cls, base_model) -> bool:
@@ -153,6 +158,9 @@ class Flux2KleinFamily(Family):
             return plain(caption.rstrip() + self.teacher_suffix, latent, item)
         return teacher
 
+    def context_width(self, base_model) -> int:
+        return base_model.diffusion_model.txt_in.in_features  # 3 stacked Qwen3 layers: 7680 (4B), 12288 (8B)
+
     def sigma_grid(self, base_model, steps: int, latent_shape: tuple[int, ...]) -> list[float]:
         """The resolution-aware schedule of ComfyUI's Flux2Scheduler node for this latent size
         (latents are /16: one image token per latent pixel)."""
@@ -164,6 +172,7 @@ class Flux2KleinFamily(Family):
 class ZImageFamily(Family):
     spec = Z_IMAGE
     teacher_encoder = "qwen3-vl"  # the target through Qwen3-VL spliced with the clip's Qwen3-4B (zimage_vl.py)
+    clip_type = "lumina2"  # CLIPLoader's type for qwen_3_4b with Z-Image
 
     @classmethod
     def matches(cls, base_model) -> bool:
@@ -177,6 +186,9 @@ class ZImageFamily(Family):
         if inputs.vlm is None:
             raise DopsdError("Z-Image-Turbo's teacher is the Qwen3-VL splice: add a 'D-OPSD Qwen3-VL Loader' "
                              "node with a Qwen3-VL-4B-Instruct folder from models/dopsd_vlm and connect it to vlm")
+
+    def context_width(self, base_model) -> int:
+        return base_model.diffusion_model.cap_embedder[0].weight.shape[0]  # cap_feat_dim: Qwen3-4B's 2560
 
     def cache_identity(self, inputs: EncoderInputs) -> tuple[str, str]:
         vlm = inputs.vlm

@@ -46,6 +46,15 @@ _QUANT_AUX = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_scale"
 _LM_PREFIX = "model.language_model."
 
 
+@dataclass(frozen=True)
+class VLMHandle:
+    """What the dataset build needs for Z-Image's teacher contexts (no weights held): the folder, where the
+    Qwen3-4B weights come from, the precision."""
+    folder: str
+    text_encoder_file: str | None  # None: splice from the dataset's CLIP
+    dtype: str
+
+
 # --- the folder --------------------------------------------------------------------------------------
 def find_vlm_folders(roots: Iterable[str | Path], depth: int = 2) -> list[str]:
     """Sub-folders (up to `depth` levels) of the roots that hold a config.json, as names relative to
