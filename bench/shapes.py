@@ -316,9 +316,10 @@ class ShapesDenoiser:
     def lora(self) -> LoraSet:
         return self._lora
 
-    def add_lora(self, rank: int, alpha: float, seed: int = 0) -> LoraSet:
+    def add_lora(self, rank: int, alpha: float, seed: int = 0, adapter: str = "lora", factor: int = -1) -> LoraSet:
         targets = find_targets(self.model, family_named(self.family).lora_targets)
-        self._lora = LoraSet(self.model, targets, rank, alpha, seed=seed, dtype=self.lora_dtype).attach()
+        self._lora = LoraSet(self.model, targets, rank, alpha, seed=seed, dtype=self.lora_dtype, adapter=adapter,
+                             factor=factor).attach()
         return self._lora
 
     def set_checkpointing(self, on: bool) -> None:

@@ -79,6 +79,7 @@ def train_defaults(model: str) -> dict:
 
 
 def add_train_parser(sub) -> None:
+    from .lora import ADAPTERS
     from .objectives import LOSS_WEIGHTS, STATES, TEACHERS
     from .optim import OPTIMIZERS, SCHEDULES
     from .trainer import METHODS, TrainConfig
@@ -93,6 +94,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--steps", type=int, help=f"total optimizer steps of the run (default {d.steps})")
     p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.rank})")
     p.add_argument("--alpha", type=float, help=f"LoRA alpha (default {d.alpha:g})")
+    p.add_argument("--adapter", choices=ADAPTERS, help="what is trained: lora (the default), lokr or loha (LyCORIS "
+                   "layouts that ComfyUI's stock LoRA loaders apply)")
+    p.add_argument("--lokr-factor", type=int, help="LoKr: split each dimension as factor x rest (default -1: as "
+                   "near the square root as divisors allow)")
     p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr:g})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"LR schedule (default {d.schedule})")
@@ -130,7 +135,7 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-CONFIG_FLAGS = ("method", "steps", "rank", "alpha", "lr", "optimizer", "schedule", "warmup", "k", "teacher",
+CONFIG_FLAGS = ("method", "steps", "rank", "alpha", "adapter", "lokr_factor", "lr", "optimizer", "schedule", "warmup", "k", "teacher",
                 "ema_decay", "loss_weight", "states", "batch_size", "grad_accum", "save_every", "preview_every",
                 "checkpointing", "compile", "seed", "prior_weight", "prior_batch")
 
@@ -321,7 +326,7 @@ def add_sample_parser(sub) -> None:
 
 def _sampling_model(args, lora: str | None):
     """Checks --steps, --n and --out, loads the model and applies the LoRA file if one is given."""
-    from .lora import lora_file_shape, read_lora_file
+    from .lora import lora_file_spec, read_lora_file
     args.model = args.model or TOY.name
     args.steps = args.steps or spec_named(args.model).sample_steps
     if args.steps < 1 or args.n < 1:
@@ -332,7 +337,9 @@ def _sampling_model(args, lora: str | None):
     den = load_model(args.model, args.weights)
     if lora:
         sd, meta = read_lora_file(Path(lora))
-        den.add_lora(*lora_file_shape(meta, sd)).load_state_dict_comfy(sd, source=lora)
+        spec = lora_file_spec(meta, sd)
+        den.add_lora(spec["rank"], spec["alpha"], adapter=spec["adapter"], factor=spec["factor"]).load_state_dict_comfy(
+            sd, source=lora)
     return den, out
 
 

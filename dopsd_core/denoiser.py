@@ -40,8 +40,9 @@ class Denoiser(Protocol):
     def denoise(self, x_t: torch.Tensor, sigma: torch.Tensor, ctx: Context) -> torch.Tensor:
         """x_t: [B, C, H, W], sigma: [B] -> x0_hat: [B, C, H, W], through the attached LoRA's current mode."""
 
-    def add_lora(self, rank: int, alpha: float, seed: int = 0) -> LoraSet:
-        """Attach a fresh LoRA (B = 0) to the family's target layers, replacing an earlier one; returns it."""
+    def add_lora(self, rank: int, alpha: float, seed: int = 0, adapter: str = "lora", factor: int = -1) -> LoraSet:
+        """Attach a fresh adapter (lora, lokr or loha; dW = 0) to the family's target layers, replacing an
+        earlier one; returns it."""
 
     def lora(self) -> LoraSet:
         """The attached LoRA: student / teacher (EMA) / anchor / off modes, parameters, state dicts."""

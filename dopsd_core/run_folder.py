@@ -121,7 +121,7 @@ def save(run_dir: Path, step: int, lora: LoraSet, lora_metadata: dict[str, str],
 
 def load(run_dir: Path, lora: LoraSet, optimizer: torch.optim.Optimizer, rng: torch.Generator, *,
          model_family: str, model_fingerprint: str, data_fingerprint: str, config: dict,
-         resumable: tuple[str, ...]) -> dict:
+         resumable: tuple[str, ...], defaults: dict | None = None) -> dict:
     """Resume: refuse a run folder made for another model, data or config (all but the `resumable`
     fields), or one already past config["steps"]; load its LoRA (student, teacher, anchor), optimizer and
     RNG state into lora, optimizer and rng. Returns state.json's record (step, history, concepts, ...)."""
@@ -133,7 +133,8 @@ def load(run_dir: Path, lora: LoraSet, optimizer: torch.optim.Optimizer, rng: to
                          "resume with the same model or start a new --out")
     if st.get("data_fingerprint") != data_fingerprint:
         raise DopsdError(f"run folder {d} was trained on other data; resume with the same --data or start a new --out")
-    saved, now = st["config"], config
+    saved = {**(defaults or {}), **st["config"]}  # a field newer than the run folder has its default there
+    now = config
     diffs = [f"{k}={saved.get(k)!r} (now {now[k]!r})" for k in now
              if k not in resumable and saved.get(k) != now[k]]
     if diffs:

@@ -28,7 +28,7 @@ from .denoiser import Denoiser, PromptDenoiser, Record, sample
 from .distributed import SINGLE, Dist
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
 from .fileio import load_tensors, save_tensors
-from .lora import lora_metadata, read_lora_file
+from .lora import ADAPTERS, lora_metadata, read_lora_file
 from .objectives import LOSS_WEIGHTS, STATES, TEACHERS, Batch, dopsd_backward, sft_backward
 from .optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at
 from .plot import write_loss_files
@@ -44,6 +44,8 @@ class TrainConfig:
     steps: int = 300
     rank: int = 16
     alpha: float = 16.0
+    adapter: str = "lora"  # lora | lokr | loha (lora.py)
+    lokr_factor: int = -1  # LoKr's Kronecker split (-1: near the square root of each dimension)
     lr: float = 1e-4
     optimizer: str = "adamw"
     weight_decay: float = 0.0
@@ -81,6 +83,10 @@ class TrainConfig:
             bad(f"--alpha must be a positive number (got {self.alpha}); the usual choice is alpha = rank")
         if not (math.isfinite(self.lr) and self.lr > 0):
             bad(f"--lr must be a positive finite number (got {self.lr}); e.g. --lr 1e-4")
+        if self.adapter not in ADAPTERS:
+            bad(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            bad(f"--lokr-factor must be -1 (automatic) or >= 1 (got {self.lokr_factor})")
         if self.optimizer not in OPTIMIZERS:
             bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -185,7 +191,7 @@ class Trainer:
         if self.prior:  # other prior prompts are other training data
             self.data_id += "-prior-" + hashlib.sha256("\n".join(self.prior.captions).encode()).hexdigest()[:8]
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.lora = denoiser.add_lora(cfg.rank, cfg.alpha, seed=cfg.seed)
+        self.lora = denoiser.add_lora(cfg.rank, cfg.alpha, seed=cfg.seed, adapter=cfg.adapter, factor=cfg.lokr_factor)
         self.params = self.lora.parameters_list()
         self.opt = build_optimizer(cfg.optimizer, self.params, cfg.lr, cfg.weight_decay)
         denoiser.set_checkpointing(cfg.checkpointing)
@@ -428,7 +434,8 @@ class Trainer:
         """Continue the run folder (run_folder.load refuses another model, data or config)."""
         st = run_folder.load(self.run_dir, self.lora, self.opt, self.gen, model_family=self.den.family,
                              model_fingerprint=self.model_id, data_fingerprint=self.data_id,
-                             config=self.cfg.to_dict(), resumable=TrainConfig.RESUMABLE_CHANGES)
+                             config=self.cfg.to_dict(), resumable=TrainConfig.RESUMABLE_CHANGES,
+                             defaults=TrainConfig().to_dict())
         self.concepts = st.get("concepts", self.concepts)
         self.step, self.history, self.last_saved = st["step"], list(st["history"]), st["step"]
         self.init_lora = st.get("init_lora")

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ..dopsd_core import tensorboard_log
 from ..dopsd_core.errors import DopsdError, TrainingCancelled
 from ..dopsd_core.family_spec import DEFAULT_PRESET, PRESET_LABELS, defaults_text, node_config, spec_named
+from ..dopsd_core.lora import ADAPTERS
 from ..dopsd_core.objectives import LOSS_WEIGHTS, STATES, TEACHERS
 from ..dopsd_core.optim import OPTIMIZERS
 from ..dopsd_core.teacher_check import MODES as TEACHER_CHECK_MODES
@@ -108,7 +109,13 @@ def late_inputs():
                                    "node and goes on, stop refuses to train when it does not, off skips it."),
             io.Boolean.Input("tensorboard", default=False, optional=True,
                              tooltip="Also write TensorBoard logs (loss, prior loss, lr, grad norm, it/s, previews) "
-                                     "to output/dopsd/<run_name>/tensorboard (needs: pip install tensorboard).")]
+                                     "to output/dopsd/<run_name>/tensorboard (needs: pip install tensorboard)."),
+            io.Combo.Input("adapter", options=list(ADAPTERS), default="lora", optional=True,
+                           tooltip="What is trained: lora, lokr or loha (LyCORIS layouts; the stock LoRA loaders "
+                                   "apply all three). rank is the low-rank size of each."),
+            io.Int.Input("lokr_factor", default=-1, min=-1, max=256, optional=True,
+                         tooltip="LoKr only: split each layer dimension as factor x rest; -1 = as near the square "
+                                 "root as divisors allow.")]
 
 
 NO_LORA = "[none]"
@@ -230,10 +237,11 @@ class DOPSDTrainer(io.ComfyNode):
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, k, teacher, ema_decay, loss_weight,
                 states, offload=False, prior_weight=1.0, prior_batch=0, init_lora=NO_LORA, tensorboard=False,
-                teacher_check="warn"):
+                teacher_check="warn", adapter="lora", lokr_factor=-1):
         cfg = make_config("dopsd", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, k=k, teacher=teacher, ema_decay=ema_decay,
-                          loss_weight=loss_weight, states=states, prior_weight=prior_weight, prior_batch=prior_batch)
+                          loss_weight=loss_weight, states=states, prior_weight=prior_weight, prior_batch=prior_batch,
+                          adapter=adapter, lokr_factor=lokr_factor)
         return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora, tensorboard, teacher_check)
 
 
@@ -254,9 +262,10 @@ class DOPSDSFTTrainer(io.ComfyNode):
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, offload=False, prior_weight=1.0,
                 prior_batch=0, init_lora=NO_LORA, tensorboard=False,
-                teacher_check="warn"):
+                teacher_check="warn", adapter="lora", lokr_factor=-1):
         cfg = make_config("sft", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
-                          checkpointing, save_every, preview_every, prior_weight=prior_weight, prior_batch=prior_batch)
+                          checkpointing, save_every, preview_every, prior_weight=prior_weight, prior_batch=prior_batch,
+                          adapter=adapter, lokr_factor=lokr_factor)
         return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora, tensorboard, teacher_check)
 
 

@@ -101,7 +101,7 @@ def test_partial_or_foreign_lora_files_are_refused(tiny_toy, tmp_path):
     lora = den.add_lora(4, 4.0)
     sd = lora.state_dict_comfy()
     missing = {k: v for k, v in sd.items() if lora.targets[0] not in k}
-    with pytest.raises(DopsdError, match="no LoRA for module"):
+    with pytest.raises(DopsdError, match="no lora weights for module"):
         lora.load_state_dict_comfy(missing)
     with pytest.raises(DopsdError, match="rank"):
         tiny_toy().add_lora(8, 4.0).load_state_dict_comfy(sd)
@@ -143,3 +143,67 @@ def test_lora_math_matches_peft():
         peft_model[0].lora_B["default"].weight.copy_(up)
         y_peft = peft_model(x)
     torch.testing.assert_close(y_ours, y_peft, rtol=1e-5, atol=1e-6)
+
+
+# --- LoKr and LoHa ----------------------------------------------------------------------------------------
+def dense_delta(adapter: str, w: dict, scale: float) -> torch.Tensor:
+    """The [out, in] update each adapter stands for, written out as its file layout defines it."""
+    if adapter == "lora":
+        return w["up"] @ w["down"] * scale
+    if adapter == "loha":
+        return (w["w1_a"] @ w["w1_b"]) * (w["w2_a"] @ w["w2_b"]) * scale
+    return torch.kron(w["w1"], w["w2_a"] @ w["w2_b"]) * scale
+
+
+@pytest.mark.parametrize("dim,factor", [(128, -1), (128, 4), (250, -1), (96, 8), (127, -1), (3072, -1), (64, 16)])
+def test_factorization_splits_a_dimension_into_two_factors(dim, factor):
+    from dopsd_core.lora import factorization
+    m, n = factorization(dim, factor)
+    assert m * n == dim and m <= n
+    if factor > 0 and dim % factor == 0 and dim >= factor ** 2:
+        assert (m, n) == (factor, dim // factor)
+    assert factorization(127, -1) == (1, 127)  # a prime has no other split
+
+
+@pytest.mark.parametrize("adapter", ["lora", "lokr", "loha"])
+def test_each_adapter_adds_its_documented_update_and_starts_at_zero(adapter):
+    from dopsd_core.lora import LoraSet
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(torch.nn.Linear(24, 36))
+    x = torch.randn(5, 24)
+    base = layer(x).detach()
+    lora = LoraSet(layer, ["0"], rank=3, alpha=6.0, adapter=adapter, factor=-1).attach()
+    torch.testing.assert_close(layer(x), base, rtol=0, atol=0)  # dW = 0 at the start
+    perturb(lora, scale=0.3)
+    pair = lora.student["0"]
+    w = {k: getattr(pair, k).detach() for k in pair.files}
+    want = base + x @ dense_delta(adapter, w, 6.0 / 3).T
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    # every factor gets a gradient (LoHa's w2_a and LoKr's w2_a start at 0 and must still move)
+    layer(x).square().sum().backward()
+    assert all(getattr(pair, k).grad is not None and getattr(pair, k).grad.abs().sum() > 0 for k in pair.files)
+
+
+@pytest.mark.parametrize("adapter", ["lokr", "loha"])
+def test_lokr_and_loha_files_round_trip_and_refuse_the_other_adapter(tiny_toy, tmp_path, adapter):
+    from dopsd_core.lora import lora_file_spec
+    den = tiny_toy()
+    x, s, ctx = inputs(den)
+    lora = den.add_lora(4, 8.0, adapter=adapter, factor=4)
+    perturb(lora)
+    lora.ema_update(0.5)
+    with torch.no_grad():
+        want = den.denoise(x, s, ctx)
+    save_lora(lora, tmp_path / "a.safetensors", method="dopsd")
+    sd, meta = read_lora_file(tmp_path / "a.safetensors")
+    prefix = {"lokr": ("lokr_w1", "lokr_w2_a", "lokr_w2_b"), "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+    assert {k.rsplit(".", 1)[1] for k in sd} == {*prefix[adapter], "alpha"}  # LyCORIS names, no lora_* keys
+    assert lora_file_spec(meta, sd) == {"rank": 4, "alpha": 8.0, "adapter": adapter, "factor": 4 if adapter == "lokr" else -1}
+    spec = lora_file_spec({}, sd)  # a file without our metadata: read from its keys
+    assert (spec["adapter"], spec["rank"], spec["alpha"]) == (adapter, 4, 8.0)
+    fresh = tiny_toy()
+    fresh.add_lora(4, 8.0, adapter=adapter, factor=4).load_state_dict_comfy(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.denoise(x, s, ctx), want, rtol=0, atol=0)
+    with pytest.raises(DopsdError, match=f"is a {adapter} file and this run trains lora"):
+        tiny_toy().add_lora(4, 8.0).load_state_dict_comfy(sd)

@@ -541,3 +541,37 @@ def test_every_save_point_keeps_its_lora(tiny_records, tmp_path):
     assert meta["dopsd.step"] == "6" and all(torch.equal(last[k], final[k]) for k in final)
     early, meta2 = read_lora_file(run / "lora-000002.safetensors")
     assert meta2["dopsd.step"] == "2" and any(not torch.equal(early[k], final[k]) for k in final)
+
+
+@pytest.mark.parametrize("adapter", ["lokr", "loha"])
+def test_lokr_and_loha_resume_exactly_warm_start_and_checkpoint_like_lora(tiny_records, tmp_path, adapter):
+    """A stop and resume equals the straight run; --init-lora from the file starts the next run (student and
+    teacher) from it; checkpointing gives the same step; another adapter's file is refused."""
+    cfg = dict(CFG, adapter=adapter, lokr_factor=4)
+    den, records = tiny_records()
+    Trainer(den, records, TrainConfig(steps=4, **cfg), tmp_path / "straight").run()
+    straight = lora_tensors(den)
+    den2, records2 = tiny_records()
+    trainer = Trainer(den2, records2, TrainConfig(steps=4, **cfg), tmp_path / "stopped",
+                      Callbacks(should_stop=lambda: trainer.step >= 2))
+    with pytest.raises(TrainingCancelled):
+        trainer.run()
+    den3, records3 = tiny_records()
+    Trainer(den3, records3, TrainConfig(steps=4, **cfg), tmp_path / "stopped", resume=True).run()
+    resumed = lora_tensors(den3)
+    assert straight.keys() == resumed.keys() and not any(".lora_up." in k for k in straight)
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) <= 1e-6
+    den4, records4 = tiny_records()
+    Trainer(den4, records4, TrainConfig(steps=4, checkpointing=True, **cfg), tmp_path / "ckpt").run()
+    ckpt = lora_tensors(den4)
+    assert max((straight[k] - ckpt[k]).abs().max().item() for k in straight) <= 1e-5
+
+    first = tmp_path / "straight" / "lora.safetensors"
+    den5, records5 = tiny_records()
+    warm = Trainer(den5, records5, TrainConfig(steps=1, **cfg), tmp_path / "warm", init_lora=first)
+    sd, meta = read_lora_file(first)
+    assert meta["dopsd.adapter"] == adapter
+    assert all(torch.equal(warm.lora.state_dict_comfy("teacher")[k], sd[k]) for k in sd)
+    den6, records6 = tiny_records()
+    with pytest.raises(DopsdError, match=f"is a {adapter} file and this run trains lora"):
+        Trainer(den6, records6, TrainConfig(steps=1, **CFG), tmp_path / "other", init_lora=first)

@@ -149,7 +149,8 @@ def test_every_node_has_a_doc_page():
 # checks the files against real ComfyUI's /object_info, which fixes this order).
 TRAINER_WIDGETS = ("steps", "gpu_preset", "rank", "lr", "optimizer", "batch_size", "grad_accum", "seed",
                    "checkpointing", "save_every", "preview_every", "run_name", "resume", "k", "teacher", "ema_decay",
-                   "loss_weight", "states", "offload", "prior_weight", "prior_batch", "init_lora", "teacher_check", "tensorboard")
+                   "loss_weight", "states", "offload", "prior_weight", "prior_batch", "init_lora", "teacher_check", "tensorboard",
+                   "adapter", "lokr_factor")
 WORKFLOW_FAMILY = {"dopsd_toy_cpu_demo.json": "toy", "dopsd_toy_sft_vs_dopsd.json": "toy",
                    "dopsd_flux2_klein.json": "flux2-klein", "dopsd_z_image_turbo.json": "z-image"}
 

@@ -51,7 +51,7 @@ def trainer_widgets(spec: FamilySpec, save_every: int, preview_every: int) -> di
             "batch_size": spec.batch_size, "grad_accum": spec.grad_accum, "seed": 0, "checkpointing": False,
             "save_every": save_every, "preview_every": preview_every, "resume": False, "offload": False,
             "prior_weight": spec.prior_weight, "prior_batch": spec.prior_batch, "init_lora": "[none]", "teacher_check": "warn",
-            "tensorboard": False}
+            "tensorboard": False, "adapter": "lora", "lokr_factor": -1}
 
 
 TOY_TRAIN = trainer_widgets(TOY, save_every=100, preview_every=25)

@@ -251,11 +251,10 @@ def prompt_context(models: LoadedModels, prompt: str, latent_shape: tuple):
 
 def with_lora(model, lora_file: Path):
     """The MODEL patched with a LoRA file, as the stock LoraLoaderModelOnly patches it."""
-    import comfy.sd
     import comfy.utils
-    sd = comfy.utils.load_torch_file(str(lora_file), safe_load=True)
-    patched, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0.0)
-    return patched
+
+    from .comfy import lora_patches_model
+    return lora_patches_model(model, comfy.utils.load_torch_file(str(lora_file), safe_load=True))
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -65,10 +65,12 @@ class ToyDenoiser:
             raise RuntimeError("no LoRA attached; call add_lora() first")
         return self._lora
 
-    def add_lora(self, rank: int, alpha: float, seed: int = 0, targets: str = LORA_TARGETS) -> LoraSet:
+    def add_lora(self, rank: int, alpha: float, seed: int = 0, adapter: str = "lora", factor: int = -1,
+                 targets: str = LORA_TARGETS) -> LoraSet:
         if self._lora is not None:
             self._lora.detach()
-        self._lora = LoraSet(self.dit, find_targets(self.dit, targets), rank, alpha, seed=seed).attach()
+        self._lora = LoraSet(self.dit, find_targets(self.dit, targets), rank, alpha, seed=seed, adapter=adapter,
+                             factor=factor).attach()
         return self._lora
 
     def set_checkpointing(self, on: bool) -> None:

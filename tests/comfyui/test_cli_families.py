@@ -42,8 +42,8 @@ def _tiny_models(family: str, klein_file: Path, vlm_folder: Path | None):
     return tiny_family_models(family, klein_file, vlm_folder)
 
 
-def _cli_args(family, comfy, klein_file, data: Path, out: Path, vlm_folder) -> list[str]:
-    args = ["train", "--model", family, "--comfyui", os.environ["COMFYUI_PATH"], "--diffusion-model", str(klein_file),
+def _cli_args(family, comfy, klein_file, data: Path, out: Path, vlm_folder, adapter="lora") -> list[str]:
+    args = ["train", "--model", family, "--adapter", adapter, "--comfyui", os.environ["COMFYUI_PATH"], "--diffusion-model", str(klein_file),
             "--text-encoder", str(klein_file), "--vae", str(klein_file), "--data", str(data), "--out", str(out),
             "--steps", str(STEPS), "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--optimizer", "adamw",
             "--batch-size", "1", "--grad-accum", "1", "--seed", "0", "--k", "4", "--teacher", "ema",
@@ -52,8 +52,9 @@ def _cli_args(family, comfy, klein_file, data: Path, out: Path, vlm_folder) -> l
     return args + (["--vlm", str(vlm_folder)] if vlm_folder else [])
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_cli_trains_the_lora_the_node_trains(comfy, comfy_lib, family, request, tmp_path, monkeypatch,
+@pytest.mark.parametrize("family,adapter", [("flux2-klein", "lora"), ("z-image", "lora"), ("flux2-klein", "loha"),
+                                            ("z-image", "lokr")])
+def test_the_cli_trains_the_lora_the_node_trains(comfy, comfy_lib, family, adapter, request, tmp_path, monkeypatch,
                                                  one_thread, capsys):
     from dopsd_core import cli
     from dopsd_core.hosts import headless
@@ -70,7 +71,7 @@ def test_the_cli_trains_the_lora_the_node_trains(comfy, comfy_lib, family, reque
                                    "seed": 0, "checkpointing": False, "save_every": STEPS, "preview_every": 0,
                                    "run_name": run_name, "resume": False, "k": 4, "teacher": "ema",
                                    "ema_decay": 0.9999, "loss_weight": "x0", "states": "all", "prior_weight": 0.0,
-                                   "teacher_check": "off"})
+                                   "teacher_check": "off", "adapter": adapter})
     entry = comfy.run(graph(*loaders(family, vlm), dataset_node(data, family, prior_prompts=""), trainer))
     assert entry["status"]["status_str"] == "success", node_error_text(entry)
     node_lora = load_file(str(comfy.output_dir / "dopsd" / run_name / "lora.safetensors"))
@@ -79,14 +80,15 @@ def test_the_cli_trains_the_lora_the_node_trains(comfy, comfy_lib, family, reque
     models = _tiny_models(family, klein_file, vlm_folder)
     monkeypatch.setattr(headless, "load_models", lambda spec, files, teacher=True: models)
     out = tmp_path / "run"
-    assert cli.main(_cli_args(family, comfy, klein_file, comfy.input_dir / data, out, vlm_folder)) == 0
+    assert cli.main(_cli_args(family, comfy, klein_file, comfy.input_dir / data, out, vlm_folder, adapter)) == 0
     assert f"trained {STEPS} steps" in capsys.readouterr().out
     cli_lora = load_file(str(out / "lora.safetensors"))
     assert cli_lora.keys() == node_lora.keys() and len(cli_lora) > 0
     worst = max(float((cli_lora[k].float() - node_lora[k].float()).abs().max()) for k in cli_lora)
     assert worst <= EQUAL_TOL, f"CLI vs node LoRA differ by {worst}"
-    moved = max(float(v.float().abs().max()) for k, v in cli_lora.items() if "lora_up" in k or ".lora_B" in k)
-    assert moved > 0, "the LoRA did not train"
+    output_side = {"lora": "lora_up", "loha": "hada_w2_a", "lokr": "lokr_w2_a"}[adapter]  # zero at the start
+    moved = max(float(v.float().abs().max()) for k, v in cli_lora.items() if output_side in k)
+    assert moved > 0, f"the {adapter} did not train"
     record = headless.read_record(out)
     assert record["model"] == family and record["resolution"] == RES and Path(record["diffusion_model"]) == klein_file
     assert list((out / "dataset").glob("*.safetensors")), "the dataset is cached in the run folder"

@@ -65,8 +65,8 @@ def dataset_node(folder: str, family: str, **overrides) -> tuple:
     return (5, "DOPSDDataset", {k: v for k, v in inputs.items() if v is not None})
 
 
-def trainer_node(run_name: str, checkpointing: bool, model=("1", 0), dataset=("5", 0)) -> tuple:
-    return (6, "DOPSDTrainer", {"model": list(model), "dataset": list(dataset), "steps": 5,
+def trainer_node(run_name: str, checkpointing: bool, model=("1", 0), dataset=("5", 0), **extra) -> tuple:
+    return (6, "DOPSDTrainer", {**extra, "model": list(model), "dataset": list(dataset), "steps": 5,
                                 "gpu_preset": "family default", "rank": 4, "lr": 1e-2, "optimizer": "adamw",
                                 "batch_size": 1, "grad_accum": 1, "seed": 0, "checkpointing": checkpointing,
                                 "save_every": 5, "preview_every": 5, "run_name": run_name, "resume": False,
@@ -225,13 +225,19 @@ def test_few_step_sampler_reproduces_the_stock_sampler(comfy, family):
     assert diff < SAME_TOL, f"few-step sampler differs from the stock sampler by {diff}"
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_train_save_and_stock_lora_loader_reproduce_the_trained_model(comfy, data_folder, family, request):
+# LoRA on both families; LoKr on klein and LoHa on Z-Image (their LyCORIS files through the same stock loader)
+FILE_KEYS = {"lora": ("lora_up.weight", "lora_down.weight"), "lokr": ("lokr_w1", "lokr_w2_a", "lokr_w2_b"),
+             "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+
+
+@pytest.mark.parametrize("family,adapter", [("flux2-klein", "lora"), ("z-image", "lora"), ("flux2-klein", "lokr"),
+                                            ("z-image", "loha")])
+def test_train_save_and_stock_lora_loader_reproduce_the_trained_model(comfy, data_folder, family, adapter, request):
     vlm = _maybe_vlm(family, request)
     run, lora = fresh_name(f"{family}_run"), fresh_name(f"dopsd/{family}")
     nodes = loaders(family, vlm) + [
         dataset_node(data_folder, family),
-        trainer_node(run, checkpointing=family == "flux2-klein"),  # klein: per-block checkpointing too
+        trainer_node(run, checkpointing=family == "flux2-klein", adapter=adapter),  # klein: per-block checkpointing too
         (12, "DOPSDSaveLoRA", {"lora": ["6", 1], "name": lora, "overwrite": False}),
     ] + sampler_nodes(family, ["6", 0], f"{run}_trained")
     run_ok(comfy, nodes)
@@ -242,7 +248,8 @@ def test_train_save_and_stock_lora_loader_reproduce_the_trained_model(comfy, dat
     assert meta["dopsd.model_family"] == family and meta["dopsd.steps"] == "5" and meta["dopsd.rank"] == "4"
     target = ("diffusion_model.double_blocks.0.img_attn.qkv" if family == "flux2-klein"
               else "diffusion_model.layers.0.attention.qkv")
-    assert {f"{target}.lora_up.weight", f"{target}.lora_down.weight", f"{target}.alpha"} <= keys
+    assert {*(f"{target}.{k}" for k in FILE_KEYS[adapter]), f"{target}.alpha"} <= keys
+    assert meta["dopsd.adapter"] == adapter
     state = json.loads((comfy.output_dir / "dopsd" / run / "state" / "state.json").read_text())
     assert state["step"] == 5 and len(state["history"]) == 5 and state["model_family"] == family
     assert all(np.isfinite(v) and v > 0 for v in state["history"]), state["history"]
