@@ -130,6 +130,10 @@ def add_train_parser(sub) -> None:
     g.add_argument("--prior-weight", type=float,
                    help="lambda of the prior term (default 1; 0 with --prior-prompts none)")
     g.add_argument("--prior-batch", type=int, help=f"prior roll-outs (SFT: class images) per step (default {d.prior_batch})")
+    g.add_argument("--prior-every", type=int, help="the prior term on every N-th step only, weighted N times "
+                   "(cheaper; default 1: every step)")
+    g.add_argument("--prior-states", choices=("same", *STATES), help="D-OPSD: supervised states of the prior's "
+                   "roll-outs (default same: as --states)")
     g.add_argument("--trigger", help="the word in the captions that names the concept (default: their bracket token, e.g. [V])")
     g.add_argument("--class-word", help="what auto puts where the trigger was (default: nothing)")
     p.set_defaults(func=cmd_train)
@@ -137,7 +141,7 @@ def add_train_parser(sub) -> None:
 
 CONFIG_FLAGS = ("method", "steps", "rank", "alpha", "adapter", "lokr_factor", "lr", "optimizer", "schedule", "warmup", "k", "teacher",
                 "ema_decay", "loss_weight", "states", "batch_size", "grad_accum", "save_every", "preview_every",
-                "checkpointing", "compile", "seed", "prior_weight", "prior_batch")
+                "checkpointing", "compile", "seed", "prior_weight", "prior_batch", "prior_every", "prior_states")
 
 
 def cmd_train(args) -> int:

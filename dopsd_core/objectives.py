@@ -17,7 +17,7 @@ LOSS_WEIGHTS = ("x0", "velocity", "transition")
 TEACHERS = ("ema", "frozen")  # the concept teacher a user picks
 # LoRA copy each teacher reads; "start" (the LoRA the run started from, frozen) is the prior's teacher
 TEACHER_MODES = {"ema": "teacher", "frozen": "off", "start": "anchor"}
-STATES = ("all", "one")
+STATES = ("all", "one", "two")  # supervised states of a roll-out: all K, or that many drawn at random
 
 
 @dataclass
@@ -66,7 +66,12 @@ def dopsd_backward(denoiser: Denoiser, batch: Batch, sigmas: list[float], genera
     K = len(sigmas) - 1
     B = batch.x0.shape[0]
     device = batch.x0.device
-    supervised = list(range(K)) if states == "all" else [int(torch.randint(K, (1,), generator=generator))]
+    if states == "all":
+        supervised = list(range(K))
+    elif states == "one":
+        supervised = [int(torch.randint(K, (1,), generator=generator))]
+    else:  # "two": two distinct states; the student steps through the ones between them without a graph
+        supervised = sorted(torch.randperm(K, generator=generator)[:2].tolist())
     x = batch.noise(generator).to(device) * sigmas[0]  # x_{sigma_0 = 1} = eps
     if supervised[0] > 0:
         # one-state mode: the student's own prefix with no autograd bookkeeping at all (inference_mode),
@@ -77,9 +82,15 @@ def dopsd_backward(denoiser: Denoiser, batch: Batch, sigmas: list[float], genera
                 x = euler_step(x, denoiser.denoise(x, s, batch.student_ctx), sigmas[k], sigmas[k + 1])
         x = x.clone()
     losses = []  # 0-d tensors: one host sync after the roll-out instead of one per state
-    for k in supervised:
+    chosen = set(supervised)
+    for k in range(supervised[0], supervised[-1] + 1):
         sigma, sigma_next = sigmas[k], sigmas[k + 1]
         s = torch.full((B,), sigma, device=device)
+        if k not in chosen:  # a state between two supervised ones: the student's own step, no graph
+            with torch.inference_mode(), lora.use("student"):
+                x = euler_step(x, denoiser.denoise(x, s, batch.student_ctx), sigma, sigma_next)
+            x = x.clone()
+            continue
         with torch.inference_mode(), lora.use(teacher_mode):
             x0_teacher = denoiser.denoise(x, s, batch.teacher_ctx)
         x0_teacher = x0_teacher.clone()  # inference tensors cannot be saved by autograd (mse_loss keeps its target)

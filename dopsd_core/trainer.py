@@ -62,6 +62,8 @@ class TrainConfig:
     seed: int = 0
     prior_weight: float = 0.0  # lambda of the prior term (0: no prior preservation)
     prior_batch: int = 1  # prior roll-outs (D-OPSD) or class images (SFT) per micro-batch
+    prior_every: int = 1  # the prior term on every k-th step only, weighted k times (the same pull on average)
+    prior_states: str = "same"  # D-OPSD's prior roll-outs: supervised states as `states` ("same"), or all/one/two
     checkpointing: bool = False
     compile: bool = False  # torch.compile the denoiser's forward (numerics equal up to float rounding)
     save_every: int = 0  # 0: save only at the end
@@ -109,6 +111,10 @@ class TrainConfig:
             bad(f"--prior-weight must be >= 0 (got {self.prior_weight}); 0 turns the prior off")
         if self.prior_batch < 1:
             bad(f"--prior-batch must be >= 1 (got {self.prior_batch})")
+        if self.prior_every < 1:
+            bad(f"--prior-every must be >= 1 (got {self.prior_every}); 1 = the prior on every step")
+        if self.prior_states not in ("same", *STATES):
+            bad(f"unknown --prior-states {self.prior_states!r}; choose one of same, {', '.join(STATES)}")
         if not (self.grad_clip > 0):
             bad(f"gradient clip must be > 0 (got {self.grad_clip})")
         return self
@@ -325,23 +331,28 @@ class Trainer:
     def _micro_step(self, batch: Batch, scale: float) -> float:
         c = self.cfg
         shape = tuple(batch.x0.shape[1:])
+        # the prior on every prior_every-th step (self.step: the steps done before this one), weighted
+        # prior_every times so that on average it pulls as hard as on every step
+        with_prior = self.prior is not None and self.step % c.prior_every == 0
+        prior_scale = scale * c.prior_weight * c.prior_every
         if c.method == "dopsd":
             sigmas = self.sigma_grids[shape]
             loss = dopsd_backward(self.step_den, batch, sigmas, self.gen, teacher=c.teacher,
                                   loss_weight=c.loss_weight, states=c.states, loss_scale=scale)["loss"]
-            if self.prior:  # on-policy prior: the starting model, text only, on the student's own states
+            if with_prior:  # on-policy prior: the starting model, text only, on the student's own states
                 prior = dopsd_backward(self.step_den, self._prior_batch(shape), sigmas, self.gen, teacher="start",
-                                       loss_weight=c.loss_weight, states=c.states,
-                                       loss_scale=scale * c.prior_weight)["loss"]
+                                       loss_weight=c.loss_weight,
+                                       states=c.states if c.prior_states == "same" else c.prior_states,
+                                       loss_scale=prior_scale)["loss"]
                 self._prior_parts.append(prior)
                 loss += c.prior_weight * prior
         else:
             # SFT draws sigma from the model's own training distribution
             shift = getattr(self.den, "train_shift", self.den.shift)
             loss = sft_backward(self.step_den, batch, shift, self.gen, loss_scale=scale)["loss"]
-            if self.prior:  # DreamBooth's prior: flow matching on the cached class images
+            if with_prior:  # DreamBooth's prior: flow matching on the cached class images
                 prior = sft_backward(self.step_den, self._class_batch(), shift, self.gen,
-                                     loss_scale=scale * c.prior_weight)["loss"]
+                                     loss_scale=prior_scale)["loss"]
                 self._prior_parts.append(prior)
                 loss += c.prior_weight * prior
         return loss

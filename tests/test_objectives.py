@@ -121,6 +121,35 @@ def test_one_state_mode_supervises_one_state_on_policy(tiny_records):
     assert before["per_state"][3] != after["per_state"][3]
 
 
+class FixedNoise(Batch):
+    """A batch whose roll-out starts from the same noise whatever the generator drew before it."""
+
+    def noise(self, generator):
+        return torch.randn(self.x0.shape, generator=torch.Generator().manual_seed(99))
+
+
+def test_two_state_mode_supervises_two_states_of_the_same_on_policy_roll_out(tiny_records):
+    """Two random distinct states; the student steps through the states between them without a graph, so
+    each supervised state's loss is the one the all-states roll-out has there (same noise, same student)."""
+    den, records = tiny_records()
+    lora = den.add_lora(4, 4.0)
+    with torch.no_grad():
+        for p in lora.parameters_list():
+            p.add_(torch.randn_like(p) * 0.3)
+    b = make_batch(den, records)
+    batch, sigmas = FixedNoise(b.x0, b.student_ctx, b.teacher_ctx), den.sigma_grid(4)
+    every = dopsd_backward(den, batch, sigmas, torch.Generator().manual_seed(0), teacher="frozen")["per_state"]
+    pairs = set()
+    for seed in range(16):
+        two = dopsd_backward(den, batch, sigmas, torch.Generator().manual_seed(seed), states="two",
+                             teacher="frozen")["per_state"]
+        assert len(two) == 2
+        pairs.add(tuple(sorted(two)))
+        for k, v in two.items():
+            assert v == pytest.approx(every[k], rel=1e-5), (k, two, every)
+    assert len(pairs) >= 4 and any(b - a > 1 for a, b in pairs), "pairs vary, gaps between them included"
+
+
 def test_sft_loss_is_flow_matching_on_data(tiny_records):
     den, records = tiny_records()
     den.add_lora(4, 4.0)

@@ -350,7 +350,8 @@ def test_training_lowers_its_loss(tiny_records, tmp_path, method):
 @pytest.mark.parametrize("bad, match", [
     (dict(rank=0), "rank"), (dict(k=0), "--k"), (dict(lr=0.0), "--lr"), (dict(lr=float("nan")), "--lr"),
     (dict(steps=0), "--steps"), (dict(optimizer="sgd"), "optimizer"), (dict(teacher="live"), "teacher"),
-    (dict(loss_weight="l1"), "loss weight"), (dict(states="two"), "states"), (dict(ema_decay=1.0), "EMA"),
+    (dict(loss_weight="l1"), "loss weight"), (dict(states="three"), "states"), (dict(ema_decay=1.0), "EMA"),
+    (dict(prior_every=0), "--prior-every"), (dict(prior_states="some"), "--prior-states"),
 ])
 def test_config_validation(bad, match):
     with pytest.raises(DopsdError, match=match):
@@ -575,3 +576,36 @@ def test_lokr_and_loha_resume_exactly_warm_start_and_checkpoint_like_lora(tiny_r
     den6, records6 = tiny_records()
     with pytest.raises(DopsdError, match=f"is a {adapter} file and this run trains lora"):
         Trainer(den6, records6, TrainConfig(steps=1, **CFG), tmp_path / "other", init_lora=first)
+
+
+@pytest.mark.parametrize("method", ["dopsd", "sft"])
+def test_the_prior_every_kth_step_weighs_k_times_and_prior_states_choose_its_states(tiny_records, tmp_path,
+                                                                                     monkeypatch, method):
+    """prior_every 2: the prior term on steps 1, 3, 5 (0-based 0, 2, 4) at twice the weight, none between;
+    prior_states one: D-OPSD's prior roll-outs supervise one state while the concept's supervise all."""
+    import dopsd_core.trainer as trainer_mod
+    from dopsd_core.prior import Prior
+    calls = []
+    real = {"dopsd": trainer_mod.dopsd_backward, "sft": trainer_mod.sft_backward}
+
+    def spy(kind):
+        def f(*args, **kwargs):
+            calls.append((kind, kwargs.get("teacher"), kwargs.get("states"), kwargs["loss_scale"]))
+            return real[kind](*args, **kwargs)
+        return f
+    monkeypatch.setattr(trainer_mod, "dopsd_backward", spy("dopsd"))
+    monkeypatch.setattr(trainer_mod, "sft_backward", spy("sft"))
+    den, records = tiny_records()
+    prompts = ["a red circle on a black background", ""]
+    prior = Prior(prompts, [den.encode_prompt(p) for p in prompts])
+    infos = []
+    cfg = TrainConfig(**{**CFG, "method": method, "steps": 5, "prior_weight": 0.25, "prior_every": 2,
+                         "prior_states": "one", "grad_accum": 1})
+    Trainer(den, records, cfg, tmp_path / "run", Callbacks(on_step=infos.append), prior=prior).run()
+    assert [i.prior_loss is not None for i in infos] == [True, False, True, False, True]
+    concept = [c for c in calls if c[3] == pytest.approx(1.0)]  # loss_scale 1 / grad_accum
+    prior_calls = [c for c in calls if c[3] == pytest.approx(0.25 * 2)]  # prior_weight x prior_every
+    assert len(concept) == 5 and len(prior_calls) == 3 and len(calls) == 8
+    if method == "dopsd":
+        assert all(c[1] == "start" and c[2] == "one" for c in prior_calls)
+        assert all(c[1] != "start" and c[2] == cfg.states == "all" for c in concept)

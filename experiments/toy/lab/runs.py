@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dopsd_core.lora import lora_file_shape, read_lora_file
+from dopsd_core.lora import lora_file_spec, read_lora_file
 from dopsd_core.toy.denoiser import BASE_WEIGHTS, ToyDenoiser, load_toy_file
 
 # The earlier default (lr 1e-3, 200 steps): the first experiment (experiment.py) and the probes run at it,
@@ -15,6 +15,6 @@ MAIN_BUDGET = dict(steps=200, rank=16, alpha=16.0, lr=1e-3, batch_size=4)
 def load_with_lora(lora_file: Path, base: Path = BASE_WEIGHTS) -> ToyDenoiser:
     den = load_toy_file(base)
     sd, meta = read_lora_file(lora_file)
-    rank, alpha = lora_file_shape(meta, sd)
-    den.add_lora(rank, alpha).load_state_dict_comfy(sd)
+    spec = lora_file_spec(meta, sd)
+    den.add_lora(spec["rank"], spec["alpha"], adapter=spec["adapter"], factor=spec["factor"]).load_state_dict_comfy(sd)
     return den

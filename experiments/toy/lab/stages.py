@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.render import HELD_OUT_SHAPES
 from dopsd_core.toy.runs import concept_data
 from .chains import chain_plan, run_chain, teacher_check
-from .study import (N_UNRELATED, SMALL_RANK, StudyMetrics, budget_plan, gap_run, kept_lrs, lambda_plan, main_plan,
-                    one_state_plan, prune_plan, run_one)
+from .study import (N_UNRELATED, SMALL_RANK, StudyMetrics, adapter_plan, budget_plan, gap_run, kept_lrs, lambda_plan,
+                    lever_plan, main_plan, one_state_plan, prune_plan, run_one)
 from .study_report import report
 
-STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains")
+STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains", "adapters", "levers")
+REPORT_EVERY_S = 60.0
 _WORKER = None  # a forked worker's (metrics, log), inherited from the parent that started the pool
 
 
@@ -79,7 +81,15 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
         raise DopsdError(f"{out} holds a study of another toy base ({stamp_file}); use a new --out folder")
     save_json(stamp, stamp_file)
     metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
-    each = dict(jobs=jobs, log=log, on_done=lambda: report(out))  # a study cut short still reports what it has
+    # a study cut short still reports what it has: the report after a run, at most once a minute (a stage
+    # whose runs are cached returns them at once, and a report over every run takes seconds)
+    last = [0.0]
+
+    def report_now() -> None:
+        if time.monotonic() - last[0] >= REPORT_EVERY_S:
+            report(out)
+            last[0] = time.monotonic()
+    each = dict(jobs=jobs, log=log, on_done=report_now)
     prune = map_runs(run_one, prune_plan(), out, metrics, **each)
     todo = STAGES[:STAGES.index(stage) + 1]
     if "main" in todo:
@@ -102,4 +112,8 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
         if "budgetchains" in todo:
             map_runs(run_chain, chain_plan(budget=True), out, metrics, kept, **each)
             teacher_check(out, metrics, kept, log)
+        if "adapters" in todo:
+            map_runs(run_one, adapter_plan(), out, metrics, **each)
+        if "levers" in todo:
+            map_runs(run_one, lever_plan(), out, metrics, **each)
     return report(out)

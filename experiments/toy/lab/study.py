@@ -21,6 +21,13 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
          needs a larger update than main's (experiments/toy/probes/README.md)
   budgetchains the continual chains at the toy's defaults (TOY_BUDGET: the budget stage's lr, 300 steps a
          stage), from the budget stage's star runs at that step
+  adapters LoKr and LoHa against LoRA at about equal trainable parameters (ADAPTER_SETTINGS), D-OPSD + prior
+         at the defaults (TOY_BUDGET) x 3 concepts x 3 seeds, evaluated at the defaults' last step; LoRA's
+         arm is the budget stage's runs at that step (same lr, seeds and prior; a constant lr makes step 300
+         of a 400-step run the 300-step run)
+  levers what each lever on a D-OPSD + prior step's cost costs in fidelity, retention and leak, one at a
+         time from the defaults (LEVERS), 3 concepts x 3 seeds, evaluated along the run: the defaults' own
+         runs are the budget stage's (issue "A D-OPSD LoRA for a fraction of the compute")
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
 Compute is counted in model evaluations (a forward or a backward of one sample), not in seconds.
 
@@ -57,6 +64,21 @@ LAMBDA_CONCEPTS = ("star",)
 BUDGET = dict(lr=3e-3, steps=400)  # the budget stage's runs
 LONG_EVERY = 100  # past main's last checkpoint, a run is evaluated every this many steps
 N_UNRELATED = 192  # the evaluation set of retention and leak (dopsd_core/toy/metrics.py)
+# The adapters stage: settings with LoRA rank 16's trainable parameters on the toy (204,800): LoHa rank 8
+# has exactly as many (2 x 8 x (in + out) per layer); LoKr at factor 2, rank 32 has 204,880 (w1 2 x 2, w2 a
+# rank-32 [out/2, in/2]; a larger factor leaves w2 narrower than any rank that would match).
+ADAPTER_SETTINGS = {"lokr": dict(rank=32, lokr_factor=2), "loha": dict(rank=8)}
+# The levers stage, each one change from the defaults (D-OPSD + prior, TOY_BUDGET, PRIOR): fewer prior
+# roll-outs (every k-th step at k times the weight, or fewer prompts per step), the prior or the concept
+# term on fewer supervised states, and fewer steps at a larger lr and rank (the probes' rank 64 / lr 2e-3).
+LEVERS = {
+    "prior every 2": dict(prior_every=2), "prior every 4": dict(prior_every=4),
+    "prior batch 1": dict(prior_batch=1), "prior batch 2": dict(prior_batch=2),
+    "prior one state": dict(prior_states="one"),
+    "concept one state": dict(states="one", prior_states="all"),  # the prior keeps all K: one lever at a time
+    "concept two states": dict(states="two", prior_states="all"),
+    "rank 64, lr 2e-3": dict(rank=64, lr=2e-3),
+}
 
 
 @dataclass(frozen=True)
@@ -70,23 +92,41 @@ class StudyRun:
     prior_weight: float = 1.0  # lambda, when prior
     states: str = "all"  # D-OPSD's supervised roll-out states: all K, or one random state per roll-out
     steps: int = 0  # 0: main's length (the last of CHECKPOINTS)
+    adapter: str = "lora"
+    lokr_factor: int = -1
+    prior_every: int = 1  # the prior term on every k-th step (k times the weight)
+    prior_states: str = "same"  # the prior roll-outs' supervised states ("same": as states)
+    prior_batch: int = 0  # prior roll-outs per step; 0: PRIOR's
+    eval_steps: tuple[int, ...] = ()  # evaluated checkpoints, when not main's (below)
 
     @property
     def name(self) -> str:
         weight = f"_w{self.prior_weight:g}" if self.prior and self.prior_weight != PRIOR["prior_weight"] else ""
-        states = "_onestate" if self.states == "one" else ""
         steps = f"_st{self.steps}" if self.steps else ""
-        return (f"{self.concept}_{self.method}{'_prior' if self.prior else ''}{weight}{states}_lr{self.lr:g}"
-                f"_r{self.rank}{steps}_s{self.seed}")
+        states = {"all": "", "one": "_onestate", "two": "_twostates"}[self.states]
+        adapter = "" if self.adapter == "lora" else f"_{self.adapter}" + (
+            f"-f{self.lokr_factor}" if self.adapter == "lokr" else "")
+        lever = (f"{f'_pevery{self.prior_every}' if self.prior_every != 1 else ''}"
+                 f"{f'_pstates-{self.prior_states}' if self.prior_states != 'same' else ''}"
+                 f"{f'_pbatch{self.prior_batch}' if self.prior_batch else ''}")
+        return (f"{self.concept}_{self.method}{'_prior' if self.prior else ''}{weight}{states}{adapter}{lever}"
+                f"_lr{self.lr:g}_r{self.rank}{steps}_s{self.seed}")
 
     @property
     def checkpoints(self) -> tuple[int, ...]:
-        """main's checkpoints, then every LONG_EVERY steps up to the run's own length."""
+        """main's checkpoints, then every LONG_EVERY steps up to the run's own length (or eval_steps)."""
+        if self.eval_steps:
+            return tuple(self.eval_steps)
         return CHECKPOINTS + tuple(range(CHECKPOINTS[-1] + LONG_EVERY, self.steps + 1, LONG_EVERY))
 
     @property
     def variant(self) -> str:
-        return f"{self.method}{' + prior' if self.prior else ''}{', one state' if self.states == 'one' else ''}"
+        return (f"{self.method}{' + prior' if self.prior else ''}{', one state' if self.states == 'one' else ''}"
+                f"{', two states' if self.states == 'two' else ''}{'' if self.adapter == 'lora' else ', ' + self.adapter}"
+                f"{f', prior every {self.prior_every}' if self.prior_every != 1 else ''}"
+                f"{f', prior {self.prior_states} state' + ('' if self.prior_states == 'one' else 's') if self.prior_states != 'same' else ''}"
+                f"{f', prior batch {self.prior_batch}' if self.prior_batch else ''}"
+                f"{', rank 64, lr 2e-3' if (self.rank, self.lr) == (64, 2e-3) else ''}")
 
 
 def selection_prompts(n: int = 96, seed: int = 0) -> list[tuple[str, str, str, str]]:
@@ -101,16 +141,28 @@ def selection_prompts(n: int = 96, seed: int = 0) -> list[tuple[str, str, str, s
     return out
 
 
+def rollout_evals(states: str, k: int = 4) -> float:
+    """Model evaluations of one sample's D-OPSD roll-out, on average over the random states: each
+    supervised state costs a teacher forward, a student forward and a backward (3); each state the student
+    only steps through before the last supervised one costs one no-grad forward."""
+    from itertools import combinations
+    if states == "all":
+        return 3.0 * k
+    n = {"one": 1, "two": 2}[states]
+    picks = list(combinations(range(k), n))
+    return sum(max(p) + 1 - n + 3 * n for p in picks) / len(picks)  # max(p) + 1 states reached, n of them supervised
+
+
 def evals_per_step(method: str, prior: bool, k: int = 4, batch: int = TOY_BUDGET["batch_size"],
-                   states: str = "all") -> float:
-    """Model evaluations (one sample's forward or backward) per optimizer step. D-OPSD, all K states:
-    K teacher forwards + K student forwards + K backwards per sample; one random state (--states one):
-    on average (K - 1) / 2 no-grad prefix forwards, then one of each; SFT: one forward, one backward."""
+                   states: str = "all", prior_states: str = "same", prior_batch: int = 0,
+                   prior_every: int = 1) -> float:
+    """Model evaluations (one sample's forward or backward) per optimizer step: the concept's roll-outs
+    (rollout_evals; SFT: one forward and one backward a sample) plus the prior's, whose prior_batch samples
+    (0: PRIOR's) come every prior_every-th step."""
+    prior_n = (prior_batch or PRIOR["prior_batch"]) / prior_every if prior else 0
     if method != "dopsd":
-        per_sample = 2
-    else:
-        per_sample = 3 * k if states == "all" else (k - 1) / 2 + 3
-    return per_sample * (batch + (PRIOR["prior_batch"] if prior else 0))
+        return 2 * (batch + prior_n)
+    return rollout_evals(states, k) * batch + rollout_evals(states if prior_states == "same" else prior_states, k) * prior_n
 
 
 def setup_evals(method: str, prior: bool, n_prior_prompts: int, k: int = 4) -> int:
@@ -165,6 +217,19 @@ def budget_plan() -> list[StudyRun]:
             for c in HELD_OUT_SHAPES for s in range(3) for m in ("dopsd", "sft")]
 
 
+def adapter_plan() -> list[StudyRun]:
+    steps = TOY_BUDGET["steps"]
+    return [StudyRun(c, "dopsd", True, TOY_BUDGET["lr"], s, steps=steps, eval_steps=(steps,), adapter=a,
+                     **ADAPTER_SETTINGS[a]) for a in ADAPTER_SETTINGS for c in HELD_OUT_SHAPES for s in range(3)]
+
+
+def lever_plan() -> list[StudyRun]:
+    """Each lever alone from the defaults, evaluated at main's checkpoints and the defaults' last step."""
+    base = dict(lr=TOY_BUDGET["lr"], rank=TOY_BUDGET["rank"], steps=TOY_BUDGET["steps"])
+    return [StudyRun(c, "dopsd", True, seed=s, **{**base, **change}) for change in LEVERS.values()
+            for c in HELD_OUT_SHAPES for s in range(3)]
+
+
 def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
     """Train (cached: a finished run is not retrained) and evaluate every checkpoint (cached per step)."""
     run_dir = out / "runs" / run.name
@@ -183,10 +248,14 @@ def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
         assert all(c % every == 0 for c in checkpoints), "checkpoints must be multiples of the first"
         train_concept(run.concept, run.method, train_dir, out, seed=run.seed, lr=run.lr, rank=run.rank,
                       alpha=float(run.rank), steps=checkpoints[-1], save_every=every, prior_prompts=prompts,
-                      states=run.states, **({**PRIOR, "prior_weight": run.prior_weight} if run.prior else {}))
+                      states=run.states, adapter=run.adapter, lokr_factor=run.lokr_factor,
+                      **({**PRIOR, "prior_weight": run.prior_weight, "prior_every": run.prior_every,
+                          "prior_states": run.prior_states, "prior_batch": run.prior_batch or PRIOR["prior_batch"]}
+                         if run.prior else {}))
     train_s = time.perf_counter() - t0
     captions = [caps[0] for caps in concept_training_set(run.concept)[1]]
-    per_step = evals_per_step(run.method, run.prior, states=run.states)
+    per_step = evals_per_step(run.method, run.prior, states=run.states, prior_states=run.prior_states,
+                              prior_batch=run.prior_batch, prior_every=run.prior_every)
     setup = setup_evals(run.method, run.prior, len(prompts or []))
     points = []
     for step in checkpoints:

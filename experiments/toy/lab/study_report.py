@@ -13,7 +13,8 @@ from dopsd_core.toy.metrics import FIDELITY_SEEDS
 from dopsd_core.toy.runs import TOY_BUDGET
 from .chains import chain_summary, teacher_summary
 from .stats import bootstrap_difference, per_prompt
-from .study import (BUDGET, CHECKPOINTS, PRIOR, SMALL_RANK, TAUS, budget_plan, choose_lr, lambda_plan,
+from .study import (ADAPTER_SETTINGS, BUDGET, CHECKPOINTS, PRIOR, SMALL_RANK, TAUS, adapter_plan, budget_plan, choose_lr,
+                    lambda_plan,
                     main_plan, matched, one_state_plan, prune_plan)
 
 PAIRS = (("dopsd + prior", "sft + prior"), ("dopsd", "sft"))
@@ -161,6 +162,45 @@ def _single_fidelity(runs: list[dict], step: int | None = None) -> dict:
             for r in runs if r["run"]["prior"] and r["run"]["rank"] != SMALL_RANK}
 
 
+ADAPTER_METRICS = (("concept_fidelity", FIDELITY_SEEDS), ("retention", 1), ("leak", 1), ("cross_token", 1))
+
+
+def _point_at(run: dict, step: int) -> dict | None:
+    return next((p for p in run["points"] if p["step"] == step), None)
+
+
+def adapter_summary(adapters: list[dict], lora: list[dict]) -> dict:
+    """Each adapter's mean metrics at the defaults' last step over concepts x seeds, and its difference to
+    LoRA's runs at that step per metric (95 % bootstrap interval over the runs, then the prompts)."""
+    step = TOY_BUDGET["steps"]
+    arms = {"lora": [p for r in lora if (p := _point_at(r, step))]}
+    for name in ADAPTER_SETTINGS:
+        arms[name] = [p for r in adapters if r["run"]["adapter"] == name and (p := _point_at(r, step))]
+    out = {"step": step, "arms": {}}
+    for name, points in arms.items():
+        if not points:
+            continue
+        entry = {"runs": len(points), **{m: sum(p[m] for p in points) / len(points) for m, _ in ADAPTER_METRICS}}
+        if name != "lora" and arms["lora"]:
+            entry["minus_lora"] = {m: bootstrap_difference([per_prompt(p["hits"][m], k) for p in points],
+                                                           [per_prompt(p["hits"][m], k) for p in arms["lora"]])
+                                   for m, k in ADAPTER_METRICS}
+        out["arms"][name] = entry
+    return out
+
+
+def adapter_lines(a: dict) -> list[str]:
+    rows = []
+    for name, e in a["arms"].items():
+        setting = "rank 16" if name == "lora" else ", ".join(f"{k.replace('lokr_', '')} {v}"
+                                                             for k, v in ADAPTER_SETTINGS[name].items())
+        rows.append([f"{name} ({setting})", e["runs"], *(_pct(e[m]) for m, _ in ADAPTER_METRICS),
+                     *((_interval(e["minus_lora"][m]) for m, _ in ADAPTER_METRICS) if "minus_lora" in e
+                       else ["", "", "", ""])])
+    return _table(["adapter", "runs", "fidelity", "retention", "leak", "cross-token", "fidelity − LoRA",
+                   "retention − LoRA", "leak − LoRA", "cross-token − LoRA"], rows)
+
+
 def report(out: Path) -> dict:
     """results.json, results.md and fronts.png from whatever runs are cached."""
     out = Path(out)
@@ -169,6 +209,10 @@ def report(out: Path) -> dict:
     summary = {"prune": {"runs": [r["name"] for r in prune], "complete": len(prune) == len(prune_plan())}}
     main, lam, one = [], [], []
     budget = [cached[r.name] for r in budget_plan() if r.name in cached]
+    adapters = [cached[r.name] for r in adapter_plan() if r.name in cached]
+    if adapters:
+        summary["adapters"] = {"runs": [r["name"] for r in adapters], "planned": len(adapter_plan()),
+                               **adapter_summary(adapters, [r for r in budget if r["variant"] == "dopsd + prior"])}
     all_chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
     if budget:
         summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
@@ -202,7 +246,7 @@ def report(out: Path) -> dict:
                 summary["one_state"] = {"runs": [r["name"] for r in one], "planned": len(one_state_plan(kept)),
                                         "by_concept": main_summary(sft + one, ONE_STATE_PAIRS)}
     results = {"stamp": json.loads((out / "stamp.json").read_text()), "summary": summary,
-               "runs": {r["name"]: r for r in prune + main + lam + one + budget}}
+               "runs": {r["name"]: r for r in prune + main + lam + one + budget + adapters}}
     save_json(results, out / "results.json")
     save_bytes(study_markdown(results).encode(), out / "results.md")
     if main:
@@ -376,6 +420,15 @@ def _with_budget(lines: list[str], s: dict) -> str:
             "Both methods with the prior, 3 concepts x 3 seeds, evaluated at main's checkpoints and every 100 steps "
             "after. Matched points (seeds that reached tau / seeds) and D-OPSD minus SFT in fidelity points with "
             "95 % bootstrap intervals.", "", *_budget_lines(b), ""]
+    if s.get("adapters"):
+        a = s["adapters"]
+        lines = lines + [
+            f"## LoKr and LoHa against LoRA ({len(a['runs'])} of {a['planned']} runs cached)", "",
+            f"D-OPSD + prior at the toy's defaults (lr {TOY_BUDGET['lr']:g}, step {a['step']}), 3 concepts x 3 seeds, at "
+            "about LoRA rank 16's trainable parameters (LoHa rank 8: the same 204,800; LoKr factor 2, rank 32: "
+            "204,880). LoRA's arm is the budget stage's D-OPSD + prior runs at that step. Means over the runs, and "
+            "each adapter minus LoRA in points with 95 % bootstrap intervals (runs, then prompts).", "",
+            *adapter_lines(a), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -378,3 +378,72 @@ def test_a_chain_at_the_toy_defaults_starts_from_the_budget_runs_checkpoint_and_
     monkeypatch.setattr(chains_mod, "TOY_BUDGET", {"lr": 1e-3, "steps": 4})
     with pytest.raises(Exception, match="not a checkpoint of the study's budget stage"):
         chains_mod.Chain("sft + prior", 1, budget=True).first_run({})
+
+
+@needs_weights
+def test_the_adapter_runs_match_loras_trainable_parameters_and_are_evaluated_at_the_defaults_end():
+    from dopsd_core.toy.denoiser import load_toy
+    from dopsd_core.toy.runs import TOY_BUDGET
+    plan = study.adapter_plan()
+    assert len(plan) == 18 and {r.variant for r in plan} == {"dopsd + prior, lokr", "dopsd + prior, loha"}
+    assert len({r.name for r in plan}) == 18 and plan[0].name == "star_dopsd_prior_lokr-f2_lr0.003_r32_st300_s0"
+    assert all(r.checkpoints == (TOY_BUDGET["steps"],) and r.lr == TOY_BUDGET["lr"] for r in plan)
+    den = load_toy()
+
+    def trainable(**kw):
+        return sum(p.numel() for p in den.add_lora(kw.pop("rank"), 1.0, **kw).parameters_list())
+    lora = trainable(rank=TOY_BUDGET["rank"])
+    for adapter, setting in study.ADAPTER_SETTINGS.items():
+        n = trainable(rank=setting["rank"], adapter=adapter, factor=setting.get("lokr_factor", -1))
+        assert abs(n - lora) / lora < 0.001, (adapter, n, lora)
+
+
+def test_the_adapter_report_gives_each_adapters_difference_to_lora_with_an_interval():
+    def run(adapter, hits_fid, hits_ret):
+        point = {"step": 300, "concept_fidelity": hits_fid.count("1") / len(hits_fid), "retention": 0.9, "leak": 0.0,
+                 "cross_token": 0.0, "hits": {"concept_fidelity": hits_fid, "retention": hits_ret, "leak": "00",
+                                              "cross_token": "00"}}
+        return {"run": {"adapter": adapter}, "points": [{"step": 200, **point}, point]}
+    lora = [run("lora", "1111" * 4, "11"), run("lora", "1110" * 4, "11")]
+    loha = [run("loha", "0000" * 4, "10"), run("loha", "1000" * 4, "11")]
+    a = study_report.adapter_summary(loha, lora)
+    assert a["arms"]["lora"]["runs"] == 2 and "minus_lora" not in a["arms"]["lora"] and "lokr" not in a["arms"]
+    d = a["arms"]["loha"]["minus_lora"]
+    assert d["concept_fidelity"]["diff"] == pytest.approx(0.125 - 0.875)
+    assert d["concept_fidelity"]["lo"] <= d["concept_fidelity"]["diff"] <= d["concept_fidelity"]["hi"] < 0
+    assert d["retention"]["diff"] == pytest.approx(0.75 - 1.0)
+    text = "\n".join(study_report.adapter_lines(a))
+    assert "loha (rank 8)" in text and "-75 [" in text
+
+
+def test_model_evaluations_of_the_cost_levers():
+    assert study.rollout_evals("all") == 12 and study.rollout_evals("one") == 1.5 + 3
+    # two of four states: the later one's index is 1..3 (mean 14/6); the states before it are stepped through
+    assert study.rollout_evals("two") == pytest.approx(14 / 6 + 1 - 2 + 6)
+    full = study.evals_per_step("dopsd", True, batch=4)
+    assert full == 12 * (4 + study.PRIOR["prior_batch"]) == 96
+    assert study.evals_per_step("dopsd", True, batch=4, prior_every=4) == 12 * (4 + study.PRIOR["prior_batch"] / 4)
+    assert study.evals_per_step("dopsd", True, batch=4, prior_batch=1) == 12 * 5
+    assert study.evals_per_step("dopsd", True, batch=4, prior_states="one") == 12 * 4 + 4.5 * 4
+    assert study.evals_per_step("dopsd", True, batch=4, states="one", prior_states="all") == 4.5 * 4 + 12 * 4
+    assert study.evals_per_step("sft", True, batch=4, prior_every=2) == 2 * (4 + 2)
+
+
+def test_each_lever_is_one_change_from_the_defaults_under_a_name_of_its_own():
+    from dopsd_core.toy.runs import TOY_BUDGET
+    plan = study.lever_plan()
+    assert len(plan) == 9 * len(study.LEVERS) and len({r.name for r in plan}) == len(plan)
+    default = study.StudyRun("star", "dopsd", True, TOY_BUDGET["lr"], 0, steps=TOY_BUDGET["steps"])
+    names = {r.name for r in plan} | {r.name for r in study.budget_plan()} | {r.name for r in study.adapter_plan()}
+    assert default.name not in names and len(names) == len(plan) + 36  # nothing shares a cache folder
+    fields = ("lr", "rank", "states", "prior_every", "prior_states", "prior_batch")
+    for change in study.LEVERS.values():
+        runs = [r for r in plan if all(getattr(r, k) == v for k, v in change.items())]
+        assert len(runs) == 9, change
+        for r in runs:
+            assert {k for k in fields if getattr(r, k) != getattr(default, k)} == set(change)
+            assert r.checkpoints[-1] == TOY_BUDGET["steps"] and r.prior and r.method == "dopsd"
+    assert {r.variant for r in plan} == {
+        "dopsd + prior, prior every 2", "dopsd + prior, prior every 4", "dopsd + prior, prior batch 1",
+        "dopsd + prior, prior batch 2", "dopsd + prior, prior one state", "dopsd + prior, one state, prior all states",
+        "dopsd + prior, two states, prior all states", "dopsd + prior, rank 64, lr 2e-3"}
