@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -281,8 +281,8 @@ class FamilyTraining:
         flags = {k: getattr(args, k) for k in ("diffusion_model", "text_encoder", "vae", "weight_dtype", "vlm",
                                                 "vlm_dtype") if getattr(args, k) is not None}
         if record:  # the run's own files, unless a flag names another (the run folder checks it is the same model)
-            files = ModelFiles(**{**{k: record[k] for k in asdict(ModelFiles("", "", "", "", "")) if k in record},
-                                  **flags, "comfyui": str(root)})
+            names = {f.name for f in fields(ModelFiles)}
+            files = ModelFiles(**{**{k: v for k, v in record.items() if k in names}, **flags, "comfyui": str(root)})
             self.resolution = args.resolution or record["resolution"]
             self.buckets = record["aspect_buckets"] if args.aspect_buckets is None else args.aspect_buckets
         else:

@@ -48,6 +48,7 @@ def _cli_args(family, comfy, klein_file, data: Path, out: Path, vlm_folder, adap
             "--steps", str(STEPS), "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--optimizer", "adamw",
             "--batch-size", "1", "--grad-accum", "1", "--seed", "0", "--k", "4", "--teacher", "ema",
             "--ema-decay", "0.9999", "--loss-weight", "x0", "--states", "all", "--save-every", str(STEPS),
+            "--preview-every", str(STEPS),  # (previews draw from their own generator: the LoRA is the same)
             "--resolution", str(RES), "--prior-prompts", "none", "--teacher-check", "off"]
     return args + (["--vlm", str(vlm_folder)] if vlm_folder else [])
 
@@ -92,6 +93,7 @@ def test_the_cli_trains_the_lora_the_node_trains(comfy, comfy_lib, family, adapt
     record = headless.read_record(out)
     assert record["model"] == family and record["resolution"] == RES and Path(record["diffusion_model"]) == klein_file
     assert list((out / "dataset").glob("*.safetensors")), "the dataset is cached in the run folder"
+    assert (out / "previews" / f"step_{STEPS:06d}.png").is_file(), "previews decoded through the family's VAE"
 
     # resume with no model flags: the run's comfyui.json names them; two more steps continue from step 3
     assert cli.main(["train", "--resume", str(out), "--steps", str(STEPS + 2)]) == 0
