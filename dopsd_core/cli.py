@@ -110,7 +110,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
     p.add_argument("--grad-accum", type=int, help=f"gradient accumulation steps (default {d.grad_accum})")
     p.add_argument("--save-every", type=int, help="save the run folder every N steps (default: at the end)")
-    p.add_argument("--preview-every", type=int, help="write preview samples every N steps (default: never)")
+    p.add_argument("--preview-every", type=int, help="write preview samples every N steps (default: never); step 0 "
+                   "shows the starting model on the same noise")
+    p.add_argument("--sample-prompts", metavar="FILE", help="the previews' prompts, one per line (default: two with "
+                   "the concept in new settings and two unrelated prompts that must not change)")
     p.add_argument("--checkpointing", action="store_true", default=None, help="per-block gradient checkpointing")
     p.add_argument("--teacher-check", choices=TEACHER_CHECK_MODES, default="warn",
                    help="before a new run's first step, check that the teacher draws a few training images "
@@ -203,7 +206,9 @@ def cmd_train(args) -> int:
             from .hosts.headless import FamilyTraining  # ComfyUI, imported only for its families
             session = FamilyTraining(args, model, cfg, run_dir, data, prior_captions, callbacks, dist,
                                      prior_prompts=lambda captions, trigger: _prior_prompts(
-                                         args, model, prior_mode, captions, trigger) if prior_mode else None)
+                                         args, model, prior_mode, captions, trigger) if prior_mode else None,
+                                     sample_prompts=lambda captions, trigger: sample_prompts(args, model, captions,
+                                                                                             trigger))
         if args.resume and main:
             print(f"resuming {run_dir} at step {session.start_step}/{cfg.steps}", file=sys.stderr)
         tb = tensorboard_log.open_log(args.log_with, run_dir, session.start_step) if main else None
@@ -268,7 +273,8 @@ class _ToyTraining:
             save_png(image_grid([images], scale=4), run_dir / "previews" / f"step_{step:06d}.png")
         if dist.is_main:
             callbacks.on_preview = on_preview
-        self.trainer = Trainer(den, records, cfg, run_dir, callbacks, preview_prompts=[r.captions[0] for r in records[:4]],
+        samples = sample_prompts(args, TOY.name, captions, trigger)
+        self.trainer = Trainer(den, records, cfg, run_dir, callbacks, preview_prompts=samples,
                                init_lora=args.init_lora, resume=bool(args.resume), data_dir=str(Path(data).resolve()),
                                prior=prior, trigger=trigger, dist=dist)
         if not args.resume and args.teacher_check != "off":  # every rank: none waits on rank 0's check
@@ -307,6 +313,14 @@ def _prior_prompts(args, model: str, mode: str, captions: list[str], trigger: st
         from .lora import read_lora_file
         earlier = earlier_concepts(read_lora_file(Path(args.init_lora))[1])
     return auto_prior_prompts(captions, trigger, args.class_word, generic_prompts(model), earlier)
+
+
+def sample_prompts(args, model: str, captions: list[str], trigger: str | None) -> list[str]:
+    """--sample-prompts FILE, or the family's defaults (family_spec.FamilySpec.sample_prompts)."""
+    from .prior import read_prompt_file
+    if args.sample_prompts:
+        return read_prompt_file(Path(args.sample_prompts), what="sample prompt")
+    return spec_named(model).sample_prompts(captions, trigger)
 
 
 def generic_prompts(model: str) -> list[str]:

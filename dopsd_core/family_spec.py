@@ -44,6 +44,8 @@ class FamilySpec:
     fixed_resolution: int | None = None  # a model that knows one image size only
     teacher_suffix: str = ""  # appended to the caption in the teacher context
     generic_prompts: tuple[str, ...] = ()  # for prior_prompts `auto`; the toy's come from its vocabulary
+    # default sample prompts: the concept ({trigger}) in settings its captions do not show
+    new_settings: tuple[str, ...] = ()
     teacher_text: str = ""  # the teacher context in words (tables)
     grid_text: str = ""  # the roll-out grid in words (tables)
     sampling_text: str = ""  # sampling a trained LoRA (tables)
@@ -67,6 +69,15 @@ class FamilySpec:
         raise DopsdError(f"gpu_preset {label!r} is not one of {self.title}'s presets ({names}); "
                          f"pick one of those")
 
+    def sample_prompts(self, captions: list[str], trigger: str | None) -> list[str]:
+        """The previews' prompts when the user gives none: two with the concept in a new setting (what it
+        learned), two unrelated prompts from the generic ones (what it must keep). Without a trigger, the
+        first two captions stand for the concept."""
+        learned = [t.format(trigger=trigger) for t in self.new_settings[:2]] if trigger else list(dict.fromkeys(captions))[:2]
+        generic = self.prompts_for_prior()
+        kept = [generic[0], generic[len(generic) // 2]] if len(generic) > 1 else list(generic)
+        return learned + kept
+
     def prompts_for_prior(self) -> list[str]:
         if self.name == "toy":
             from .toy.render import prior_prompts  # the toy's vocabulary, not a model
@@ -77,6 +88,7 @@ class FamilySpec:
 DEFAULT_PRESET = "family default"
 
 # Generic prompts for the photo families' automatic prior: everyday subjects a concept LoRA must not change.
+PHOTO_NEW_SETTINGS = ("a photo of {trigger} on a beach at sunset", "a watercolor painting of {trigger} in a city street")
 GENERIC_PHOTO_PROMPTS = (
     "a photo of a man", "a photo of a woman", "a photo of a child", "a photo of a dog", "a photo of a cat",
     "a city street at night", "a mountain landscape at sunrise", "a bowl of fruit on a wooden table",
@@ -113,6 +125,7 @@ TOY = FamilySpec(
     blocks=r"blocks\.\d+", grid="simple", k=4, sample_steps=4,
     lr=3e-3, rank=16, alpha=16.0, steps=300, batch_size=4, grad_accum=1, prior_weight=1.0, prior_batch=4,
     resolution=32, fixed_resolution=32,
+    new_settings=("a yellow {trigger} on a navy background", "a large white {trigger} on a maroon background"),
     teacher_text="caption + the target's reference tokens",
     grid_text="ComfyUI `simple`, shift 3: 1, .9, .75, .5 → 0",
     sampling_text="4 steps, cfg 1, `euler` / `simple`",
@@ -134,7 +147,8 @@ FLUX2_KLEIN = FamilySpec(
     # the released teacher prompt: appended to the caption when the target is the reference image
     teacher_suffix=(" Make the main subject (facial/ip details), background, and overall composition "
                     "consistent with the reference image."),
-    generic_prompts=GENERIC_PHOTO_PROMPTS, gpu_presets=PHOTO_PRESETS, sources=_PHOTO_SOURCES,
+    generic_prompts=GENERIC_PHOTO_PROMPTS, new_settings=PHOTO_NEW_SETTINGS, gpu_presets=PHOTO_PRESETS,
+    sources=_PHOTO_SOURCES,
     teacher_text="caption + the released suffix + the target as a reference latent",
     grid_text="ComfyUI's `Flux2Scheduler` for the latent size (1024²: 1, .967, .908, .767 → 0)",
     sampling_text="4 steps, cfg 1 (`DOPSDFewStepSampler`, or stock `SamplerCustomAdvanced` + `Flux2Scheduler`)",
@@ -146,7 +160,8 @@ Z_IMAGE = FamilySpec(
     blocks=r"(layers|noise_refiner|context_refiner)\.\d+", grid="simple", k=4, sample_steps=4,
     lr=1e-4, rank=64, alpha=128.0, steps=2000, batch_size=1, grad_accum=4, prior_weight=1.0, prior_batch=1,
     resolution=1024,
-    generic_prompts=GENERIC_PHOTO_PROMPTS, gpu_presets=PHOTO_PRESETS, sources=_PHOTO_SOURCES,
+    generic_prompts=GENERIC_PHOTO_PROMPTS, new_settings=PHOTO_NEW_SETTINGS, gpu_presets=PHOTO_PRESETS,
+    sources=_PHOTO_SOURCES,
     teacher_text="the target + caption through Qwen3-VL-4B spliced with Z-Image's Qwen3-4B (`DOPSDQwen3VLLoader`)",
     grid_text="ComfyUI `simple`, shift 3: 1, .9, .75, .5 → 0",
     sampling_text="4-8 steps, cfg 1 (`DOPSDFewStepSampler`, or stock `KSampler`)",

@@ -63,14 +63,14 @@ def parse_prompt_lines(text: str) -> list[str]:
     return _unique("" if line.strip() == "<empty>" else line.strip() for line in text.splitlines() if line.strip())
 
 
-def read_prompt_file(path: Path) -> list[str]:
+def read_prompt_file(path: Path, what: str = "prior prompt") -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise DopsdError(f"prior prompt file {path} does not exist; pass a text file with one prompt per line, "
-                         "or --prior-prompts auto")
+        hint = ", or --prior-prompts auto" if what == "prior prompt" else ""
+        raise DopsdError(f"{what} file {path} does not exist; pass a text file with one prompt per line{hint}")
     prompts = parse_prompt_lines(path.read_text(encoding="utf-8"))
     if not prompts:
-        raise DopsdError(f"prior prompt file {path} has no prompts; write one per line")
+        raise DopsdError(f"{what} file {path} has no prompts; write one per line")
     return prompts
 
 

@@ -223,6 +223,10 @@ class Trainer:
     def run(self) -> TrainResult:
         c = self.cfg
         start_step, t0 = self.step, time.perf_counter()
+        if self.step == 0 and c.preview_every and self.preview_fn and self.cb.on_preview:
+            # step 0: the starting model's samples on the previews' fixed noise, what every later preview is
+            # seen against (a drifting unrelated prompt shows at once)
+            self.cb.on_preview(0, self.preview_fn(), self.preview_prompts)
         while self.step < c.steps:
             if self.dist.any(bool(self.cb.should_stop and self.cb.should_stop())):  # every rank stops together
                 self._save_at_stop()

@@ -95,6 +95,10 @@ class DOPSDDataset(io.ComfyNode):
                 io.String.Input("class_word", default="", optional=True,
                                 tooltip="For prior_prompts 'auto': what replaces the trigger (e.g. 'dog'); empty "
                                         "removes it."),
+                io.String.Input("sample_prompts", multiline=True, default="", optional=True,
+                                tooltip="The trainers' preview prompts, one per line, drawn at every preview on "
+                                        "fixed noise beside the starting model's samples. Empty: two with the "
+                                        "trigger in new settings and two unrelated prompts that must not change."),
             ],
             outputs=[Dataset.Output(display_name="DATASET")],
         )
@@ -112,7 +116,8 @@ class DOPSDDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, folder, caption_template, resolution, aspect_buckets=True, images=None, clip=None,
-                vae=None, toy_text_encoder=None, vlm=None, prior_prompts="auto", trigger="", class_word=""):
+                vae=None, toy_text_encoder=None, vlm=None, prior_prompts="auto", trigger="", class_word="",
+                sample_prompts=""):
         import folder_paths
 
         from ..dopsd_core.hosts.families import EncoderInputs, detect_family
@@ -130,15 +135,17 @@ class DOPSDDataset(io.ComfyNode):
         captions = [c for item in items for c in item.captions]
         trigger = trigger.strip() or trigger_or_none(captions)
         prior = _prior_prompts(prior_prompts, captions, trigger, class_word.strip() or None, family)
+        from ..dopsd_core.prior import parse_prompt_lines
+        samples = parse_prompt_lines(sample_prompts or "") or family.spec.sample_prompts(captions, trigger)
         cache = dataset_cache_file(Path(folder_paths.get_output_directory()) / "dopsd" / "cache", model, family,
-                                   items, inputs, prior)
+                                   items, inputs, prior, samples)
         ds = read_cached_dataset(cache)
         if ds is not None:
             ds.trigger = trigger  # metadata only: the tensors do not depend on it
             return io.NodeOutput(ds)
         # a Cancel during the encoding leaves no cache entry: the dataset is built in memory, then saved
         # in one atomic write
-        ds = build_family_dataset(family, model, items, inputs, prior)
+        ds = build_family_dataset(family, model, items, inputs, prior, samples)
         ds.trigger = trigger
         save_dataset(ds, cache)
         family.release_encoders()  # the contexts are cached: free the encoders for training

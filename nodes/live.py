@@ -60,7 +60,8 @@ def run_started(node_id: str, run_name: str, method: str, total: int, start_step
     with _lock:
         _runs[node_id] = {"id": run_id, "node": node_id, "run": run_name, "method": method,
                           "prompt_id": _current_prompt_id(), "total": int(total), "step": int(start_step),
-                          "points": [], "it_per_s": None, "eta_s": None, "preview": None, "status": "running",
+                          "points": [], "it_per_s": None, "eta_s": None, "preview": None, "start": None,
+                          "status": "running",
                           "saved_step": None, "note": None,
                           "started": time.time()}
     _send("dopsd.progress", snapshot(node_id))
@@ -73,29 +74,33 @@ def _record(node_id: str, run_id: str) -> dict | None:
 
 
 def run_step(node_id: str, run_id: str, step: int, total: int, loss: float, lr: float, it_per_s: float,
-             eta_s: float) -> None:
+             eta_s: float, prior_loss: float | None = None) -> None:
+    """A finished step; points are [step, loss, the prior term's loss or None] (the page's two curves)."""
     with _lock:
         rec = _record(node_id, run_id)
         if rec is None:
             return
         loss = _finite(loss)
-        rec["points"].append([int(step), loss])
+        prior_loss = None if prior_loss is None else _finite(prior_loss)
+        rec["points"].append([int(step), loss, prior_loss])
         if len(rec["points"]) > MAX_POINTS:
             rec["points"] = rec["points"][::2]
         rec.update(step=int(step), total=int(total), it_per_s=_finite(it_per_s), eta_s=_finite(eta_s))
         event = {"id": run_id, "node": rec["node"], "run": rec["run"], "step": int(step), "total": int(total),
-                 "loss": loss, "lr": _finite(lr), "it_per_s": rec["it_per_s"], "eta_s": rec["eta_s"],
-                 "status": "running"}
+                 "loss": loss, "prior_loss": prior_loss, "lr": _finite(lr), "it_per_s": rec["it_per_s"],
+                 "eta_s": rec["eta_s"], "status": "running"}
     _send("dopsd.progress", event)
 
 
 def run_preview(node_id: str, run_id: str, step: int, png: Path) -> None:
+    """A preview grid; step 0's is the starting model's (kept as `start`, shown beside every later one)."""
     with _lock:
         rec = _record(node_id, run_id)
         if rec is None:
             return
-        rec["preview"] = {"step": int(step), "url": preview_url(rec["run"], Path(png).name)}
-        event = {"id": run_id, "node": rec["node"], "run": rec["run"], **rec["preview"]}
+        shown = {"step": int(step), "url": preview_url(rec["run"], Path(png).name)}
+        rec["start" if step == 0 else "preview"] = shown
+        event = {"id": run_id, "node": rec["node"], "run": rec["run"], **shown}
     _send("dopsd.preview", event)
 
 

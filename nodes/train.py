@@ -156,7 +156,8 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offloa
         pbar.update_absolute(info.step, info.total)
         text = f"step {info.step}/{info.total}  loss {info.loss:.4g}  {info.it_per_s:.2f} it/s  ETA {info.eta_s:.0f}s"
         server.send_progress_text(text, node_id)
-        live.run_step(node_id, run_id, info.step, info.total, info.loss, info.lr, info.it_per_s, info.eta_s)
+        live.run_step(node_id, run_id, info.step, info.total, info.loss, info.lr, info.it_per_s, info.eta_s,
+                      info.prior_loss)
 
     previewer = _previewer(model)
 
@@ -186,6 +187,9 @@ def run_training(cls, model, dataset, run_name, resume, cfg: TrainConfig, offloa
         tb = tensorboard_log.open_log("tensorboard", run_dir, (saved_step(run_dir) or 0) if resume else 0)
         callbacks.on_step = tensorboard_log.chain(on_step, tb.step)
     run_id = live.run_started(node_id, run_name, cfg.method, cfg.steps)
+    start_png = run_dir / "previews" / "step_000000.png"
+    if resume and start_png.is_file():  # a resumed run shows the start its first part drew
+        live.run_preview(node_id, run_id, 0, start_png)
     status = "error"
     try:
         def on_teacher_check(report):

@@ -281,3 +281,26 @@ def test_preview_teacher_shows_what_the_teacher_draws_before_training(tmp_path):
     assert all(v > 10 for e in report for v in e["psnr_db"])  # near the target, not noise
     assert sorted(p.name for p in (tmp_path / "preview").glob("*.png")) == ["star_00.png", "star_01.png"]
     assert "drawn as" in out and "PSNR" in out
+
+
+def test_previews_draw_the_users_sample_prompts_from_the_starting_model_on(tmp_path, image_folder):
+    """--sample-prompts: one tile per prompt; step 0 is the starting model on the same noise;
+    without the flag, four default prompts."""
+    prompts = tmp_path / "samples.txt"
+    prompts.write_text("a yellow [V] on a navy background\na red circle\na blue square\n")
+    run = tmp_path / "run"
+    rc, _, err = run_cli("train", "--model", "toy", "--data", image_folder, "--steps", "2", "--preview-every", "2",
+                         "--rank", "4", "--k", "2", "--sample-prompts", prompts, "--teacher-check", "off",
+                         "--out", run)
+    assert rc == 0, err
+    start, end = (Image.open(run / "previews" / f"step_{s:06d}.png") for s in (0, 2))
+    tile = 32 * 4 + 2  # 4x upscaled toy images, 2 px gaps
+    assert start.size == end.size == (3 * tile + 2, tile + 2)
+    assert start.tobytes() != end.tobytes()
+    rc, _, err = run_cli("train", "--model", "toy", "--data", image_folder, "--steps", "1", "--preview-every", "1",
+                         "--rank", "4", "--k", "2", "--teacher-check", "off", "--out", tmp_path / "default")
+    assert rc == 0, err
+    assert Image.open(tmp_path / "default" / "previews" / "step_000000.png").size == (4 * tile + 2, tile + 2)
+    rc, _, err = run_cli("train", "--model", "toy", "--data", image_folder, "--steps", "1", "--sample-prompts",
+                         tmp_path / "missing.txt", "--out", tmp_path / "bad")
+    assert rc == 2 and "sample prompt file" in err and "missing.txt" in err

@@ -29,8 +29,8 @@ def test_each_trainer_node_keeps_its_own_run(live):
         live.run_step("3", a, step, 10, 1.0 / step, 1e-3, 2.0, 3.5)
     live.run_step("7", b, 1, 5, 0.5, 1e-3, 2.0, 2.0)
     runs = {r["node"]: r for r in live.all_runs()}
-    assert runs["3"]["points"] == [[1, 1.0], [2, 0.5], [3, pytest.approx(1 / 3)]] and runs["3"]["run"] == "run_a"
-    assert runs["7"]["points"] == [[1, 0.5]] and runs["7"]["method"] == "sft"
+    assert runs["3"]["points"] == [[1, 1.0, None], [2, 0.5, None], [3, pytest.approx(1 / 3), None]] and runs["3"]["run"] == "run_a"
+    assert runs["7"]["points"] == [[1, 0.5, None]] and runs["7"]["method"] == "sft"
     assert [e for e, d in live.sent].count("dopsd.progress") == 2 + 4
     assert live.sent[0][1]["points"] == [] and live.sent[0][1]["id"] == a  # a run start carries the whole record
 
@@ -106,3 +106,15 @@ def test_a_note_reaches_the_page_and_stays_in_the_record(live):
     assert live.snapshot("8")["note"]["ok"] is False
     live.run_note("8", "old-id", "late", ok=True)  # another run's: dropped
     assert live.snapshot("8")["note"]["text"].startswith("teacher check")
+
+
+def test_the_start_preview_is_kept_beside_the_latest_and_points_carry_the_prior_term(live, tmp_path):
+    rid = live.run_started("1", "r", "dopsd", 4)
+    live.run_preview("1", rid, 0, tmp_path / "step_000000.png")
+    live.run_step("1", rid, 1, 4, 0.5, 1e-3, 1.0, 3.0, prior_loss=0.25)
+    live.run_step("1", rid, 2, 4, 0.4, 1e-3, 1.0, 2.0)  # a step without the prior term (prior_every)
+    live.run_preview("1", rid, 2, tmp_path / "step_000002.png")
+    snap = live.snapshot("1")
+    assert snap["start"]["step"] == 0 and snap["start"]["url"].endswith("file=step_000000.png")
+    assert snap["preview"]["step"] == 2 and snap["preview"]["url"].endswith("file=step_000002.png")
+    assert snap["points"] == [[1, 0.5, 0.25], [2, 0.4, None]]

@@ -22,7 +22,7 @@ def test_a_run_logs_scalars_and_previews_that_tensorboard_reads_back(tmp_path, i
     assert [e.step for e in acc.Scalars("loss")] == [1, 2, 3]
     prior = [e.value for e in acc.Scalars("prior_loss")]
     assert prior[0] == 0 and prior[-1] > 0  # the student is its starting model until the first update
-    assert [e.step for e in acc.Images("previews")] == [2, 3]  # every 2 steps and at the end
+    assert [e.step for e in acc.Images("previews")] == [0, 2, 3]  # the start, every 2 steps and the end
     assert (run / "loss.csv").is_file()  # still written
 
 

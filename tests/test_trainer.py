@@ -367,8 +367,19 @@ def test_previews_and_callbacks(tiny_records, tmp_path):
             preview_prompts=["a [V]", "a red [V]"]).run()
     assert [i.step for i in infos] == [1, 2, 3, 4] and all(i.total == 4 for i in infos)
     assert all(i.it_per_s > 0 and i.eta_s >= 0 and i.lr > 0 for i in infos)
-    assert [s for s, _ in previews] == [2, 4]
+    assert [s for s, _ in previews] == [0, 2, 4]  # step 0: the starting model, on the same fixed noise
     assert previews[0][1].shape == (2, 32, 32, 3) and 0 <= previews[0][1].min() and previews[0][1].max() <= 1
+    with torch.no_grad():  # the starting model's samples are the base's: the LoRA starts at dW = 0
+        den.lora().detach()
+        base = Trainer.preview(type("T", (), {"den": den, "preview_prompts": ["a [V]", "a red [V]"],
+                                               "lora": den.add_lora(4, 4.0), "cfg": cfg, "records": records})())
+    torch.testing.assert_close(previews[0][1], base, rtol=0, atol=0)
+    assert (previews[2][1] - previews[0][1]).abs().max() > 0
+    # a resumed run does not draw its start again
+    more = []
+    Trainer(den, records, TrainConfig(steps=6, preview_every=2, **CFG), tmp_path / "p",
+            Callbacks(on_preview=lambda s, im, p: more.append(s)), preview_prompts=["a [V]"], resume=True).run()
+    assert more == [6]
 
 
 def test_aspect_buckets_batch_one_latent_size(tiny_records, tmp_path):

@@ -55,7 +55,7 @@ def trainer_widgets(spec: FamilySpec, save_every: int, preview_every: int) -> di
 
 
 TOY_TRAIN = trainer_widgets(TOY, save_every=100, preview_every=25)
-AUTO_PRIOR = {"prior_prompts": "auto", "trigger": "", "class_word": ""}  # DOPSDDataset's prior inputs
+AUTO_PRIOR = {"prior_prompts": "auto", "trigger": "", "class_word": "", "sample_prompts": ""}  # DOPSDDataset: the prior (auto), default sample prompts
 DOPSD_ONLY = {"k": TOY.k, "teacher": "ema", "ema_decay": 0.9999, "loss_weight": "x0", "states": "all"}
 TOY_SAMPLE = {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 

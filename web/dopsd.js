@@ -59,6 +59,10 @@ function createView(node) {
   const canvas = el("canvas", { width: "100%", height: "120px", background: "rgba(0,0,0,0.25)",
     borderRadius: "4px" });
   canvas.className = "dopsd-curve";
+  // the starting model's samples (step 0) above the latest ones, on the same noise and prompts
+  const start = el("img", { width: "100%", imageRendering: "pixelated", display: "none", borderRadius: "4px" });
+  start.className = "dopsd-start";
+  start.alt = "the starting model's samples of the preview prompts";
   const preview = el("img", { width: "100%", imageRendering: "pixelated", display: "none", borderRadius: "4px" });
   preview.className = "dopsd-preview";
   preview.alt = "latest D-OPSD preview samples";
@@ -68,8 +72,8 @@ function createView(node) {
   // the teacher check's result (or any other note of the run); a failed check is drawn as a warning
   const note = el("span", { whiteSpace: "pre-wrap", display: "none" });
   note.className = "dopsd-note";
-  root.append(header, note, canvas, preview, caption);
-  const view = { node, root, stats, canvas, preview, caption, logBox, note };
+  root.append(header, note, canvas, start, preview, caption);
+  const view = { node, root, stats, canvas, start, preview, caption, logBox, note };
   logBox.addEventListener("change", () => draw(view));
   const widget = node.addDOMWidget("dopsd_live", "dopsd_live", root, { serialize: false, getMinHeight: () => 180 });
   widget.serialize = false; // not a value: keeps it out of the workflow's widgets_values
@@ -113,22 +117,27 @@ function draw(view) {
   const xs = shown.map((p) => p[0]);
   const raw = shown.map((p) => tf(p[1]));
   const avg = smooth(shown.map((p) => p[1])).map(tf);
+  // the prior term alone (steps that rolled it out): the run's own measure of drift on unrelated prompts
+  const prior = shown.filter((p) => p[2] !== null && p[2] !== undefined && isFinite(p[2]) && (!log || p[2] > 0));
+  view.root.dataset.priorPoints = String(prior.length);
+  const priorAvg = smooth(prior.map((p) => p[2])).map(tf);
   const x0 = xs[0], x1 = Math.max(xs[xs.length - 1], x0 + 1);
   let lo = Infinity, hi = -Infinity;
-  for (const y of raw) { if (y < lo) lo = y; if (y > hi) hi = y; }
+  for (const y of raw.concat(priorAvg)) { if (y < lo) lo = y; if (y > hi) hi = y; }
   if (hi - lo < 1e-12) { hi += 0.5; lo -= 0.5; }
   const pad = 14;
   const px = (x) => pad + ((x - x0) / (x1 - x0)) * (w - 2 * pad);
   const py = (y) => h - pad - ((y - lo) / (hi - lo)) * (h - 2 * pad);
-  const line = (ys, colour, width) => {
+  const line = (ys, colour, width, at = xs) => {
     ctx.strokeStyle = colour;
     ctx.lineWidth = width;
     ctx.beginPath();
-    ys.forEach((y, i) => (i ? ctx.lineTo(px(xs[i]), py(y)) : ctx.moveTo(px(xs[i]), py(y))));
+    ys.forEach((y, i) => (i ? ctx.lineTo(px(at[i]), py(y)) : ctx.moveTo(px(at[i]), py(y))));
     ctx.stroke();
   };
   line(raw, "rgba(120,170,255,0.45)", 1);
   line(avg, "rgb(255,170,60)", 2);
+  if (prior.length >= 2) line(priorAvg, "rgb(80,200,120)", 2, prior.map((p) => p[0]));
   ctx.fillStyle = "rgba(220,220,220,0.8)";
   ctx.font = "10px sans-serif";
   const label = (y) => (log ? `1e${y.toFixed(1)}` : y.toPrecision(3));
@@ -168,6 +177,14 @@ function render(view, rec) {
   view.root.dataset.node = String(view.node.id);
   view.root.dataset.run = String(rec.run ?? "");
   view.root.dataset.step = String(rec.step);
+  if (rec.start) {
+    const src = api.apiURL(rec.start.url);
+    if (view.start.dataset.src !== src) {
+      view.start.dataset.src = src;
+      view.start.src = src;
+      view.start.style.display = "block";
+    }
+  }
   if (rec.preview) {
     const src = api.apiURL(rec.preview.url);
     if (view.preview.dataset.src !== src) {
@@ -175,7 +192,9 @@ function render(view, rec) {
       view.preview.src = src;
       view.preview.style.display = "block";
     }
-    view.caption.textContent = `preview (student, few steps) at step ${rec.preview.step}`;
+    view.caption.textContent = (rec.start ? "top: the starting model; below: " : "") +
+      `the student at step ${rec.preview.step} (same prompts and noise, few steps)` +
+      (rec.points.some((p) => p[2] !== null && p[2] !== undefined) ? " · curve: loss (orange), prior term (green)" : "");
   } else if (view.preview.dataset.src) {
     delete view.preview.dataset.src;
     view.preview.removeAttribute("src");
@@ -197,7 +216,7 @@ function show(key) {
 function setRecord(rec) {
   const key = String(rec.node);
   const mine = runs.get(key);
-  const points = rec.points.map((p) => [p[0], p[1]]);
+  const points = rec.points.map((p) => [p[0], p[1], p[2] ?? null]);
   if (mine && mine.id !== rec.id && (mine.started ?? Infinity) > rec.started) return; // an older run of the node
   if (mine && mine.id === rec.id) {
     const lastStep = points.length ? points[points.length - 1][0] : -Infinity;
@@ -206,6 +225,7 @@ function setRecord(rec) {
     if (mine.status !== "running") rec = { ...rec, status: mine.status, saved_step: mine.saved_step };
     if (mine.note && !rec.note) rec = { ...rec, note: mine.note };
     if (mine.preview && (!rec.preview || mine.preview.step > rec.preview.step)) rec = { ...rec, preview: mine.preview };
+    if (mine.start && !rec.start) rec = { ...rec, start: mine.start };
   }
   runs.set(key, { ...rec, points });
   show(key);
@@ -218,7 +238,7 @@ function patchRecord(detail, patch) {
   let rec = runs.get(key);
   if (!rec || rec.id !== detail.id) {
     rec = { id: detail.id, node: key, run: detail.run, step: 0, total: 0, points: [], status: "running",
-      preview: null, it_per_s: null, eta_s: null };
+      preview: null, start: null, it_per_s: null, eta_s: null };
     runs.set(key, rec);
     loadHistory();
   }
@@ -266,12 +286,13 @@ app.registerExtension({
       const rec = patchRecord(detail, patch);
       if (detail.loss !== undefined) {
         const last = rec.points[rec.points.length - 1];
-        if (!last || last[0] < detail.step) rec.points.push([detail.step, detail.loss]);
+        if (!last || last[0] < detail.step) rec.points.push([detail.step, detail.loss, detail.prior_loss ?? null]);
       }
       show(String(detail.node));
     });
     api.addEventListener("dopsd.preview", ({ detail }) => {
-      patchRecord(detail, { preview: { step: detail.step, url: detail.url } });
+      const shown = { step: detail.step, url: detail.url };
+      patchRecord(detail, detail.step === 0 ? { start: shown } : { preview: shown });
       show(String(detail.node));
     });
     api.addEventListener("reconnected", () => loadHistory());

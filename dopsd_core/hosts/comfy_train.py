@@ -43,10 +43,12 @@ class ComfyDataset:
 
 
 def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_context: TeacherContext, vae=None,
-                  n_preview: int = 4, prior_captions: list[str] | None = None) -> ComfyDataset:
+                  n_preview: int = 4, prior_captions: list[str] | None = None,
+                  sample_captions: list[str] | None = None) -> ComfyDataset:
     """encode_text(caption) -> (cond_tensor [1, T, D], extra dict): the student's caption encoding.
     teacher_context(caption, latent, item) -> (cond_tensor, extra): the family's in-context teacher.
-    prior_captions: prior-preservation prompts, encoded like the student's captions."""
+    prior_captions: prior-preservation prompts, encoded like the student's captions. sample_captions: the
+    previews' prompts (None: the first n_preview images' first captions)."""
     import comfy.model_management as mm
     family = detect_family(model_patcher.model)
     den = ComfyDenoiser(model_patcher, family)
@@ -69,8 +71,13 @@ def build_dataset(model_patcher, items: list[ImageItem], encode_text, teacher_co
             records.append(Record(item.name, x0, list(item.captions), student, teacher))
         prior = Prior(list(prior_captions), [den.context(*encode_text(p), latents[0]) for p in prior_captions]) \
             if prior_captions else None
-    previews = [r.student_ctx[0] for r in records[:n_preview]]
-    return ComfyDataset(family.name, records, previews, [r.captions[0] for r in records[:n_preview]], prior)
+        if sample_captions:
+            previews = [den.context(*encode_text(p), latents[0]) for p in sample_captions]
+            preview_captions = list(sample_captions)
+        else:
+            previews = [r.student_ctx[0] for r in records[:n_preview]]
+            preview_captions = [r.captions[0] for r in records[:n_preview]]
+    return ComfyDataset(family.name, records, previews, preview_captions, prior)
 
 
 def load_for_training(mp, offload: bool) -> None:
@@ -164,12 +171,14 @@ def dataset_cache_key(family: str, model_id: str, encoder_id: str, items: list[I
 
 
 def dataset_cache_file(cache_dir: Path, model_patcher, family, items: list[ImageItem], inputs,
-                       prior_captions: list[str] | None = None) -> Path:
-    """Where the dataset of these images, encoded with these inputs (and prior prompts) for this MODEL,
-    is cached. Without prior prompts the key is the one earlier versions computed."""
+                       prior_captions: list[str] | None = None, sample_captions: list[str] | None = None) -> Path:
+    """Where the dataset of these images, encoded with these inputs (and prior and sample prompts) for this
+    MODEL, is cached. Without either the key is the one earlier versions computed."""
     encoder_id, extra = family.cache_identity(inputs)
     if prior_captions:
         extra += "|prior=" + "\n".join(prior_captions)
+    if sample_captions:
+        extra += "|samples=" + "\n".join(sample_captions)
     model_id = ComfyDenoiser(model_patcher, family).fingerprint()
     return Path(cache_dir) / f"{dataset_cache_key(family.name, model_id, encoder_id, items, extra)}.safetensors"
 
@@ -203,6 +212,7 @@ def save_dataset(ds: ComfyDataset, path: Path) -> None:
     if ds.prior:
         meta["prior"] = {"captions": ds.prior.captions,
                          "contexts": [put(f"p{i}", c.kwargs) for i, c in enumerate(ds.prior.contexts)]}
+    meta["previews"] = [put(f"v{i}", c.kwargs) for i, c in enumerate(ds.preview_contexts)]
     save_tensors(tensors, path, {"dopsd.dataset": json.dumps(meta)})
 
 
@@ -244,5 +254,6 @@ def load_dataset(path: Path) -> ComfyDataset:
     n = len(meta["preview_captions"])
     prior = meta.get("prior")
     prior = Prior(prior["captions"], [get(f"p{i}", c) for i, c in enumerate(prior["contexts"])]) if prior else None
-    return ComfyDataset(meta["family"], records, [r.student_ctx[0] for r in records[:n]], meta["preview_captions"],
-                        prior, meta.get("trigger"))
+    previews = ([get(f"v{i}", c) for i, c in enumerate(meta["previews"])] if "previews" in meta
+                else [r.student_ctx[0] for r in records[:n]])  # a cache written before sample prompts
+    return ComfyDataset(meta["family"], records, previews, meta["preview_captions"], prior, meta.get("trigger"))

@@ -8,9 +8,10 @@ from .families import VLM_DTYPES, EncoderInputs, Family
 
 
 def build_family_dataset(family: Family, model_patcher, items: list[ImageItem], inputs: EncoderInputs,
-                         prior_captions: list[str] | None = None) -> ComfyDataset:
+                         prior_captions: list[str] | None = None,
+                         sample_captions: list[str] | None = None) -> ComfyDataset:
     """-> ComfyDataset with the student (caption) and teacher (caption + target) contexts, and the prior
-    prompts' student contexts."""
+    prompts' and the previews' sample prompts' student contexts."""
     encode_text = family.student_encoder(inputs)
     if family.teacher_encoder == "qwen3-vl":
         # the teacher sees the target through Qwen3-VL spliced with this clip's Qwen3-4B weights; the CLIP
@@ -22,7 +23,7 @@ def build_family_dataset(family: Family, model_patcher, items: list[ImageItem], 
         ds, _report = build_zimage_dataset(model_patcher, items, encode_text, inputs.vae, vlm.folder,
                                            vlm.text_encoder_file or inputs.clip, device=mm.get_torch_device(),
                                            dtype=VLM_DTYPES[vlm.dtype], free_memory=family.release_encoders,
-                                           prior_captions=prior_captions)
+                                           prior_captions=prior_captions, sample_captions=sample_captions)
         return ds
     return build_dataset(model_patcher, items, encode_text, family.teacher_context(encode_text), vae=inputs.vae,
-                         prior_captions=prior_captions)
+                         prior_captions=prior_captions, sample_captions=sample_captions)

@@ -219,7 +219,8 @@ def read_record(run_dir: Path) -> dict | None:
 
 # --- the dataset and the run ------------------------------------------------------------------------------
 def build_dataset(models: LoadedModels, data: Path, resolution: int, aspect_buckets: bool, cache_dir: Path,
-                  prior_captions: list[str] | None, trigger: str | None, write_cache: bool = True):
+                  prior_captions: list[str] | None, trigger: str | None, write_cache: bool = True,
+                  sample_captions: list[str] | None = None):
     """DOPSDDataset's work: images -> latents and both contexts, cached by content in cache_dir."""
     from ..data import load_image_folder
     from .comfy_train import dataset_cache_file, read_cached_dataset, save_dataset
@@ -227,10 +228,10 @@ def build_dataset(models: LoadedModels, data: Path, resolution: int, aspect_buck
     items = load_image_folder(Path(data), resolution, aspect_buckets)
     inputs = models.encoder_inputs()
     models.family.check_inputs(inputs)
-    cache = dataset_cache_file(cache_dir, models.model, models.family, items, inputs, prior_captions)
+    cache = dataset_cache_file(cache_dir, models.model, models.family, items, inputs, prior_captions, sample_captions)
     ds = read_cached_dataset(cache)
     if ds is None:
-        ds = build_family_dataset(models.family, models.model, items, inputs, prior_captions)
+        ds = build_family_dataset(models.family, models.model, items, inputs, prior_captions, sample_captions)
         if write_cache:  # under torchrun every rank encodes; one writes
             save_dataset(ds, cache)
     ds.trigger = trigger
@@ -266,7 +267,8 @@ class FamilyTraining:
     """`dopsd train` for a ComfyUI family: load (a resumed run: the files its comfyui.json names, unless flags
     name others), build or reuse the dataset, then the trainer nodes' training (comfy_train.train)."""
 
-    def __init__(self, args, model: str, cfg, run_dir: Path, data, prior_captions, callbacks, dist, prior_prompts):
+    def __init__(self, args, model: str, cfg, run_dir: Path, data, prior_captions, callbacks, dist, prior_prompts,
+                 sample_prompts):
         from ..family_spec import spec_named
         from ..prior import trigger_or_none
         from ..run_folder import check_fresh_out_dir, is_run_folder, read_run_state
@@ -302,7 +304,8 @@ class FamilyTraining:
             prior_captions = prior_prompts(captions, trigger)
         with torch.inference_mode():
             self.dataset = build_dataset(self.models, self.data, self.resolution, self.buckets,
-                                         self.run_dir / "dataset", prior_captions, trigger, write_cache=dist.is_main)
+                                         self.run_dir / "dataset", prior_captions, trigger, write_cache=dist.is_main,
+                                         sample_captions=sample_prompts(captions, trigger))
         if dist.is_main:
             callbacks.on_preview = self._save_preview
         self.start_step = int(read_run_state(run_dir)["step"]) if args.resume and is_run_folder(run_dir) else 0

@@ -428,20 +428,20 @@ class ZImageVLEncoder:
 
 def build_zimage_dataset(model_patcher, items, encode_text, vae, vlm_folder, te_source, device="cpu",
                          dtype=None, free_memory: Callable[[], None] | None = None, log=print,
-                         prior_captions: list[str] | None = None):
+                         prior_captions: list[str] | None = None, sample_captions: list[str] | None = None):
     """Z-Image dataset: the student contexts from the CLIP (encode_text) for every caption first, then
     free_memory() (e.g. ComfyUI unloading the CLIP), then the Qwen3-VL splice for the teacher contexts,
     unloaded afterwards. Returns (dataset, splice report)."""
     from .comfy_train import build_dataset
     check_vlm_folder(vlm_folder)
     student = {}
-    for cap in [c for item in items for c in item.captions] + list(prior_captions or []):
+    for cap in [c for item in items for c in item.captions] + list(prior_captions or []) + list(sample_captions or []):
         if cap not in student:
             student[cap] = encode_text(cap)
     if free_memory:
         free_memory()
     with ZImageVLEncoder(vlm_folder, te_source, device, dtype, log=log) as enc:
         ds = build_dataset(model_patcher, items, student.__getitem__, enc.teacher(), vae=vae,
-                           prior_captions=prior_captions)
+                           prior_captions=prior_captions, sample_captions=sample_captions)
         report = enc.report
     return ds, report

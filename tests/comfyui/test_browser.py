@@ -96,6 +96,14 @@ class Page:
                 .getImageData(0, 0, c.width, c.height).data; let n = 0;
                 for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i + 1] > 120 && d[i + 1] < 220 && d[i + 2] < 120) n++;
                 return n; })(),   // pixels of the orange smoothed line
+            start: (() => { const i = r.querySelector('.dopsd-start');
+                            return i.complete && i.naturalWidth > 0 ? i.naturalWidth : 0; })(),
+            priorPoints: Number(r.dataset.priorPoints || 0),
+            priorPixels: (() => { const c = r.querySelector('.dopsd-curve'); const d = c.getContext('2d')
+                .getImageData(0, 0, c.width, c.height).data; let n = 0;
+                for (let i = 0; i < d.length; i += 4) if (d[i] < 120 && d[i + 1] > 170 && d[i + 2] > 90 && d[i + 2] < 160) n++;
+                return n; })(),   // pixels of the green prior-term line
+            caption: r.querySelector('.dopsd-caption').textContent,
         }))""")
 
     def click_run(self):
@@ -236,6 +244,13 @@ def test_toy_workflow_queued_from_the_page_draws_loss_and_preview_and_survives_r
     views = _wait(page, lambda v: v and v[0]["status"] == "finished" and v[0]["preview"] > 0, 600,
                   "the end of the run and its last preview")
     assert views[0]["points"] == 40 and "step 40/40" in views[0]["stats"]
+    # the starting model's samples (step 0) above the latest, and the prior term as a second curve (the
+    # toy workflow's dataset has prior_prompts auto: every step rolls the prior out)
+    v = views[0]
+    assert v["start"] > 0 and v["start"] == v["preview"], v
+    assert v["priorPoints"] == 40 and v["priorPixels"] > 20, v
+    assert "starting model" in v["caption"] and "prior term (green)" in v["caption"], v["caption"]
+    assert (comfy.output_dir / "dopsd" / run / "previews" / "step_000000.png").is_file()
     # the page's log toggle redraws on a log axis
     page.page.locator(".dopsd-log").first.check()
     assert page.live_views()[0]["points"] == 40

@@ -67,7 +67,7 @@ def test_train_save_and_stock_loader_reproduce_the_trained_model(comfy):
     state = json.loads((run_dir / "state" / "state.json").read_text())
     assert state["step"] == 5 and len(state["history"]) == 5 and state["model_family"] == "toy"
     previews = sorted(p.name for p in (run_dir / "previews").glob("*.png"))
-    assert previews == ["step_000002.png", "step_000004.png", "step_000005.png"]
+    assert previews == ["step_000000.png", "step_000002.png", "step_000004.png", "step_000005.png"]
 
     entry = comfy.run(graph(*stock_loader_nodes(f"{lora}.safetensors", f"{run}_stock")))
     assert entry["status"]["status_str"] == "success", node_error_text(entry)
