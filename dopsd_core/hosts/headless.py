@@ -306,6 +306,10 @@ class FamilyTraining:
             self.dataset = build_dataset(self.models, self.data, self.resolution, self.buckets,
                                          self.run_dir / "dataset", prior_captions, trigger, write_cache=dist.is_main,
                                          sample_captions=sample_prompts(captions, trigger))
+        # the contexts are encoded: the text encoder (8-16 GB of RAM at full size) is not needed again
+        self.models.clip = None
+        import gc
+        gc.collect()
         if dist.is_main:
             callbacks.on_preview = self._save_preview
         self.start_step = int(read_run_state(run_dir)["step"]) if args.resume and is_run_folder(run_dir) else 0
