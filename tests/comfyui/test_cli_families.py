@@ -13,6 +13,7 @@ ComfyUI folder, a Z-Image run without its Qwen3-VL folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def test_the_cli_trains_the_lora_the_node_trains(comfy, comfy_lib, family, adapt
 
     # the CLI, here, on the same models
     models = _tiny_models(family, klein_file, vlm_folder)
-    monkeypatch.setattr(headless, "load_models", lambda spec, files, teacher=True: models)
+    monkeypatch.setattr(headless, "load_models", lambda spec, files, teacher=True: dataclasses.replace(models))
     out = tmp_path / "run"
     assert cli.main(_cli_args(family, comfy, klein_file, comfy.input_dir / data, out, vlm_folder, adapter)) == 0
     assert f"trained {STEPS} steps" in capsys.readouterr().out
@@ -121,7 +122,7 @@ def test_sample_and_preview_teacher_run_headless(comfy, comfy_lib, family, reque
     vlm_folder = comfy.base / "models" / "dopsd_vlm" / vlm if vlm else None
     klein_file = comfy.base / "models" / "diffusion_models" / tiny_models.KLEIN_FILE
     models = _tiny_models(family, klein_file, vlm_folder)
-    monkeypatch.setattr(headless, "load_models", lambda spec, files, teacher=True: models)
+    monkeypatch.setattr(headless, "load_models", lambda spec, files, teacher=True: dataclasses.replace(models))
     files = ["--model", family, "--comfyui", os.environ["COMFYUI_PATH"], "--diffusion-model", str(klein_file),
              "--text-encoder", str(klein_file), "--vae", str(klein_file)] + (["--vlm", str(vlm_folder)] if vlm else [])
     out = tmp_path / "samples"
