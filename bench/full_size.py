@@ -3,6 +3,7 @@
     python bench/full_size.py counts                                  # shape tables vs the published sizes
     python bench/full_size.py write --family klein-4b --out /work/fullsize [--tiny] [--only dit,te,vae,fp8]
     python bench/full_size.py run   --family klein-4b --out /work/fullsize --weight-dtype default
+    python bench/full_size.py cli   --family klein-4b --out /work/fullsize      # dopsd train/sample, headless
     python bench/full_size.py clean --out /work/fullsize
 
 `write` streams safetensors files tensor by tensor (RAM stays at one chunk, not one model) with the real
@@ -550,6 +551,16 @@ def main(argv=None) -> int:
     r.add_argument("--stop-after", choices=["load", "dataset", "all"], default="all")
     r.add_argument("--log", type=Path, default=None)
     r.add_argument("--timeout", type=float, default=6 * 3600)
+    h = sub.add_parser("cli", help="the headless CLI (dopsd train, dopsd sample) on the written files (CPU)")
+    h.add_argument("--family", choices=list(FAMILY_FILES), required=True)
+    h.add_argument("--out", type=Path, default=Path("/work/fullsize"))
+    h.add_argument("--weight-dtype", default="default")
+    h.add_argument("--vlm-dtype", default="bf16")
+    h.add_argument("--text-encoder-dtype", default="default")
+    h.add_argument("--resolution", type=int, default=64)
+    h.add_argument("--steps", type=int, default=1)
+    h.add_argument("--log", type=Path, default=None)
+    h.add_argument("--timeout", type=float, default=3 * 3600)
     c = sub.add_parser("clean", help="delete the written files")
     c.add_argument("--out", type=Path, default=Path("/work/fullsize"))
     a = ap.parse_args(argv)
@@ -564,6 +575,9 @@ def main(argv=None) -> int:
         if (a.out / "models").is_dir():
             shutil.rmtree(a.out / "models")
         return 0
+    if a.cmd == "cli":
+        from full_size_cli import cli  # noqa: E402 (bench/ is on sys.path when run as a script)
+        return cli(a)
     from full_size_run import run  # noqa: E402 (bench/ is on sys.path when run as a script)
     return run(a)
 

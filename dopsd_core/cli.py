@@ -49,6 +49,8 @@ def add_model_arguments(p, with_training: bool = False) -> None:
     g.add_argument("--vae", metavar="FILE", help="its VAE in models/vae (or a path)")
     g.add_argument("--weight-dtype", choices=("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"),
                    help="UNETLoader's weight_dtype (default: as stored)")
+    g.add_argument("--text-encoder-dtype", choices=("default", "fp8_e4m3fn", "fp8_e5m2"),
+                   help="store the text encoder in fp8, as ComfyUI's --fp8_e4m3fn-text-enc (default: as stored)")
     g.add_argument("--vlm", metavar="FOLDER", help="Z-Image: the Qwen3-VL-4B-Instruct folder of the teacher (a path "
                    "or its name in models/dopsd_vlm)")
     g.add_argument("--vlm-dtype", choices=("auto", "bf16", "fp16", "fp32"), help="Z-Image: Qwen3-VL precision "

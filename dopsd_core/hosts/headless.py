@@ -22,6 +22,7 @@ from ..family_spec import FamilySpec
 from .families import EncoderInputs, Family, detect_family
 
 WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")  # UNETLoader's weight_dtype options
+TEXT_ENCODER_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 RECORD = "comfyui.json"
 
 
@@ -80,6 +81,7 @@ class ModelFiles:
     text_encoder: str
     vae: str
     weight_dtype: str = "default"
+    text_encoder_dtype: str = "default"  # fp8_e4m3fn / fp8_e5m2: as ComfyUI's --fp8_e4m3fn-text-enc stores it
     vlm: str | None = None  # Z-Image: the Qwen3-VL-4B-Instruct folder
     vlm_dtype: str = "auto"
 
@@ -110,14 +112,16 @@ def load_diffusion_model(path: Path, weight_dtype: str):
                          "models/diffusion_models") from None
 
 
-def load_text_encoder(path: Path, family: Family):
-    """CLIPLoader's load with the family's type (flux2 / lumina2)."""
+def load_text_encoder(path: Path, family: Family, dtype: str = "default"):
+    """CLIPLoader's load with the family's type (flux2 / lumina2); dtype fp8_*: stored in fp8, as ComfyUI's
+    --fp8_e4m3fn-text-enc / --fp8_e5m2-text-enc store it (half the RAM of klein-9B's 16 GB Qwen3-8B)."""
     import comfy.sd
     import folder_paths
     clip_type = getattr(comfy.sd.CLIPType, family.clip_type.upper())
+    options = {"dtype": TEXT_ENCODER_DTYPES[dtype]} if TEXT_ENCODER_DTYPES.get(dtype) is not None else {}
     try:
         return comfy.sd.load_clip(ckpt_paths=[str(path)], embedding_directory=folder_paths.get_folder_paths("embeddings"),
-                                  clip_type=clip_type)
+                                  clip_type=clip_type, model_options=options)
     except Exception as e:  # noqa: BLE001 - ComfyUI raises several kinds for a file it cannot place
         raise DopsdError(f"--text-encoder {path.name}: ComfyUI cannot load it as {family.title}'s text encoder "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); pass the Qwen3 file from "
@@ -167,10 +171,12 @@ def load_models(spec: FamilySpec, files: ModelFiles, teacher: bool = True) -> Lo
                          "folder (a path, or its name in ComfyUI's models/dopsd_vlm)")
     if files.weight_dtype not in WEIGHT_DTYPES:
         raise DopsdError(f"--weight-dtype {files.weight_dtype}: pick one of {', '.join(WEIGHT_DTYPES)}")
+    if files.text_encoder_dtype not in TEXT_ENCODER_DTYPES:
+        raise DopsdError(f"--text-encoder-dtype {files.text_encoder_dtype}: pick one of {', '.join(TEXT_ENCODER_DTYPES)}")
     vlm = vlm_handle(files.vlm, files.vlm_dtype) if files.vlm else None
     model = load_diffusion_model(Path(files.diffusion_model), files.weight_dtype)
     family = check_model_family(spec, model, Path(files.diffusion_model).name)
-    clip = load_text_encoder(Path(files.text_encoder), family)
+    clip = load_text_encoder(Path(files.text_encoder), family, files.text_encoder_dtype)
     check_text_encoder(family, model, clip, Path(files.text_encoder).name)
     return LoadedModels(family, model, clip, load_vae(Path(files.vae)), vlm)
 
@@ -203,7 +209,8 @@ def files_from_args(spec: FamilySpec, args, root: Path) -> ModelFiles:
         diffusion_model=str(model_file("diffusion_models", args.diffusion_model, "--diffusion-model")),
         text_encoder=str(model_file("text_encoders", args.text_encoder, "--text-encoder")),
         vae=str(model_file("vae", args.vae, "--vae")),
-        weight_dtype=args.weight_dtype or "default", vlm=args.vlm, vlm_dtype=args.vlm_dtype or "auto")
+        weight_dtype=args.weight_dtype or "default", text_encoder_dtype=args.text_encoder_dtype or "default",
+        vlm=args.vlm, vlm_dtype=args.vlm_dtype or "auto")
 
 
 def save_record(run_dir: Path, files: ModelFiles, resolution: int, aspect_buckets: bool) -> None:
@@ -280,8 +287,8 @@ class FamilyTraining:
             raise DopsdError(f"{run_dir} has no {RECORD} (the model files of the run); pass --comfyui, "
                              "--diffusion-model, --text-encoder and --vae again")
         root = open_comfyui(args.comfyui or (record or {}).get("comfyui"))
-        flags = {k: getattr(args, k) for k in ("diffusion_model", "text_encoder", "vae", "weight_dtype", "vlm",
-                                                "vlm_dtype") if getattr(args, k) is not None}
+        flags = {k: getattr(args, k) for k in ("diffusion_model", "text_encoder", "vae", "weight_dtype",
+                                                "text_encoder_dtype", "vlm", "vlm_dtype") if getattr(args, k) is not None}
         if record:  # the run's own files, unless a flag names another (the run folder checks it is the same model)
             names = {f.name for f in fields(ModelFiles)}
             files = ModelFiles(**{**{k: v for k, v in record.items() if k in names}, **flags, "comfyui": str(root)})
