@@ -35,19 +35,23 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", type=Path, help="also write the report here (e.g. bench/results/ddp_throughput.json)")
     args = ap.parse_args(argv)
     from testutil import write_image_folder
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         data = write_image_folder(Path(tmp) / "data")
         common = ["train", "--data", str(data), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                  "--prior-batch", str(args.batch_size), "--rank", "16"]
+                  "--prior-batch", str(args.batch_size), "--rank", "16", "--teacher-check", "off"]
         one = rate([sys.executable, "-m", "dopsd_core", *common, "--out", f"{tmp}/one"], env)
         many = rate([sys.executable, "-m", "torch.distributed.run", "--standalone",
                      f"--nproc-per-node={args.processes}", "-m", "dopsd_core", *common, "--out", f"{tmp}/many"], env)
     report = {"processes": args.processes, "global_batch": args.batch_size, "steps": args.steps,
               "cpu_cores": os.cpu_count(), "one_process_it_per_s": one, "n_processes_it_per_s": many,
               "speedup": many / one}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report) if args.json else
           f"{args.processes} processes: {many:.2f} it/s, 1 process: {one:.2f} it/s, speed-up {many / one:.2f}x "
           f"(global batch {args.batch_size}, {os.cpu_count()} cores)")

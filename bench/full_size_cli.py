@@ -18,37 +18,32 @@ REPO = fs.REPO
 
 
 def _run(cmd: list[str], log: Log, label: str, timeout: float) -> int:
+    """Run one command, log its output line by line (a reader thread) and its peak RSS (sampled)."""
+    import threading
     log(f"[{label}] $ {' '.join(cmd)}")
     t0, peak = time.time(), 0
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    os.set_blocking(proc.stdout.fileno(), False)
-    tail = ""
-    while True:
+
+    def read():
+        for ln in proc.stdout:
+            if "Loading weights" not in ln:  # transformers' progress bar, one line per shard tensor
+                log(f"    {label}| {ln.rstrip()}")
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while proc.poll() is None:
         try:
             with open(f"/proc/{proc.pid}/status") as f:
-                rss = next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) * 1024
-            peak = max(peak, rss)
+                peak = max(peak, next(int(ln.split()[1]) for ln in f if ln.startswith("VmRSS:")) * 1024)
         except (OSError, StopIteration):
             pass
-        chunk = proc.stdout.read() or ""
-        tail += chunk
-        if "\n" in tail:
-            *lines, tail = tail.split("\n")
-            for ln in lines:
-                if "Loading weights" not in ln:  # transformers' progress bar, one line per shard tensor
-                    log(f"    {label}| {ln.rstrip()}")
-        if proc.poll() is not None:
-            if tail.strip():
-                log(f"    {label}| {tail.rstrip()}")
-            break
         if time.time() - t0 > timeout:
             proc.kill()
             log(f"[{label}] killed after {timeout:.0f} s")
-            break
         time.sleep(0.5)
+    reader.join(timeout=10)
     log(f"[{label}] exit {proc.returncode} in {time.time() - t0:.0f} s, peak RSS {peak / 2**30:.2f} GiB")
-    return proc.returncode if proc.returncode is not None else 1
+    return proc.returncode
 
 
 def cli(a) -> int:
