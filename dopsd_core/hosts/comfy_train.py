@@ -146,12 +146,16 @@ def _preview_with_contexts(den: ComfyDenoiser, dataset: ComfyDataset):
 
     @torch.no_grad()
     def preview():
-        ctx = den.batch_contexts(dataset.preview_contexts)
         latent_shape = tuple(dataset.records[0].x0.shape)
+        grid = den.sigma_grid(den.fam.sample_steps, latent_shape)
+        out = []
         with den.lora().use("student"):
-            return sample(den, ctx, (len(dataset.preview_contexts), *latent_shape),
-                          den.sigma_grid(den.fam.sample_steps, latent_shape), torch.Generator().manual_seed(1234),
-                          device=dataset.records[0].x0.device)
+            # one prompt at a time, each on its own fixed noise: the sample prompts' contexts differ in
+            # length (Z-Image's Qwen3 contexts are as long as the prompt) and cannot be batched
+            for i, ctx in enumerate(dataset.preview_contexts):
+                out.append(sample(den, den.batch_contexts([ctx]), (1, *latent_shape), grid,
+                                  torch.Generator().manual_seed(1234 + i), device=dataset.records[0].x0.device))
+        return torch.cat(out)
     return preview
 
 
