@@ -173,17 +173,24 @@ def adapter_summary(adapters: list[dict], lora: list[dict]) -> dict:
     """Each adapter's mean metrics at the defaults' last step over concepts x seeds, and its difference to
     LoRA's runs at that step per metric (95 % bootstrap interval over the runs, then the prompts)."""
     step = TOY_BUDGET["steps"]
-    arms = {"lora": [p for r in lora if (p := _point_at(r, step))]}
+
+    def key(r):  # the (concept, seed) a run trained; LoRA is compared on the same ones
+        return r["run"].get("concept"), r["run"].get("seed")
+    lora_at = {key(r): p for r in lora if (p := _point_at(r, step))}
+    arms = {"lora": [(k, p) for k, p in lora_at.items()]}
     for name in ADAPTER_SETTINGS:
-        arms[name] = [p for r in adapters if r["run"]["adapter"] == name and (p := _point_at(r, step))]
+        arms[name] = [(key(r), p) for r in adapters if r["run"]["adapter"] == name and (p := _point_at(r, step))]
     out = {"step": step, "arms": {}}
-    for name, points in arms.items():
+    for name, keyed in arms.items():
+        points = [p for _, p in keyed]
         if not points:
             continue
         entry = {"runs": len(points), **{m: sum(p[m] for p in points) / len(points) for m, _ in ADAPTER_METRICS}}
-        if name != "lora" and arms["lora"]:
+        paired = [lora_at[k] for k, _ in keyed if k in lora_at]
+        if name != "lora" and paired:
+            entry["lora_runs_compared"] = len(paired)
             entry["minus_lora"] = {m: bootstrap_difference([per_prompt(p["hits"][m], k) for p in points],
-                                                           [per_prompt(p["hits"][m], k) for p in arms["lora"]])
+                                                           [per_prompt(p["hits"][m], k) for p in paired])
                                    for m, k in ADAPTER_METRICS}
         out["arms"][name] = entry
     return out
@@ -427,7 +434,8 @@ def _with_budget(lines: list[str], s: dict) -> str:
             f"D-OPSD + prior at the toy's defaults (lr {TOY_BUDGET['lr']:g}, step {a['step']}), 3 concepts x 3 seeds, at "
             "about LoRA rank 16's trainable parameters (LoHa rank 8: the same 204,800; LoKr factor 2, rank 32: "
             "204,880). LoRA's arm is the budget stage's D-OPSD + prior runs at that step. Means over the runs, and "
-            "each adapter minus LoRA in points with 95 % bootstrap intervals (runs, then prompts).", "",
+            "each adapter minus LoRA on the same concepts and seeds, in points with 95 % bootstrap intervals (runs, "
+            "then prompts).", "",
             *adapter_lines(a), ""]
     return "\n".join(lines) + "\n"
 

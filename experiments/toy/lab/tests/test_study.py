@@ -399,15 +399,16 @@ def test_the_adapter_runs_match_loras_trainable_parameters_and_are_evaluated_at_
 
 
 def test_the_adapter_report_gives_each_adapters_difference_to_lora_with_an_interval():
-    def run(adapter, hits_fid, hits_ret):
+    def run(adapter, hits_fid, hits_ret, seed):
         point = {"step": 300, "concept_fidelity": hits_fid.count("1") / len(hits_fid), "retention": 0.9, "leak": 0.0,
                  "cross_token": 0.0, "hits": {"concept_fidelity": hits_fid, "retention": hits_ret, "leak": "00",
                                               "cross_token": "00"}}
-        return {"run": {"adapter": adapter}, "points": [{"step": 200, **point}, point]}
-    lora = [run("lora", "1111" * 4, "11"), run("lora", "1110" * 4, "11")]
-    loha = [run("loha", "0000" * 4, "10"), run("loha", "1000" * 4, "11")]
+        return {"run": {"adapter": adapter, "concept": "star", "seed": seed}, "points": [{"step": 200, **point}, point]}
+    lora = [run("lora", "1111" * 4, "11", 0), run("lora", "1110" * 4, "11", 1), run("lora", "0000" * 4, "00", 2)]
+    loha = [run("loha", "0000" * 4, "10", 0), run("loha", "1000" * 4, "11", 1)]  # compared with seeds 0, 1 only
     a = study_report.adapter_summary(loha, lora)
-    assert a["arms"]["lora"]["runs"] == 2 and "minus_lora" not in a["arms"]["lora"] and "lokr" not in a["arms"]
+    assert a["arms"]["lora"]["runs"] == 3 and "minus_lora" not in a["arms"]["lora"] and "lokr" not in a["arms"]
+    assert a["arms"]["loha"]["lora_runs_compared"] == 2
     d = a["arms"]["loha"]["minus_lora"]
     assert d["concept_fidelity"]["diff"] == pytest.approx(0.125 - 0.875)
     assert d["concept_fidelity"]["lo"] <= d["concept_fidelity"]["diff"] <= d["concept_fidelity"]["hi"] < 0
