@@ -157,6 +157,15 @@ function statusText(rec) {
   return String(rec.status);
 }
 
+// Points an image at a preview URL once (a new src only when the file changes).
+function showImage(img, url) {
+  const src = api.apiURL(url);
+  if (img.dataset.src === src) return;
+  img.dataset.src = src;
+  img.src = src;
+  img.style.display = "block";
+}
+
 function render(view, rec) {
   const lastPoint = rec.points.length ? rec.points[rec.points.length - 1][1] : null;
   const parts = [String(rec.run ?? ""), `step ${rec.step}/${rec.total}`];
@@ -177,21 +186,9 @@ function render(view, rec) {
   view.root.dataset.node = String(view.node.id);
   view.root.dataset.run = String(rec.run ?? "");
   view.root.dataset.step = String(rec.step);
-  if (rec.start) {
-    const src = api.apiURL(rec.start.url);
-    if (view.start.dataset.src !== src) {
-      view.start.dataset.src = src;
-      view.start.src = src;
-      view.start.style.display = "block";
-    }
-  }
+  if (rec.start) showImage(view.start, rec.start.url);
   if (rec.preview) {
-    const src = api.apiURL(rec.preview.url);
-    if (view.preview.dataset.src !== src) {
-      view.preview.dataset.src = src;
-      view.preview.src = src;
-      view.preview.style.display = "block";
-    }
+    showImage(view.preview, rec.preview.url);
     view.caption.textContent = (rec.start ? "top: the starting model; below: " : "") +
       `the student at step ${rec.preview.step} (same prompts and noise, few steps)` +
       (rec.points.some((p) => p[2] !== null && p[2] !== undefined) ? " · curve: loss (orange), prior term (green)" : "");

@@ -225,14 +225,12 @@ def read_record(run_dir: Path) -> dict | None:
 
 
 # --- the dataset and the run ------------------------------------------------------------------------------
-def build_dataset(models: LoadedModels, data: Path, resolution: int, aspect_buckets: bool, cache_dir: Path,
+def build_dataset(models: LoadedModels, items: list, cache_dir: Path,
                   prior_captions: list[str] | None, trigger: str | None, write_cache: bool = True,
                   sample_captions: list[str] | None = None):
     """DOPSDDataset's work: images -> latents and both contexts, cached by content in cache_dir."""
-    from ..data import load_image_folder
     from .comfy_train import dataset_cache_file, read_cached_dataset, save_dataset
     from .family_dataset import build_family_dataset
-    items = load_image_folder(Path(data), resolution, aspect_buckets)
     inputs = models.encoder_inputs()
     models.family.check_inputs(inputs)
     cache = dataset_cache_file(cache_dir, models.model, models.family, items, inputs, prior_captions, sample_captions)
@@ -244,11 +242,6 @@ def build_dataset(models: LoadedModels, data: Path, resolution: int, aspect_buck
     ds.trigger = trigger
     models.family.release_encoders()
     return ds
-
-
-def captions_of(data: Path, resolution: int, aspect_buckets: bool) -> list[str]:
-    from ..data import load_image_folder
-    return [c for item in load_image_folder(Path(data), resolution, aspect_buckets) for c in item.captions]
 
 
 def prompt_context(models: LoadedModels, prompt: str, latent_shape: tuple):
@@ -305,13 +298,15 @@ class FamilyTraining:
         if not args.resume and dist.is_main:
             check_fresh_out_dir(run_dir)  # before anything is written into it
             save_record(run_dir, files, self.resolution, self.buckets)
-        captions = captions_of(self.data, self.resolution, self.buckets)
+        from ..data import load_image_folder
+        items = load_image_folder(self.data, self.resolution, self.buckets)
+        captions = [c for item in items for c in item.captions]
         trigger = args.trigger or trigger_or_none(captions)
         if prior_captions is None:
             prior_captions = prior_prompts(captions, trigger)
         with torch.inference_mode():
-            self.dataset = build_dataset(self.models, self.data, self.resolution, self.buckets,
-                                         self.run_dir / "dataset", prior_captions, trigger, write_cache=dist.is_main,
+            self.dataset = build_dataset(self.models, items, self.run_dir / "dataset", prior_captions, trigger,
+                                         write_cache=dist.is_main,
                                          sample_captions=sample_prompts(captions, trigger))
         # the contexts are encoded: the text encoder (8-16 GB of RAM at full size) is not needed again
         self.models.clip = None

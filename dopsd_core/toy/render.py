@@ -21,7 +21,7 @@ CONCEPT_TOKEN = {"star": "[V1]", "heart": "[V2]", "crescent": "[V3]"}
 # What each concept token draws in the base without a reference: an outline of its own, as a rare word
 # ("sks") means something to a real text encoder. Up to run 8 the tokens only ever named whatever the
 # reference showed, so the base drew the same shapeless blob for all of them, and a LoRA that taught
-# [V1] a star drew stars for [V2] and [V3] prompts too (issue 14). Chosen once by tools/token_outlines.py
+# [V1] a star drew stars for [V2] and [V3] prompts too. Chosen once by tools/token_outlines.py
 # (area >= 0.4 of the circle's, IoU <= 0.68 with every known shape and <= 0.55 with each other, never
 # called star/heart/crescent by the evaluator) and fixed forever, like the vocabulary.
 TOKEN_OUTLINE = {"[v]": "blob:3", "[v1]": "blob:133", "[v2]": "blob:155", "[v3]": "blob:193", "[v4]": "blob:290",

@@ -70,7 +70,7 @@ BLOB_PROB = 0.4
 # student, which then samples without it (as the real turbo models are guidance-distilled).
 DROP_PROB = 0.1
 # Share of captioned plain examples that show a concept token's own outline (render.TOKEN_OUTLINE) under
-# that token, from run 9 on: it gives every token an identity of its own (issue 14).
+# that token, from run 9 on: it gives every token an identity of its own.
 NAMED_PROB = 0.3
 PROBE_GUIDANCE = 3.0
 EMPTY_TOKENS = tokenize(EMPTY_CAPTION)

@@ -27,7 +27,7 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
          of a 400-step run the 300-step run)
   levers what each lever on a D-OPSD + prior step's cost costs in fidelity, retention and leak, one at a
          time from the defaults (LEVERS), 3 concepts x 3 seeds, evaluated along the run: the defaults' own
-         runs are the budget stage's (issue "A D-OPSD LoRA for a fraction of the compute")
+         runs are the budget stage's
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
 Compute is counted in model evaluations (a forward or a backward of one sample), not in seconds.
 
