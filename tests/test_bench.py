@@ -108,3 +108,45 @@ def test_arm_processes_get_a_fixed_mmap_threshold_unless_asked_not_to(monkeypatc
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     monkeypatch.setenv("DOPSD_BENCH_GLIBC_DEFAULTS", "1")
     assert "MALLOC_MMAP_THRESHOLD_" not in step_cost.arm_env()
+
+
+def _run_cost():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("dopsd_run_cost", BENCH.parent / "run_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("setting", [dict(method="dopsd", states="all", prior_states="same", prior_every=1),
+                                     dict(method="dopsd", states="one", prior_states="all", prior_every=1),
+                                     dict(method="dopsd", states="two", prior_states="one", prior_every=4),
+                                     dict(method="sft", prior_every=2)])
+def test_run_cost_counts_evaluations_as_the_toy_study_does(setting):
+    from experiments.toy.lab.study import evals_per_step
+    rc = _run_cost()
+    p = rc.passes_per_step(k=4, batch_size=1, grad_accum=4, prior_batch=1, **setting)
+    lab = evals_per_step(setting["method"], True, k=4, batch=4, states=setting.get("states", "all"),
+                         prior_states=setting.get("prior_states", "same"), prior_batch=4, prior_every=setting["prior_every"])
+    assert p["evals"] == pytest.approx(lab)
+
+
+def test_run_cost_flops_are_the_closed_form_of_the_klein_shapes():
+    """klein-4B at 1024²: every token passes one stream of each of the 25 blocks, 4h² + 3mh weights a block
+    (qkv, proj, the gated MLP), plus attention's 4 T² h a block; the teacher also carries the reference latent."""
+    rc = _run_cost()
+    f = rc.flops("klein4b", 1024)
+    h, m, blocks = 3072, 9216, 5 + 20
+
+    def closed(t):
+        return (2 * t * blocks * (4 * h * h + 3 * m * h) + 4 * t * t * h * blocks) / 1e12
+    assert f["student_fwd"] == pytest.approx(closed(4096 + 512), rel=0.01)
+    assert f["teacher_fwd"] == pytest.approx(closed(2 * 4096 + 512), rel=0.01)
+    # checkpointed backward: the recomputed forward plus about two forwards' worth of input gradients
+    assert 2.8 < f["student_fwd_bwd"] / f["student_fwd"] < 3.5
+    t = rc.cost_table("klein4b", 1024, steps=1000, tflops=400.0, settings={
+        "d": dict(method="dopsd", states="all", prior_states="same", prior_every=1), "s": dict(method="sft", prior_every=1)})
+    d, s = t["rows"]
+    assert d["evals"] == 96_000 and s["evals"] == 16_000
+    assert d["tflop_per_step"] == pytest.approx(32 * (f["teacher_fwd"] + f["student_fwd_bwd"]))
+    assert d["gpu_hours"] == pytest.approx(d["pflop"] * 1e3 / 400 / 3600)

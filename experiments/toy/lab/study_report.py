@@ -12,10 +12,10 @@ from dopsd_core.plot import save_png
 from dopsd_core.toy.metrics import FIDELITY_SEEDS
 from dopsd_core.toy.runs import TOY_BUDGET
 from .chains import chain_summary, teacher_summary
+from .levers import AIMS as LEVER_AIMS, complete, lever_summary, levers_figure, meets
 from .stats import bootstrap_difference, per_prompt
 from .study import (ADAPTER_SETTINGS, BUDGET, CHECKPOINTS, PRIOR, SMALL_RANK, TAUS, adapter_plan, budget_plan, choose_lr,
-                    lambda_plan,
-                    main_plan, matched, one_state_plan, prune_plan)
+                    lambda_plan, lever_plan, main_plan, matched, one_state_plan, prune_plan)
 
 PAIRS = (("dopsd + prior", "sft + prior"), ("dopsd", "sft"))
 ONE_STATE = "dopsd + prior, one state"
@@ -220,6 +220,10 @@ def report(out: Path) -> dict:
     if adapters:
         summary["adapters"] = {"runs": [r["name"] for r in adapters], "planned": len(adapter_plan()),
                                **adapter_summary(adapters, [r for r in budget if r["variant"] == "dopsd + prior"])}
+    levers = [cached[r.name] for r in lever_plan() if r.name in cached]
+    if levers:
+        summary["levers"] = {"runs": [r["name"] for r in levers], "planned": len(lever_plan()),
+                             **lever_summary(levers, budget)}
     all_chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
     if budget:
         summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
@@ -253,11 +257,13 @@ def report(out: Path) -> dict:
                 summary["one_state"] = {"runs": [r["name"] for r in one], "planned": len(one_state_plan(kept)),
                                         "by_concept": main_summary(sft + one, ONE_STATE_PAIRS)}
     results = {"stamp": json.loads((out / "stamp.json").read_text()), "summary": summary,
-               "runs": {r["name"]: r for r in prune + main + lam + one + budget + adapters}}
+               "runs": {r["name"]: r for r in prune + main + lam + one + budget + adapters + levers}}
     save_json(results, out / "results.json")
     save_bytes(study_markdown(results).encode(), out / "results.md")
     if main:
         save_png(fronts_figure(main), out / "fronts.png")
+    if levers:
+        save_png(levers_figure(summary["levers"]["cells"]), out / "levers.png")
     return results
 
 
@@ -437,7 +443,67 @@ def _with_budget(lines: list[str], s: dict) -> str:
             "each adapter minus LoRA on the same concepts and seeds, in points with 95 % bootstrap intervals (runs, "
             "then prompts).", "",
             *adapter_lines(a), ""]
+    if s.get("levers"):
+        lines = lines + lever_lines(s["levers"])
     return "\n".join(lines) + "\n"
+
+
+def _cell_text(c: dict | None) -> str:
+    if c is None:
+        return "none"
+    concepts = ", ".join(f"{k} {_pct(v)}" for k, v in c["fidelity_by_concept"].items())
+    return (f"**{c['variant']}, step {c['step']}**: {c['model_evals']:,.0f} model evaluations; fidelity "
+            f"{_pct(c['concept_fidelity'])} ({concepts}), retention {_pct(c['retention'])}, leak {_pct(c['leak'])}, "
+            f"cross-token {_pct(c['cross_token'])}")
+
+
+def lever_lines(lv: dict) -> list[str]:
+    """The levers stage: each setting at the defaults' step and its cheapest checkpoint meeting the aims, the
+    rule's pick and D-OPSD minus SFT + prior at the pick's compute."""
+    ref = lv.get("reference")
+    ref_evals = ref["model_evals"] if ref else None
+    share = (lambda e: f"{e / ref_evals:.2f}") if ref_evals else (lambda e: "–")  # noqa: E731
+    by_variant: dict[str, list[dict]] = {}
+    for c in lv["cells"]:
+        by_variant.setdefault(c["variant"], []).append(c)
+    rows = []
+    for v, cs in by_variant.items():
+        last = next((c for c in cs if c["step"] == TOY_BUDGET["steps"]), cs[-1])
+        ok = [c for c in cs if complete(c) and meets(c)]
+        ok_mean = [c for c in cs if complete(c) and meets(c, each_concept=False)]
+        first = lambda xs: f"step {xs[0]['step']} ({xs[0]['model_evals']:,.0f}; {share(xs[0]['model_evals'])})" if xs else "none"  # noqa: E731
+        rows.append([v, f"{cs[0]['evals_per_step']:g}", f"{last['runs']}", last["step"], _pct(last["concept_fidelity"]),
+                     " / ".join(_pct(x) for x in last["fidelity_by_concept"].values()), _pct(last["retention"]),
+                     _pct(last["leak"]), _pct(last["cross_token"]), f"{last['model_evals']:,.0f}", first(ok_mean), first(ok)])
+    aims = (f"fidelity >= {_pct(LEVER_AIMS['fidelity'])}, each concept >= {_pct(LEVER_AIMS['each concept'])}, retention "
+            f">= {_pct(LEVER_AIMS['retention'])}, leak <= {_pct(LEVER_AIMS['leak'])}")
+    pick = lv["pick"]
+    lines = [f"## Cost levers ({len(lv['runs'])} of {lv['planned']} runs cached)", "",
+             f"D-OPSD + prior from the toy's defaults (lr {TOY_BUDGET['lr']:g}, rank {TOY_BUDGET['rank']}), one lever at a "
+             "time, 3 concepts x 3 seeds, evaluated at main's checkpoints and at step "
+             f"{TOY_BUDGET['steps']}; `dopsd + prior` is the defaults' own runs (the budget stage) and `sft + prior` "
+             "the same stage's SFT. Compute is model evaluations (a forward or a backward of one sample) spent up to "
+             "the checkpoint; a checkpoint is the run of that many steps (constant lr). Share: of today's "
+             f"defaults ({'' if ref_evals is None else f'{ref_evals:,.0f} evaluations, '}step {TOY_BUDGET['steps']}). "
+             f"Aims: {aims}. Fronts: levers.png.", "",
+             *_table(["setting", "evals / step", "runs", "step", "fidelity", "crescent / heart / star", "retention",
+                      "leak", "cross-token", "evaluations", "cheapest meeting the mean aims", "cheapest meeting every aim"],
+                     rows), "",
+             "The rule (the fewest evaluations meeting every aim, mean of 3 concepts x 3 seeds):", "",
+             f"- meeting every aim: {_cell_text(pick['every_aim'])}",
+             f"- meeting the mean aims (not each concept): {_cell_text(pick['mean_aims'])}",
+             f"- the best worst-concept fidelity that keeps retention and leak: {_cell_text(pick['best_worst_concept'])}"]
+    ec = lv.get("equal_compute")
+    if ec:
+        rows = [[k, _pct(d["dopsd_fidelity"]), _pct(d["sft_fidelity"]), _interval(d),
+                 f"{d['sft_run_evals']:,.0f}" + (" (ends before)" if d["sft_run_evals"] < ec["model_evals"] else "")]
+                for k, d in ec["by_concept"].items()]
+        lines += ["", f"D-OPSD minus SFT + prior at equal compute: {ec['variant']} and SFT + prior each limited to "
+                  f"{ec['model_evals']:,.0f} evaluations (the pick's), matched points at selection retention >= "
+                  f"{ec['tau']} (fidelity 0 where not reached), same concepts and seeds; points with 95 % bootstrap "
+                  "intervals.", "",
+                  *_table(["concept", "D-OPSD", "SFT + prior", "D-OPSD − SFT", "SFT run's evaluations"], rows)]
+    return lines + [""]
 
 
 def study_markdown(results: dict) -> str:

@@ -448,3 +448,49 @@ def test_each_lever_is_one_change_from_the_defaults_under_a_name_of_its_own():
         "dopsd + prior, prior every 2", "dopsd + prior, prior every 4", "dopsd + prior, prior batch 1",
         "dopsd + prior, prior batch 2", "dopsd + prior, prior one state", "dopsd + prior, one state, prior all states",
         "dopsd + prior, two states, prior all states", "dopsd + prior, rank 64, lr 2e-3"}
+
+
+def _lever_run(variant, concept, seed, points):
+    """points: (step, evals, fidelity, selection retention, retention, leak)."""
+    pts = [{"step": st, "model_evals": ev, "concept_fidelity": f, "retention_selection": sel, "retention": ret,
+            "leak": leak, "cross_token": 0.0,
+            "hits": {"concept_fidelity": "1" * round(96 * f) + "0" * (96 - round(96 * f))}}
+           for st, ev, f, sel, ret, leak in points]
+    return {"variant": variant, "name": f"{variant}-{concept}-{seed}", "evals_per_step": points[-1][1] / points[-1][0],
+            "run": {"concept": concept, "seed": seed, "method": variant.split()[0]}, "points": pts}
+
+
+def test_the_lever_rule_picks_the_cheapest_cell_meeting_every_aim_and_compares_sft_at_its_compute():
+    from experiments.toy.lab import levers
+    concepts, seeds = ("star", "heart", "crescent"), range(3)
+    # the defaults meet every aim at step 300 only; a lever meets the mean aims cheaply at step 100 but leaves
+    # the star at 0.6 there, and meets every aim at step 200 (6000 evaluations < the defaults' 9000 at 300)
+    budget = [_lever_run("dopsd + prior", c, s, [(100, 3000, 0.5, 0.9, 0.9, 0.0), (300, 9000, 0.9, 0.9, 0.9, 0.0)])
+              for c in concepts for s in seeds]
+    budget += [_lever_run("sft + prior", c, s, [(100, 500, 0.4, 0.9, 0.9, 0.0), (400, 2000, 0.7, 0.85, 0.9, 0.0)])
+               for c in concepts for s in seeds]
+    lever = [_lever_run("dopsd + prior, lever", c, s,
+                        [(100, 2000, 0.6 if c == "star" else 0.95, 0.9, 0.9, 0.0), (200, 4000, 0.85, 0.9, 0.9, 0.01)])
+             for c in concepts for s in seeds]
+    lever.append(_lever_run("dopsd + prior, partial", "star", 0, [(10, 10, 1.0, 1.0, 1.0, 0.0)]))  # 1 of 9 runs
+    lv = levers.lever_summary(lever, budget)
+    pick = lv["pick"]
+    assert (pick["every_aim"]["variant"], pick["every_aim"]["step"]) == ("dopsd + prior, lever", 200)
+    assert (pick["mean_aims"]["variant"], pick["mean_aims"]["step"]) == ("dopsd + prior, lever", 100)
+    assert pick["mean_aims"]["fidelity_by_concept"]["star"] == pytest.approx(0.6)
+    assert lv["reference"]["model_evals"] == 9000
+    # equal compute at the pick's 4000 evaluations: SFT's whole run (2000) fits, its 0.7 at selection 0.85
+    ec = lv["equal_compute"]
+    assert ec["model_evals"] == 4000 and set(ec["by_concept"]) == set(concepts)
+    star = ec["by_concept"]["star"]
+    assert star["dopsd_fidelity"] == pytest.approx(0.85) and star["sft_fidelity"] == pytest.approx(0.7)
+    assert star["diff"] == pytest.approx(0.85 - 0.7, abs=0.011) and star["lo"] <= star["diff"] <= star["hi"]
+    # a tighter budget: only step 100 is within it
+    small = levers.equal_compute(lever[:9], budget[9:], 2000)
+    assert small["star"]["dopsd_fidelity"] == pytest.approx(0.6)
+    text = "\n".join(study_report.lever_lines({**lv, "runs": [r["name"] for r in lever], "planned": 72}))
+    assert "**dopsd + prior, lever, step 200**: 4,000 model evaluations" in text
+    assert "| dopsd + prior, lever | 20 | 9 | 200 | 85% |" in text  # its last step (no step 300)
+    assert "step 200 (4,000; 0.44)" in text  # a share of the defaults' 9,000
+    img = levers.levers_figure(lv["cells"])
+    assert img.size[0] == 900 and img.getpixel((5, 5)) == (255, 255, 255)
