@@ -79,6 +79,11 @@ def results_block(study: dict) -> str:
               f"D-OPSD + prior minus SFT + prior in concept fidelity, at retention {TAU} (points, 95 % interval): "
               f"at equal steps {_differences(budget, '')}; at equal compute (a D-OPSD step costs several SFT "
               f"steps) {_differences(budget, ', equal compute')} ([docs/toy_results.md](docs/toy_results.md))."]
+    adapters = study["summary"].get("adapters")
+    if adapters:
+        from experiments.toy.lab.study_report import adapter_verdict
+        lines += ["", f"LoKr and LoHa against LoRA (D-OPSD + prior at the defaults, about equal trainable parameters, "
+                  f"3 concepts × 3 seeds): {adapter_verdict(adapters)}"]
     return "\n".join(lines) + "\n"
 
 

@@ -630,7 +630,38 @@ def readme_section(results: dict) -> str:
         lines += ["", "**One supervised state per step** (D-OPSD + prior, `--states one`, 3 seeds) against SFT + "
                   "prior; equal compute gives it the SFT run's model evaluations:", "",
                   *one_state_table(s["one_state"]["by_concept"])]
+    if s.get("adapters"):
+        a = s["adapters"]
+        lines += ["", f"**LoKr and LoHa against LoRA** ({len(a['runs'])} of {a['planned']} runs; D-OPSD + prior at the "
+                  f"defaults, step {a['step']}, about equal trainable parameters; each adapter minus LoRA on the same "
+                  "concepts and seeds, points with 95 % intervals):", "", *adapter_lines(a), "",
+                  adapter_verdict(a)]
+    if s.get("levers"):
+        lines += [""] + ["**" + line[3:] + "**" if line.startswith("## ") else line for line in lever_lines(s["levers"])]
     return "\n".join(lines) + "\n"
+
+
+def adapter_verdict(a: dict) -> str:
+    """What the adapter comparison supports, in one sentence: an adapter is recommended over LoRA only with
+    every run in, its fidelity interval above 0, and retention and leak not worse by more than 2 points at
+    the interval's end."""
+    planned_each = a["planned"] // len(ADAPTER_SETTINGS)
+    better, parts = [], []
+    for name in ADAPTER_SETTINGS:
+        e = a["arms"].get(name)
+        if not e or e["runs"] < planned_each or "minus_lora" not in e:
+            return (f"Not every run is in ({len(a['runs'])} of {a['planned']}): no adapter is recommended yet; LoRA "
+                    "stays the default.")
+        d = e["minus_lora"]
+        parts.append(f"{name} fidelity {_interval(d['concept_fidelity'])}, retention {_interval(d['retention'])}")
+        if d["concept_fidelity"]["lo"] > 0 and d["retention"]["lo"] > -0.02 and d["leak"]["hi"] < 0.02:
+            better.append(name)
+    verdict = (f"{' and '.join(better)} beat{'s' if len(better) == 1 else ''} LoRA on fidelity without losing "
+               "retention or leak beyond 2 points" if better else
+               "Neither adapter beats LoRA on the toy (a fidelity interval above 0 without losing retention or leak)")
+    advice = (f"Recommended on the toy; LoRA stays the default until klein and Z-Image show the same" if better else
+              "LoRA stays the default and the recommendation; LoKr and LoHa are there for users who want their files")
+    return f"{verdict} ({'; '.join(parts)}). {advice}."
 
 
 VARIANT_COLOURS = {"dopsd": (40, 90, 190), "dopsd + prior": (20, 160, 200), "sft": (220, 120, 60),

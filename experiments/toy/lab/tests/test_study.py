@@ -494,3 +494,17 @@ def test_the_lever_rule_picks_the_cheapest_cell_meeting_every_aim_and_compares_s
     assert "step 200 (4,000; 0.44)" in text  # a share of the defaults' 9,000
     img = levers.levers_figure(lv["cells"])
     assert img.size[0] == 900 and img.getpixel((5, 5)) == (255, 255, 255)
+
+
+def test_an_adapter_is_recommended_only_with_every_run_in_and_an_interval_above_zero():
+    def arm(runs, fid, ret=(0.0, -0.01, 0.01), leak=(0.0, -0.01, 0.01)):
+        iv = lambda d, lo, hi: {"diff": d, "lo": lo, "hi": hi}  # noqa: E731
+        return {"runs": runs, "minus_lora": {"concept_fidelity": iv(*fid), "retention": iv(*ret), "leak": iv(*leak),
+                                             "cross_token": iv(0, 0, 0)}}
+    a = {"runs": ["x"] * 18, "planned": 18, "arms": {"lokr": arm(9, (0.1, 0.02, 0.2)), "loha": arm(9, (0.05, -0.03, 0.1))}}
+    text = study_report.adapter_verdict(a)
+    assert text.startswith("lokr beats LoRA") and "Recommended on the toy" in text and "+10 [+2, +20]" in text
+    a["arms"]["lokr"] = arm(9, (0.1, 0.02, 0.2), ret=(-0.05, -0.09, -0.01))  # better concept, worse retention
+    assert study_report.adapter_verdict(a).startswith("Neither adapter beats LoRA")
+    a["arms"]["loha"]["runs"] = 8
+    assert "no adapter is recommended yet" in study_report.adapter_verdict({**a, "runs": ["x"] * 17})
