@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from dopsd_core.toy.metrics import FIDELITY_SEEDS
 from dopsd_core.toy.render import HELD_OUT_SHAPES
 from .stats import bootstrap_difference, per_prompt
-from .study import matched
+from .study import ORIGIN, matched
 
 DEFAULTS = "dopsd + prior"  # the budget stage's D-OPSD + prior runs: today's defaults and every lever's origin
 SFT = "sft + prior"
@@ -95,14 +95,17 @@ def equal_compute(dopsd_runs: list[dict], sft_runs: list[dict], evals: float, ta
     return out
 
 
-def lever_summary(levers: list[dict], budget: list[dict]) -> dict:
-    """Cells of every lever, the defaults and SFT + prior; the rule's pick; equal compute at the pick."""
+def lever_summary(levers: list[dict], budget: list[dict], sft_long: list[dict] = ()) -> dict:
+    """Cells of every lever, the defaults and SFT + prior (the long runs once all are in, else the budget
+    stage's); the rule's pick; equal compute at the pick."""
     dopsd_default = [r for r in budget if r["variant"] == DEFAULTS]
-    sft = [r for r in budget if r["variant"] == SFT]
+    long_done = len(sft_long) >= 3 * len(HELD_OUT_SHAPES)
+    sft = list(sft_long) if long_done else [r for r in budget if r["variant"] == SFT]
     all_cells = cells(levers + dopsd_default + sft)
     chosen = pick(all_cells)
-    reference = next((c for c in all_cells if c["variant"] == DEFAULTS and c["step"] == 300), None)
-    out = {"cells": all_cells, "pick": chosen, "reference": reference, "aims": AIMS}
+    reference = next((c for c in all_cells if c["variant"] == DEFAULTS and c["step"] == ORIGIN["steps"]), None)
+    out = {"cells": all_cells, "pick": chosen, "reference": reference, "aims": AIMS,
+           "sft_runs": "long" if long_done else "budget"}
     target = chosen["every_aim"] or chosen["mean_aims"]
     if target:
         runs = [r for r in levers + dopsd_default if r["variant"] == target["variant"]]

@@ -21,7 +21,7 @@ from dopsd_core.toy.render import HELD_OUT_SHAPES
 from dopsd_core.toy.runs import concept_data
 from .chains import chain_plan, run_chain, teacher_check
 from .study import (N_UNRELATED, SMALL_RANK, StudyMetrics, adapter_plan, budget_plan, gap_run, kept_lrs, lambda_plan,
-                    lever_plan, main_plan, one_state_plan, prune_plan, run_one)
+                    levers_stage_plan, main_plan, one_state_plan, prune_plan, run_one)
 from .study_report import report
 
 STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains", "adapters", "levers")
@@ -115,5 +115,5 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
         if "adapters" in todo:
             map_runs(run_one, adapter_plan(), out, metrics, **each)
         if "levers" in todo:
-            map_runs(run_one, lever_plan(), out, metrics, **each)
+            map_runs(run_one, levers_stage_plan(), out, metrics, **each)
     return report(out)

@@ -62,6 +62,12 @@ SMALL_RANK = 3
 LAMBDAS = (0.3, 3.0)  # the lambda stage's prior weights (main runs have PRIOR's 1)
 LAMBDA_CONCEPTS = ("star",)
 BUDGET = dict(lr=3e-3, steps=400)  # the budget stage's runs
+# The defaults the adapters and levers stages start from (TOY_BUDGET when they were planned), pinned so that a
+# later change of the toy's defaults leaves their cached runs' names and meaning alone.
+ORIGIN = dict(lr=3e-3, rank=16, steps=300)
+# SFT + prior run past the budget stage's 400 steps, so that the levers' D-OPSD settings meet it at equal
+# compute up to 19,200 model evaluations (two thirds of the origin's 28,800), evaluated every 100 steps.
+SFT_LONG = dict(lr=3e-3, steps=1200, every=100)
 LONG_EVERY = 100  # past main's last checkpoint, a run is evaluated every this many steps
 N_UNRELATED = 192  # the evaluation set of retention and leak (dopsd_core/toy/metrics.py)
 # The adapters stage: settings with LoRA rank 16's trainable parameters on the toy (204,800): LoHa rank 8
@@ -220,16 +226,28 @@ def budget_plan() -> list[StudyRun]:
 
 
 def adapter_plan() -> list[StudyRun]:
-    steps = TOY_BUDGET["steps"]
-    return [StudyRun(c, "dopsd", True, TOY_BUDGET["lr"], s, steps=steps, eval_steps=(steps,), adapter=a,
+    steps = ORIGIN["steps"]
+    return [StudyRun(c, "dopsd", True, ORIGIN["lr"], s, steps=steps, eval_steps=(steps,), adapter=a,
                      **ADAPTER_SETTINGS[a]) for a in ADAPTER_SETTINGS for c in HELD_OUT_SHAPES for s in range(3)]
 
 
 def lever_plan() -> list[StudyRun]:
     """Each lever alone from the defaults, evaluated at main's checkpoints and the defaults' last step."""
-    base = dict(lr=TOY_BUDGET["lr"], rank=TOY_BUDGET["rank"], steps=TOY_BUDGET["steps"])
-    return [StudyRun(c, "dopsd", True, seed=s, **{**base, **change}) for change in LEVERS.values()
+    return [StudyRun(c, "dopsd", True, seed=s, **{**ORIGIN, **change}) for change in LEVERS.values()
             for c in HELD_OUT_SHAPES for s in range(3)]
+
+
+def sft_long_plan() -> list[StudyRun]:
+    """SFT + prior at the origin's lr for SFT_LONG's steps, evaluated every SFT_LONG['every'] steps."""
+    every, steps = SFT_LONG["every"], SFT_LONG["steps"]
+    return [StudyRun(c, "sft", True, SFT_LONG["lr"], s, steps=steps, eval_steps=tuple(range(every, steps + 1, every)))
+            for c in HELD_OUT_SHAPES for s in range(3)]
+
+
+def levers_stage_plan() -> list[StudyRun]:
+    """The levers stage's runs: the first lever, then the long SFT runs (equal compute needs them), then the rest."""
+    levers = lever_plan()
+    return levers[:9] + sft_long_plan() + levers[9:]
 
 
 def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:

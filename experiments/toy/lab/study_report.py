@@ -14,8 +14,9 @@ from dopsd_core.toy.runs import TOY_BUDGET
 from .chains import chain_summary, teacher_summary
 from .levers import AIMS as LEVER_AIMS, complete, lever_summary, levers_figure, meets
 from .stats import bootstrap_difference, per_prompt
-from .study import (ADAPTER_SETTINGS, BUDGET, CHECKPOINTS, PRIOR, SMALL_RANK, TAUS, adapter_plan, budget_plan, choose_lr,
-                    lambda_plan, lever_plan, main_plan, matched, one_state_plan, prune_plan)
+from .study import (ADAPTER_SETTINGS, BUDGET, CHECKPOINTS, ORIGIN, PRIOR, SFT_LONG, SMALL_RANK, TAUS, adapter_plan,
+                    budget_plan, choose_lr, lambda_plan, lever_plan, main_plan, matched, one_state_plan, prune_plan,
+                    sft_long_plan)
 
 PAIRS = (("dopsd + prior", "sft + prior"), ("dopsd", "sft"))
 ONE_STATE = "dopsd + prior, one state"
@@ -172,7 +173,7 @@ def _point_at(run: dict, step: int) -> dict | None:
 def adapter_summary(adapters: list[dict], lora: list[dict]) -> dict:
     """Each adapter's mean metrics at the defaults' last step over concepts x seeds, and its difference to
     LoRA's runs at that step per metric (95 % bootstrap interval over the runs, then the prompts)."""
-    step = TOY_BUDGET["steps"]
+    step = ORIGIN["steps"]
 
     def key(r):  # the (concept, seed) a run trained; LoRA is compared on the same ones
         return r["run"].get("concept"), r["run"].get("seed")
@@ -222,8 +223,10 @@ def report(out: Path) -> dict:
                                **adapter_summary(adapters, [r for r in budget if r["variant"] == "dopsd + prior"])}
     levers = [cached[r.name] for r in lever_plan() if r.name in cached]
     if levers:
+        sft_long = [cached[r.name] for r in sft_long_plan() if r.name in cached]
         summary["levers"] = {"runs": [r["name"] for r in levers], "planned": len(lever_plan()),
-                             **lever_summary(levers, budget)}
+                             "sft_long_runs": [r["name"] for r in sft_long], "sft_long_planned": len(sft_long_plan()),
+                             **lever_summary(levers, budget, sft_long)}
     all_chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
     if budget:
         summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
@@ -257,7 +260,8 @@ def report(out: Path) -> dict:
                 summary["one_state"] = {"runs": [r["name"] for r in one], "planned": len(one_state_plan(kept)),
                                         "by_concept": main_summary(sft + one, ONE_STATE_PAIRS)}
     results = {"stamp": json.loads((out / "stamp.json").read_text()), "summary": summary,
-               "runs": {r["name"]: r for r in prune + main + lam + one + budget + adapters + levers}}
+               "runs": {r["name"]: r for r in prune + main + lam + one + budget + adapters + levers
+                        + [cached[r.name] for r in sft_long_plan() if r.name in cached]}}
     save_json(results, out / "results.json")
     save_bytes(study_markdown(results).encode(), out / "results.md")
     if main:
@@ -437,7 +441,7 @@ def _with_budget(lines: list[str], s: dict) -> str:
         a = s["adapters"]
         lines = lines + [
             f"## LoKr and LoHa against LoRA ({len(a['runs'])} of {a['planned']} runs cached)", "",
-            f"D-OPSD + prior at the toy's defaults (lr {TOY_BUDGET['lr']:g}, step {a['step']}), 3 concepts x 3 seeds, at "
+            f"D-OPSD + prior at the toy's defaults of the time (lr {ORIGIN['lr']:g}, step {a['step']}), 3 concepts x 3 seeds, at "
             "about LoRA rank 16's trainable parameters (LoHa rank 8: the same 204,800; LoKr factor 2, rank 32: "
             "204,880). LoRA's arm is the budget stage's D-OPSD + prior runs at that step. Means over the runs, and "
             "each adapter minus LoRA on the same concepts and seeds, in points with 95 % bootstrap intervals (runs, "
@@ -468,7 +472,7 @@ def lever_lines(lv: dict) -> list[str]:
         by_variant.setdefault(c["variant"], []).append(c)
     rows = []
     for v, cs in by_variant.items():
-        last = next((c for c in cs if c["step"] == TOY_BUDGET["steps"]), cs[-1])
+        last = next((c for c in cs if c["step"] == ORIGIN["steps"]), cs[-1])
         ok = [c for c in cs if complete(c) and meets(c)]
         ok_mean = [c for c in cs if complete(c) and meets(c, each_concept=False)]
         first = lambda xs: f"step {xs[0]['step']} ({xs[0]['model_evals']:,.0f}; {share(xs[0]['model_evals'])})" if xs else "none"  # noqa: E731
@@ -479,12 +483,13 @@ def lever_lines(lv: dict) -> list[str]:
             f">= {_pct(LEVER_AIMS['retention'])}, leak <= {_pct(LEVER_AIMS['leak'])}")
     pick = lv["pick"]
     lines = [f"## Cost levers ({len(lv['runs'])} of {lv['planned']} runs cached)", "",
-             f"D-OPSD + prior from the toy's defaults (lr {TOY_BUDGET['lr']:g}, rank {TOY_BUDGET['rank']}), one lever at a "
-             "time, 3 concepts x 3 seeds, evaluated at main's checkpoints and at step "
-             f"{TOY_BUDGET['steps']}; `dopsd + prior` is the defaults' own runs (the budget stage) and `sft + prior` "
-             "the same stage's SFT. Compute is model evaluations (a forward or a backward of one sample) spent up to "
+             f"D-OPSD + prior from the toy's defaults of the time (lr {ORIGIN['lr']:g}, rank {ORIGIN['rank']}, "
+             f"{ORIGIN['steps']} steps), one lever at a time, 3 concepts x 3 seeds, evaluated at main's checkpoints and "
+             f"at step {ORIGIN['steps']}; `dopsd + prior` is those defaults' own runs (the budget stage) and `sft + "
+             f"prior` SFT with the prior at the same lr for {SFT_LONG['steps']} steps (the budget stage's 400 until "
+             "those runs are in). Compute is model evaluations (a forward or a backward of one sample) spent up to "
              "the checkpoint; a checkpoint is the run of that many steps (constant lr). Share: of today's "
-             f"defaults ({'' if ref_evals is None else f'{ref_evals:,.0f} evaluations, '}step {TOY_BUDGET['steps']}). "
+             f"defaults ({'' if ref_evals is None else f'{ref_evals:,.0f} evaluations, '}step {ORIGIN['steps']}). "
              f"Aims: {aims}. Fronts: levers.png.", "",
              *_table(["setting", "evals / step", "runs", "step", "fidelity", "crescent / heart / star", "retention",
                       "leak", "cross-token", "evaluations", "cheapest meeting the mean aims", "cheapest meeting every aim"],

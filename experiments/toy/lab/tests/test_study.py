@@ -383,16 +383,16 @@ def test_a_chain_at_the_toy_defaults_starts_from_the_budget_runs_checkpoint_and_
 @needs_weights
 def test_the_adapter_runs_match_loras_trainable_parameters_and_are_evaluated_at_the_defaults_end():
     from dopsd_core.toy.denoiser import load_toy
-    from dopsd_core.toy.runs import TOY_BUDGET
+    origin = study.ORIGIN
     plan = study.adapter_plan()
     assert len(plan) == 18 and {r.variant for r in plan} == {"dopsd + prior, lokr", "dopsd + prior, loha"}
     assert len({r.name for r in plan}) == 18 and plan[0].name == "star_dopsd_prior_lokr-f2_lr0.003_r32_st300_s0"
-    assert all(r.checkpoints == (TOY_BUDGET["steps"],) and r.lr == TOY_BUDGET["lr"] for r in plan)
+    assert all(r.checkpoints == (origin["steps"],) and r.lr == origin["lr"] for r in plan)
     den = load_toy()
 
     def trainable(**kw):
         return sum(p.numel() for p in den.add_lora(kw.pop("rank"), 1.0, **kw).parameters_list())
-    lora = trainable(rank=TOY_BUDGET["rank"])
+    lora = trainable(rank=origin["rank"])
     for adapter, setting in study.ADAPTER_SETTINGS.items():
         n = trainable(rank=setting["rank"], adapter=adapter, factor=setting.get("lokr_factor", -1))
         assert abs(n - lora) / lora < 0.001, (adapter, n, lora)
@@ -431,10 +431,9 @@ def test_model_evaluations_of_the_cost_levers():
 
 
 def test_each_lever_is_one_change_from_the_defaults_under_a_name_of_its_own():
-    from dopsd_core.toy.runs import TOY_BUDGET
     plan = study.lever_plan()
     assert len(plan) == 9 * len(study.LEVERS) and len({r.name for r in plan}) == len(plan)
-    default = study.StudyRun("star", "dopsd", True, TOY_BUDGET["lr"], 0, steps=TOY_BUDGET["steps"])
+    default = study.StudyRun("star", "dopsd", True, study.ORIGIN["lr"], 0, steps=study.ORIGIN["steps"])
     names = {r.name for r in plan} | {r.name for r in study.budget_plan()} | {r.name for r in study.adapter_plan()}
     assert default.name not in names and len(names) == len(plan) + 36  # nothing shares a cache folder
     fields = ("lr", "rank", "states", "prior_every", "prior_states", "prior_batch")
@@ -443,7 +442,7 @@ def test_each_lever_is_one_change_from_the_defaults_under_a_name_of_its_own():
         assert len(runs) == 9, change
         for r in runs:
             assert {k for k in fields if getattr(r, k) != getattr(default, k)} == set(change)
-            assert r.checkpoints[-1] == TOY_BUDGET["steps"] and r.prior and r.method == "dopsd"
+            assert r.checkpoints[-1] == study.ORIGIN["steps"] and r.prior and r.method == "dopsd"
     assert {r.variant for r in plan} == {
         "dopsd + prior, prior every 2", "dopsd + prior, prior every 4", "dopsd + prior, prior batch 1",
         "dopsd + prior, prior batch 2", "dopsd + prior, prior one state", "dopsd + prior, one state, prior all states",
@@ -508,3 +507,25 @@ def test_an_adapter_is_recommended_only_with_every_run_in_and_an_interval_above_
     assert study_report.adapter_verdict(a).startswith("Neither adapter beats LoRA")
     a["arms"]["loha"]["runs"] = 8
     assert "no adapter is recommended yet" in study_report.adapter_verdict({**a, "runs": ["x"] * 17})
+
+
+def test_the_levers_stage_adds_long_sft_runs_under_names_of_their_own_and_the_report_uses_them():
+    from experiments.toy.lab import levers
+    long = study.sft_long_plan()
+    stage = study.levers_stage_plan()
+    assert len(stage) == len(study.lever_plan()) + 9 and stage[9:18] == long
+    budget_names = {r.name for r in study.budget_plan()}
+    assert not {r.name for r in long} & budget_names and all(r.method == "sft" and r.prior for r in long)
+    assert long[0].checkpoints == tuple(range(100, 1201, 100))
+    assert study.evals_per_step("sft", True) * long[0].steps == 19200
+    # the pinned origin: the levers' names do not move when the toy's defaults do
+    assert all(r.lr == study.ORIGIN["lr"] or r.rank == 64 for r in study.lever_plan())
+    concepts, seeds = ("star", "heart", "crescent"), range(3)
+    budget = [_lever_run(v, c, s, [(100, 1000, 0.9, 0.9, 0.9, 0.0)]) for v in ("dopsd + prior", "sft + prior")
+              for c in concepts for s in seeds]
+    sft_long = [_lever_run("sft + prior", c, s, [(100, 1600, 0.5, 0.9, 0.9, 0.0), (1200, 19200, 0.95, 0.9, 0.9, 0.0)])
+                for c in concepts for s in seeds]
+    assert levers.lever_summary([], budget, sft_long[:8])["sft_runs"] == "budget"  # not all in: the budget's
+    lv = levers.lever_summary([], budget, sft_long)
+    sft_cells = [c for c in lv["cells"] if c["variant"] == "sft + prior"]
+    assert lv["sft_runs"] == "long" and [c["step"] for c in sft_cells] == [100, 1200]
