@@ -416,12 +416,18 @@ def _dataset_info(base: Path) -> str:
 
 
 def _check_lora(a, server, log, loaders, klein, lora_name, failures):
+    """A 1-step stock sample of the base and of the base + LoRA (LoraLoaderModelOnly), same seed, in two
+    prompts: with --cache-none each prompt frees what it loaded, so the base, its LoRA-patched copy and the
+    text encoder are never resident together (klein-9B's three did not fit 24 GB of RAM in one prompt)."""
     res = max(a.resolution, 64)
     text = (20, "CLIPTextEncode", {"clip": ["2", 0], "text": CAPTION})
-    lora = (30, "LoraLoaderModelOnly", {"model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0})
-    nodes = loaders + [text, lora]
     prefix = f"full_size_{uuid.uuid4().hex[:6]}"
-    for nid, model, name in ((40, ["1", 0], "base"), (50, ["30", 0], "lora")):
+    for nid, name in ((40, "base"), (50, "lora")):
+        nodes = loaders + [text]
+        model = ["1", 0]
+        if name == "lora":
+            nodes.append((30, "LoraLoaderModelOnly", {"model": ["1", 0], "lora_name": lora_name, "strength_model": 1.0}))
+            model = ["30", 0]
         if klein:
             nodes += [(nid, "RandomNoise", {"noise_seed": 7}),
                       (nid + 1, "KSamplerSelect", {"sampler_name": "euler"}),
@@ -437,10 +443,11 @@ def _check_lora(a, server, log, loaders, klein, lora_name, failures):
                                              "scheduler": "simple", "positive": ["20", 0], "negative": ["20", 0],
                                              "latent_image": [str(nid + 3), 0], "denoise": 1.0})]
         nodes.append((nid + 6, "SaveLatent", {"samples": [str(nid + 5), 0], "filename_prefix": f"latents/{prefix}_{name}"}))
-    entry, dt, _ = server.run(nodes, f"LoraLoaderModelOnly({lora_name}) vs base, 1-step samples", a.timeout)
-    if entry is None or entry["status"]["status_str"] != "success":
-        failures.append("lora check")
-        return
+        label = f"LoraLoaderModelOnly({lora_name}), 1-step sample" if name == "lora" else "the base, 1-step sample"
+        entry, dt, _ = server.run(nodes, label, a.timeout)
+        if entry is None or entry["status"]["status_str"] != "success":
+            failures.append(f"lora check ({name})")
+            return
     from safetensors.torch import load_file
     out = {}
     for name in ("base", "lora"):
