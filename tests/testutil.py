@@ -33,9 +33,15 @@ def write_image_folder(folder: Path, n: int = 3, size=(40, 36)) -> Path:
 
 
 def run_cli(*args, cwd=None):
+    """`python -m dopsd_core ARGS` -> (rc, stdout, stderr). A new `train` run skips the pre-flight teacher check
+    unless the test names --teacher-check (it samples teacher and student before step 1, about a third of a
+    short test run; tests/toy/test_teacher_check.py and test_cli.py test the check and its default)."""
+    args = [str(a) for a in args]
+    if args[:1] == ["train"] and "--teacher-check" not in args and "--resume" not in args:
+        args += ["--teacher-check", "off"]
     # one thread: the toy is small, and threads only contend with other processes on a small machine
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "dopsd_core", *map(str, args)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "dopsd_core", *args], capture_output=True, text=True,
                          cwd=cwd, env=env)
     return out.returncode, out.stdout, out.stderr
 

@@ -67,3 +67,10 @@ def test_the_cli_reports_it_and_stops_when_asked(tmp_path):
     report = json.loads((run / "teacher_check.json").read_text())
     assert not report["passed"] and report["seconds"] > 0
     assert not (run / "state").exists()  # stopped before the first step
+
+
+def test_a_new_cli_run_checks_its_teacher_by_default_and_warns_only():
+    """The default the tests' run_cli turns off for speed: a user's new run checks (warn), never stops."""
+    from dopsd_core.cli import build_parser
+    args = build_parser().parse_args(["train", "--data", "x", "--out", "y"])
+    assert args.teacher_check == "warn"

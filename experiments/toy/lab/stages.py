@@ -20,7 +20,7 @@ from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.render import HELD_OUT_SHAPES
 from dopsd_core.toy.runs import concept_data
 from .chains import chain_plan, run_chain, teacher_check
-from .study import (N_UNRELATED, SMALL_RANK, StudyMetrics, adapter_plan, budget_plan, gap_run, kept_lrs, lambda_plan,
+from .study import (N_SELECTION, N_UNRELATED, SMALL_RANK, StudyMetrics, adapter_plan, budget_plan, gap_run, kept_lrs, lambda_plan,
                     levers_stage_plan, main_plan, one_state_plan, prune_plan, run_one)
 from .study_report import report
 
@@ -80,7 +80,7 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) != stamp:
         raise DopsdError(f"{out} holds a study of another toy base ({stamp_file}); use a new --out folder")
     save_json(stamp, stamp_file)
-    metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED)
+    metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED, n_selection=N_SELECTION)
     # a study cut short still reports what it has: the report after a run, at most once a minute (a stage
     # whose runs are cached returns them at once, and a report over every run takes seconds)
     last = [0.0]

@@ -70,6 +70,7 @@ ORIGIN = dict(lr=3e-3, rank=16, steps=300)
 SFT_LONG = dict(lr=3e-3, steps=1200, every=100)
 LONG_EVERY = 100  # past main's last checkpoint, a run is evaluated every this many steps
 N_UNRELATED = 192  # the evaluation set of retention and leak (dopsd_core/toy/metrics.py)
+N_SELECTION = 96  # the selection set that picks matched points (selection_prompts)
 # The adapters stage: settings with LoRA rank 16's trainable parameters on the toy (204,800): LoHa rank 8
 # has exactly as many (2 x 8 x (in + out) per layer); LoKr at factor 2, rank 32 has 204,880 (w1 2 x 2, w2 a
 # rank-32 [out/2, in/2]; a larger factor leaves w2 narrower than any rank that would match).
@@ -182,9 +183,9 @@ def setup_evals(method: str, prior: bool, n_prior_prompts: int, k: int = 4) -> i
 class StudyMetrics(ToyMetrics):
     """ToyMetrics plus the selection set's retention (4 steps only: the checkpoints' metrics)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, n_selection: int = N_SELECTION, **kwargs):
         super().__init__(*args, **kwargs)
-        self.selection = selection_prompts()
+        self.selection = selection_prompts(n_selection)
 
     @torch.no_grad()
     def checkpoint(self, den, concept: str, captions: list[str]) -> dict:

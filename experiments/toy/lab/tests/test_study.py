@@ -48,6 +48,7 @@ def test_a_tiny_prune_stage_runs_caches_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "LRS", (1e-3,))
     monkeypatch.setattr(study, "VARIANTS", (("dopsd", False), ("sft", True)))
     monkeypatch.setattr(stages, "N_UNRELATED", 12)
+    monkeypatch.setattr(stages, "N_SELECTION", 12)
     res = stages.run_study(tmp_path, "prune", log=lambda *_: None)
     runs = res["runs"]
     assert len(runs) == 2 and all([p["step"] for p in r["points"]] == [2, 4] for r in runs.values())
@@ -97,6 +98,7 @@ def test_two_jobs_run_the_stage_in_worker_processes_and_report_every_run(tmp_pat
     monkeypatch.setattr(study, "LRS", (1e-3,))
     monkeypatch.setattr(study, "VARIANTS", (("sft", False), ("sft", True)))
     monkeypatch.setattr(stages, "N_UNRELATED", 12)
+    monkeypatch.setattr(stages, "N_SELECTION", 12)
     pids = []
     names = stages.map_runs(_name_and_pid, study.prune_plan(), tmp_path, None, jobs=2,
                            on_done=lambda: pids.append(os.getpid()))
@@ -205,7 +207,7 @@ def test_a_tiny_chain_warm_starts_each_stage_and_measures_every_concept_so_far(t
         monkeypatch.setattr(mod, "CHECKPOINTS", (2, 4))
     from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
     from dopsd_core.toy.evaluator import load_evaluator
-    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12)
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
     kept = {"dopsd + prior": 1e-3, "sft + prior": 3e-4}
     chain = chains_mod.Chain("dopsd + prior", 0)
     r = chains_mod.run_chain(chain, tmp_path, metrics, kept, log=lambda *_: None)
@@ -286,7 +288,7 @@ def test_a_one_state_run_trains_with_one_state_and_counts_its_evaluations(tmp_pa
     from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
     from dopsd_core.toy.evaluator import load_evaluator
     monkeypatch.setattr(study, "CHECKPOINTS", (2,))
-    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12)
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
     run = study.StudyRun("star", "dopsd", True, 1e-3, 0, states="one")
     r = study.run_one(run, tmp_path, metrics, log=lambda *_: None)
     assert r["variant"] == study_report.ONE_STATE and r["run"]["states"] == "one"
@@ -341,7 +343,7 @@ def test_a_budget_run_trains_to_its_own_length_and_is_evaluated_past_mains_check
     from dopsd_core.toy.evaluator import load_evaluator
     monkeypatch.setattr(study, "CHECKPOINTS", (2,))
     monkeypatch.setattr(study, "LONG_EVERY", 2)
-    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12)
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
     run = study.StudyRun("star", "dopsd", True, 3e-3, 0, steps=6)
     r = study.run_one(run, tmp_path, metrics, log=lambda *_: None)
     assert [p["step"] for p in r["points"]] == [2, 4, 6] and r["run"]["steps"] == 6
@@ -357,7 +359,7 @@ def test_a_chain_at_the_toy_defaults_starts_from_the_budget_runs_checkpoint_and_
     monkeypatch.setattr(study, "LONG_EVERY", 2)
     monkeypatch.setattr(chains_mod, "BUDGET", {"lr": 3e-3, "steps": 6})
     monkeypatch.setattr(chains_mod, "TOY_BUDGET", {"lr": 3e-3, "steps": 4})
-    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12)
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
     chain = chains_mod.Chain("sft + prior", 1, budget=True)
     assert chain.name == "sft_prior_budget_s1" and chains_mod.Chain("sft + prior", 1).name == "sft_prior_s1"
     r = chains_mod.run_chain(chain, tmp_path, metrics, {}, log=lambda *_: None)  # needs no kept lr
