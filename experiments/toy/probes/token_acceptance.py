@@ -1,4 +1,4 @@
-"""Probe for issue 14's first deliverable on a candidate toy base: does a concept LoRA stay on its own
+"""Probe on a candidate toy base: does a concept LoRA stay on its own
 token? Trains one D-OPSD LoRA at the toy defaults of the time (MAIN_BUDGET; prior `auto` or `none`), evaluates its
 steps 80, 140 and 200 like the study's checkpoints (fidelity 96 samples, retention and leak on 192
 unrelated prompts, cross_token on 48 [other token] prompts) and adds the teacher's fidelity and the
