@@ -14,7 +14,7 @@ from . import distributed, tensorboard_log
 from .teacher_check import MODES as TEACHER_CHECK_MODES
 from .tensorboard_log import LOG_WITH
 from .errors import DopsdError, NonFiniteLoss, TrainingCancelled
-from .family_spec import DEFAULT_PRESET, NAMES, PRESET_LABELS, TOY, spec_named
+from .family_spec import DEFAULT_PRESET, NAMES, PRESET_LABELS, TOY, defaults_text, spec_named
 from .progress import ProgressBar, StopOnSignal
 
 
@@ -75,9 +75,9 @@ def load_model(name: str, weights: str | None = None):
     return load_toy(weights=Path(weights) if weights else None)
 
 
-def train_defaults(model: str) -> dict:
-    """A new run's config defaults per model (flags override them): the family spec's."""
-    return spec_named(model).train_defaults()
+def train_defaults(model: str, method: str = "dopsd") -> dict:
+    """A new run's config defaults per model and method (flags override them): the family spec's."""
+    return spec_named(model).train_defaults(method)
 
 
 def add_train_parser(sub) -> None:
@@ -93,14 +93,14 @@ def add_train_parser(sub) -> None:
     p.add_argument("--out", help="run folder to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run folder (unset flags keep its values)")
     p.add_argument("--init-lora", metavar="FILE", help="start a new run from this LoRA (teacher EMA starts from it)")
-    p.add_argument("--steps", type=int, help=f"total optimizer steps of the run (default {d.steps})")
-    p.add_argument("--rank", type=int, help=f"LoRA rank (default {d.rank})")
-    p.add_argument("--alpha", type=float, help=f"LoRA alpha (default {d.alpha:g})")
+    p.add_argument("--steps", type=int, help=f"total optimizer steps of the run (default {defaults_text('steps')})")
+    p.add_argument("--rank", type=int, help=f"LoRA rank (default {defaults_text('rank')})")
+    p.add_argument("--alpha", type=float, help=f"LoRA alpha (default {defaults_text('alpha')}; with --rank on a photo family: alpha = rank)")
     p.add_argument("--adapter", choices=ADAPTERS, help="what is trained: lora (the default), lokr or loha (LyCORIS "
                    "layouts that ComfyUI's stock LoRA loaders apply)")
     p.add_argument("--lokr-factor", type=int, help="LoKr: split each dimension as factor x rest (default -1: as "
                    "near the square root as divisors allow)")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {d.lr:g})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {defaults_text('lr')})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer (default {d.optimizer})")
     p.add_argument("--schedule", choices=SCHEDULES, help=f"LR schedule (default {d.schedule})")
     p.add_argument("--warmup", type=int, help=f"LR warm-up steps (default {d.warmup})")
@@ -108,9 +108,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--teacher", choices=TEACHERS, help=f"teacher weights (default {d.teacher})")
     p.add_argument("--ema-decay", type=float, help=f"EMA teacher decay (default {d.ema_decay})")
     p.add_argument("--loss-weight", choices=LOSS_WEIGHTS, help=f"(default {d.loss_weight})")
-    p.add_argument("--states", choices=STATES, help=f"supervised roll-out states (default {d.states})")
-    p.add_argument("--batch-size", type=int, help=f"(default {d.batch_size})")
-    p.add_argument("--grad-accum", type=int, help=f"gradient accumulation steps (default {d.grad_accum})")
+    p.add_argument("--states", choices=STATES, help=f"D-OPSD: supervised roll-out states, all K or one/two drawn at random "
+                   f"(fewer: cheaper; default {defaults_text('states')})")
+    p.add_argument("--batch-size", type=int, help=f"(default {defaults_text('batch_size')})")
+    p.add_argument("--grad-accum", type=int, help=f"gradient accumulation steps (default {defaults_text('grad_accum')})")
     p.add_argument("--save-every", type=int, help="save the run folder every N steps (default: at the end)")
     p.add_argument("--preview-every", type=int, help="write preview samples every N steps (default: never); step 0 "
                    "shows the starting model on the same noise")
@@ -134,11 +135,12 @@ def add_train_parser(sub) -> None:
                         "generic prompts) or none (no prior preservation)")
     g.add_argument("--prior-weight", type=float,
                    help="lambda of the prior term (default 1; 0 with --prior-prompts none)")
-    g.add_argument("--prior-batch", type=int, help=f"prior roll-outs (SFT: class images) per step (default {d.prior_batch})")
-    g.add_argument("--prior-every", type=int, help="the prior term on every N-th step only, weighted N times "
-                   "(cheaper; default 1: every step)")
+    g.add_argument("--prior-batch", type=int, help=f"prior roll-outs (SFT: class images) per step (default "
+                   f"{defaults_text('prior_batch')})")
+    g.add_argument("--prior-every", type=int, help="D-OPSD: the prior term on every N-th step only, weighted N "
+                   f"times (cheaper; default {defaults_text('prior_every')})")
     g.add_argument("--prior-states", choices=("same", *STATES), help="D-OPSD: supervised states of the prior's "
-                   "roll-outs (default same: as --states)")
+                   f"roll-outs, same = as --states (default {defaults_text('prior_states')})")
     g.add_argument("--trigger", help="the word in the captions that names the concept (default: their bracket token, e.g. [V])")
     g.add_argument("--class-word", help="what auto puts where the trigger was (default: nothing)")
     p.set_defaults(func=cmd_train)
@@ -183,7 +185,7 @@ def cmd_train(args) -> int:
         if args.gpu_preset and spec is TOY:
             raise DopsdError("--gpu-preset is for FLUX.2-klein and Z-Image-Turbo; the toy runs on any CPU")
         run_dir, data = Path(args.out), args.data
-        base = {**train_defaults(model), **spec.preset(PRESET_KEYS[args.gpu_preset] if args.gpu_preset else DEFAULT_PRESET)}
+        base = {**train_defaults(model, given.get("method", "dopsd")), **spec.preset(PRESET_KEYS[args.gpu_preset] if args.gpu_preset else DEFAULT_PRESET)}
     if args.prior_weight is None and not args.resume:  # the family's lambda with a prior, 0 without
         given["prior_weight"] = spec_named(model).prior_weight if prior_mode else 0.0
     elif prior_mode and args.prior_weight is None:

@@ -41,6 +41,12 @@ class FamilySpec:
     prior_weight: float  # lambda of the prior term (with the dataset's `auto` prior prompts)
     prior_batch: int  # prior roll-outs per micro-batch
     resolution: int  # training resolution (pixels per side, about)
+    # D-OPSD's cost levers (docs/method.md): supervised roll-out states of the concept term (all K, or that
+    # many drawn at random), the prior term on every prior_every-th step (weighted that many times), and the
+    # prior roll-outs' supervised states ("same": as `states`)
+    states: str = "all"
+    prior_every: int = 1
+    prior_states: str = "same"
     fixed_resolution: int | None = None  # a model that knows one image size only
     teacher_suffix: str = ""  # appended to the caption in the teacher context
     generic_prompts: tuple[str, ...] = ()  # for prior_prompts `auto`; the toy's come from its vocabulary
@@ -52,11 +58,14 @@ class FamilySpec:
     gpu_presets: tuple[GpuPreset, ...] = ()
     sources: dict = field(default_factory=dict)  # setting -> RELEASED or what our choice rests on
 
-    def train_defaults(self) -> dict:
-        """The TrainConfig fields a new run takes from the family (everything else: TrainConfig's own)."""
-        return dict(lr=self.lr, rank=self.rank, alpha=self.alpha, steps=self.steps, batch_size=self.batch_size,
-                    grad_accum=self.grad_accum, k=self.k, prior_weight=self.prior_weight,
-                    prior_batch=self.prior_batch)
+    def train_defaults(self, method: str = "dopsd") -> dict:
+        """The TrainConfig fields a new run takes from the family (everything else: TrainConfig's own). The
+        cost levers are D-OPSD's: an SFT run keeps TrainConfig's (every state, the prior on every step)."""
+        out = dict(lr=self.lr, rank=self.rank, alpha=self.alpha, steps=self.steps, batch_size=self.batch_size,
+                   grad_accum=self.grad_accum, k=self.k, prior_weight=self.prior_weight, prior_batch=self.prior_batch)
+        if method == "dopsd":
+            out.update(states=self.states, prior_every=self.prior_every, prior_states=self.prior_states)
+        return out
 
     def preset(self, label: str) -> dict:
         """The changes of a GPU preset; `family default` changes nothing."""
@@ -172,18 +181,22 @@ NAMES = tuple(s.name for s in SPECS)
 PRESET_LABELS = tuple(dict.fromkeys([DEFAULT_PRESET, *(p.label for s in SPECS for p in s.gpu_presets)]))
 
 
-FAMILY_DEFAULT_FIELDS = ("steps", "rank", "lr", "batch_size", "grad_accum", "prior_batch")  # 0 = the family's
+FAMILY_DEFAULT_FIELDS = ("steps", "rank", "lr", "batch_size", "grad_accum", "prior_batch", "prior_every",
+                         "states", "prior_states")  # 0 or FAMILY_DEFAULT = the family's
+FAMILY_DEFAULT = DEFAULT_PRESET  # a combo input's value that keeps the family's (or the preset's) setting
 
 
 def node_config(spec: FamilySpec, gpu_preset: str, values: dict) -> dict:
     """The TrainConfig fields of a trainer node's inputs: the family's defaults, the inputs that have no
     'family default' value (optimizer, checkpointing, ...), then the GPU preset's changes (it overrides
     those: it is what makes the run fit the card it names), then the inputs of FAMILY_DEFAULT_FIELDS that
-    are set (0 keeps the family's or the preset's value). An explicit rank also sets alpha = rank."""
-    cfg = {**spec.train_defaults(), **{k: v for k, v in values.items() if k not in FAMILY_DEFAULT_FIELDS}}
+    are set (0 or FAMILY_DEFAULT keeps the family's or the preset's value). An explicit rank also sets
+    alpha = rank."""
+    cfg = {**spec.train_defaults(values.get("method", "dopsd")),
+           **{k: v for k, v in values.items() if k not in FAMILY_DEFAULT_FIELDS}}
     cfg.update(spec.preset(gpu_preset))
     for name in FAMILY_DEFAULT_FIELDS:
-        if values.get(name):
+        if values.get(name) and values[name] != FAMILY_DEFAULT:
             cfg[name] = values[name]
     if values.get("rank"):
         cfg["alpha"] = float(values["rank"])
@@ -197,7 +210,9 @@ def number_text(x: float) -> str:
 
 def defaults_text(setting: str) -> str:
     """Each family's default of a setting, for tooltips and help: 'toy 300, flux2-klein 3000, ...'."""
-    return ", ".join(f"{s.name} {number_text(getattr(s, setting))}" for s in SPECS)
+    def text(x):
+        return x if isinstance(x, str) else number_text(x)
+    return ", ".join(f"{s.name} {text(getattr(s, setting))}" for s in SPECS)
 
 
 def spec_named(name: str) -> FamilySpec:

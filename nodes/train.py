@@ -8,7 +8,8 @@ from comfy_api.latest import io
 
 from ..dopsd_core import tensorboard_log
 from ..dopsd_core.errors import DopsdError, TrainingCancelled
-from ..dopsd_core.family_spec import DEFAULT_PRESET, PRESET_LABELS, defaults_text, node_config, spec_named
+from ..dopsd_core.family_spec import (DEFAULT_PRESET, FAMILY_DEFAULT, PRESET_LABELS, defaults_text, node_config,
+                                      spec_named)
 from ..dopsd_core.lora import ADAPTERS
 from ..dopsd_core.objectives import LOSS_WEIGHTS, STATES, TEACHERS
 from ..dopsd_core.optim import OPTIMIZERS
@@ -228,9 +229,17 @@ class DOPSDTrainer(io.ComfyNode):
                                tooltip="EMA decay of the teacher LoRA."),
                 io.Combo.Input("loss_weight", options=list(LOSS_WEIGHTS), default="x0",
                                tooltip="Per-state weight: x0 MSE (default), velocity MSE, or transition."),
-                io.Combo.Input("states", options=list(STATES), default="all",
-                               tooltip="Supervise all K states, or one random state (cheaper)."),
+                io.Combo.Input("states", options=[FAMILY_DEFAULT, *STATES], default=FAMILY_DEFAULT,
+                               tooltip=f"Supervised roll-out states: all K, or one or two drawn at random "
+                                       f"(cheaper); {FAMILY_DEFAULT}: {defaults_text('states')}."),
                 *late_inputs(),
+                io.Int.Input("prior_every", default=0, min=0, max=64, optional=True,
+                             tooltip=f"The prior term on every N-th step only, weighted N times (cheaper); 0 = the "
+                                     f"family default ({defaults_text('prior_every')})."),
+                io.Combo.Input("prior_states", options=[FAMILY_DEFAULT, "same", *STATES], default=FAMILY_DEFAULT,
+                               optional=True,
+                               tooltip=f"Supervised states of the prior's roll-outs; same = as states; "
+                                       f"{FAMILY_DEFAULT}: {defaults_text('prior_states')}."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.LoraModel.Output(display_name="LORA"),
                      io.LossMap.Output(display_name="LOSS")],
@@ -241,11 +250,12 @@ class DOPSDTrainer(io.ComfyNode):
     def execute(cls, model, dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                 checkpointing, save_every, preview_every, run_name, resume, k, teacher, ema_decay, loss_weight,
                 states, offload=False, prior_weight=1.0, prior_batch=0, init_lora=NO_LORA, tensorboard=False,
-                teacher_check="warn", adapter="lora", lokr_factor=-1):
+                teacher_check="warn", adapter="lora", lokr_factor=-1, prior_every=0, prior_states=FAMILY_DEFAULT):
         cfg = make_config("dopsd", dataset, steps, gpu_preset, rank, lr, optimizer, batch_size, grad_accum, seed,
                           checkpointing, save_every, preview_every, k=k, teacher=teacher, ema_decay=ema_decay,
                           loss_weight=loss_weight, states=states, prior_weight=prior_weight, prior_batch=prior_batch,
-                          adapter=adapter, lokr_factor=lokr_factor)
+                          adapter=adapter, lokr_factor=lokr_factor, prior_every=prior_every,
+                          prior_states=prior_states)
         return run_training(cls, model, dataset, run_name, resume, cfg, offload, init_lora, tensorboard, teacher_check)
 
 

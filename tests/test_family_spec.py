@@ -1,5 +1,6 @@
 """The family spec (dopsd_core/family_spec.py) and what reads it without ComfyUI: the trainer nodes'
 config merging (presets, 0 = the family's value), the CLI's defaults, and the generated tables."""
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -7,14 +8,15 @@ from pathlib import Path
 import pytest
 
 from dopsd_core.errors import DopsdError
-from dopsd_core.family_spec import (DEFAULT_PRESET, FLUX2_KLEIN, NAMES, PRESET_LABELS, SPECS, TOY, Z_IMAGE,
-                                    node_config, spec_named)
+from dopsd_core.family_spec import (DEFAULT_PRESET, FAMILY_DEFAULT, FLUX2_KLEIN, NAMES, PRESET_LABELS, SPECS, TOY,
+                                    Z_IMAGE, node_config, spec_named)
 from dopsd_core.trainer import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_VALUES = dict(method="dopsd", steps=0, rank=0, lr=0.0, optimizer="adamw", batch_size=0, grad_accum=0, seed=0,
                    checkpointing=False, save_every=100, preview_every=50, k=4, teacher="ema", ema_decay=0.9999,
-                   loss_weight="x0", states="all", prior_weight=1.0, prior_batch=0)
+                   loss_weight="x0", states=FAMILY_DEFAULT, prior_weight=1.0, prior_batch=0, prior_every=0,
+                   prior_states=FAMILY_DEFAULT)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
@@ -30,6 +32,20 @@ def test_explicit_inputs_win_and_an_explicit_rank_sets_alpha():
                                                     "batch_size": 2, "grad_accum": 1, "prior_batch": 3})
     assert (cfg["steps"], cfg["rank"], cfg["alpha"], cfg["lr"]) == (50, 8, 8.0, 1e-3)
     assert (cfg["batch_size"], cfg["grad_accum"], cfg["prior_batch"]) == (2, 1, 3)
+
+
+def test_the_cost_levers_come_from_the_family_for_d_opsd_only():
+    # a family whose D-OPSD defaults cut the cost (as a toy pick may): the trainer node's "family default"
+    # and 0 take them, an explicit input wins, and the SFT trainer keeps every state and the prior on every step
+    cheap = dataclasses.replace(TOY, states="one", prior_every=4, prior_states="one")
+    cfg = TrainConfig(**node_config(cheap, DEFAULT_PRESET, NODE_VALUES)).validate()
+    assert (cfg.states, cfg.prior_every, cfg.prior_states) == ("one", 4, "one")
+    cfg = node_config(cheap, DEFAULT_PRESET, {**NODE_VALUES, "states": "two", "prior_every": 2, "prior_states": "same"})
+    assert (cfg["states"], cfg["prior_every"], cfg["prior_states"]) == ("two", 2, "same")
+    sft = {k: v for k, v in NODE_VALUES.items() if k not in ("states", "prior_every", "prior_states", "k")}
+    cfg = TrainConfig(**node_config(cheap, DEFAULT_PRESET, {**sft, "method": "sft"})).validate()
+    assert (cfg.states, cfg.prior_every, cfg.prior_states) == ("all", 1, "same")
+    assert "prior_every" not in cheap.train_defaults("sft") and cheap.train_defaults()["prior_every"] == 4
 
 
 def test_a_gpu_preset_overrides_the_defaults_and_the_optimizer_but_not_an_explicit_rank():
@@ -64,6 +80,7 @@ def test_the_cli_and_the_host_families_read_the_spec():
     from dopsd_core import cli
     from dopsd_core.hosts.families import FAMILIES
     assert cli.train_defaults("toy") == TOY.train_defaults()
+    assert cli.train_defaults("z-image", "sft") == Z_IMAGE.train_defaults("sft")
     for fam in FAMILIES:
         spec = spec_named(fam.name)
         assert (fam.lr, fam.rank, fam.alpha, fam.lora_targets, fam.blocks) == (spec.lr, spec.rank, spec.alpha,

@@ -150,7 +150,7 @@ def test_every_node_has_a_doc_page():
 TRAINER_WIDGETS = ("steps", "gpu_preset", "rank", "lr", "optimizer", "batch_size", "grad_accum", "seed",
                    "checkpointing", "save_every", "preview_every", "run_name", "resume", "k", "teacher", "ema_decay",
                    "loss_weight", "states", "offload", "prior_weight", "prior_batch", "init_lora", "teacher_check", "tensorboard",
-                   "adapter", "lokr_factor")
+                   "adapter", "lokr_factor", "prior_every", "prior_states")
 WORKFLOW_FAMILY = {"dopsd_toy_cpu_demo.json": "toy", "dopsd_toy_sft_vs_dopsd.json": "toy",
                    "dopsd_flux2_klein.json": "flux2-klein", "dopsd_z_image_turbo.json": "z-image"}
 
@@ -172,6 +172,8 @@ def test_trainer_values_and_notes_say_what_the_family_spec_says(path):
         assert (values["prior_weight"], values["prior_batch"], values["k"]) == (spec.prior_weight, spec.prior_batch,
                                                                                  spec.k)
         assert values["rank"] == 0 and values["lr"] == 0.0 and values["gpu_preset"] == DEFAULT_PRESET
+        assert (values["states"], values["prior_every"], values["prior_states"]) == (spec.states, spec.prior_every,
+                                                                                     spec.prior_states)
     notes = " ".join(n["widgets_values"][0] for n in wf["nodes"] if n["type"] in FRONTEND_NODES)
     assert not re.search(r"absolute path|/home/|[A-Z]:\\\\", notes), "a note advises an absolute image folder"
     for m in re.finditer(r"\blr (\S+?),", notes):

@@ -56,7 +56,14 @@ def trainer_widgets(spec: FamilySpec, save_every: int, preview_every: int) -> di
 
 TOY_TRAIN = trainer_widgets(TOY, save_every=100, preview_every=25)
 AUTO_PRIOR = {"prior_prompts": "auto", "trigger": "", "class_word": "", "sample_prompts": ""}  # DOPSDDataset: the prior (auto), default sample prompts
-DOPSD_ONLY = {"k": TOY.k, "teacher": "ema", "ema_decay": 0.9999, "loss_weight": "x0", "states": "all"}
+
+
+def dopsd_widgets(spec: FamilySpec) -> dict:
+    """The D-OPSD trainer's own values: the family's K and cost levers written out, as trainer_widgets."""
+    return {"k": spec.k, "teacher": "ema", "ema_decay": 0.9999, "loss_weight": "x0", "states": spec.states,
+            "prior_every": spec.prior_every, "prior_states": spec.prior_states}
+
+
 TOY_SAMPLE = {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
 
 
@@ -210,7 +217,7 @@ def toy_demo(info) -> dict:
         "they are mostly stars (the README's experiment measures how often, and what the LoRA does to other "
         "prompts)."))
     loader, data, prompt, empty = _toy_common(g)
-    trainer = g.node("DOPSDTrainer", (720, 80), (380, 660), run_name="toy_star", **TOY_TRAIN, **DOPSD_ONLY)
+    trainer = g.node("DOPSDTrainer", (720, 80), (380, 660), run_name="toy_star", **TOY_TRAIN, **dopsd_widgets(TOY))
     g.link(loader, 0, trainer, "model")
     g.link(data, 0, trainer, "dataset")
     save = g.node("DOPSDSaveLoRA", (1140, 80), (320, 130), name="dopsd/toy_star", overwrite=True)
@@ -253,7 +260,7 @@ def sft_vs_dopsd(info) -> dict:
         "CPU only, no model files (about 5 minutes on 2 cores); the toy's weights ship with the pack."))
     loader, data, prompt, empty = _toy_common(g)
     dopsd = g.node("DOPSDTrainer", (720, 80), (380, 660), title="D-OPSD Trainer", run_name="toy_star_dopsd",
-                   **TOY_TRAIN, **DOPSD_ONLY)
+                   **TOY_TRAIN, **dopsd_widgets(TOY))
     sft = g.node("DOPSDSFTTrainer", (1140, 80), (380, 600), title="SFT Trainer (baseline)",
                  run_name="toy_star_sft", **TOY_TRAIN)
     for t in (dopsd, sft):
@@ -334,7 +341,7 @@ def _real_family(info, family: str) -> dict:
                     text_encoder="(the clip input of D-OPSD Dataset)", dtype="auto")
         g.link(vl, 0, data, "vlm")
     train = trainer_widgets(spec, save_every=100, preview_every=50)
-    trainer = g.node("DOPSDTrainer", (740, 80), (380, 660), run_name=f"{tag}_my_concept", **train, **DOPSD_ONLY)
+    trainer = g.node("DOPSDTrainer", (740, 80), (380, 660), run_name=f"{tag}_my_concept", **train, **dopsd_widgets(spec))
     g.link(unet_n, 0, trainer, "model")
     g.link(data, 0, trainer, "dataset")
     save = g.node("DOPSDSaveLoRA", (1160, 80), (320, 130), name=f"dopsd/{tag}_my_concept", overwrite=False)

@@ -52,6 +52,9 @@ def settings_table() -> str:
              _row("lr, rank / alpha", [f"{_num(s.lr)}, {s.rank} / {_num(s.alpha)}" for s in specs]),
              _row("steps, batch", [f"{s.steps}, batch {s.batch_size} × grad_accum {s.grad_accum}" for s in specs]),
              _row("prior (λ, roll-outs per micro-batch)", [f"{s.prior_weight:g}, {s.prior_batch}" for s in specs]),
+             _row("D-OPSD's supervised states (concept; prior), prior on every N-th step",
+                  [f"{s.states}; {s.states if s.prior_states == 'same' else s.prior_states}; N = {s.prior_every}"
+                   for s in specs]),
              _row("resolution", [f"{s.resolution} (fixed)" if s.fixed_resolution else f"{s.resolution}, aspect buckets"
                                  for s in specs]),
              _row("GPU presets (what each changes)", [_preset_text(s) for s in specs]),

@@ -25,8 +25,10 @@ from .render import CONCEPT_TOKEN, export_concept_folder
 # fidelity, retention and leak aims at step 300 (85 / 88 / 2 %, mean of 3 concepts x 3 seeds) and at step
 # 400 (86 / 89 / 2 %); 300 is kept: within sampling error of 400, a quarter cheaper, and `dopsd demo`
 # stays under 5 minutes on 2 cores.
-TOY_BUDGET = dict(steps=TOY.steps, rank=TOY.rank, alpha=TOY.alpha, lr=TOY.lr, batch_size=TOY.batch_size)
-TOY_PRIOR = dict(prior_weight=TOY.prior_weight, prior_batch=TOY.prior_batch)  # `auto` prompts: one roll-out per sample
+TOY_BUDGET = dict(steps=TOY.steps, rank=TOY.rank, alpha=TOY.alpha, lr=TOY.lr, batch_size=TOY.batch_size,
+                  states=TOY.states)
+TOY_PRIOR = dict(prior_weight=TOY.prior_weight, prior_batch=TOY.prior_batch, prior_every=TOY.prior_every,
+                 prior_states=TOY.prior_states)  # with the `auto` prompts
 
 
 def concept_data(shape: str, root: Path) -> Path:

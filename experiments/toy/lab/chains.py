@@ -27,9 +27,11 @@ from dopsd_core.toy.render import HELD_OUT_SHAPES
 from dopsd_core.toy.runs import TOY_BUDGET, auto_prior, train_concept
 from .runs import load_with_lora
 from .stats import bootstrap_difference, per_prompt
-from .study import BUDGET, CHECKPOINTS, PRIOR, StudyMetrics, StudyRun, evals_per_step, run_one, setup_evals
+from .study import BATCH, BUDGET, CHECKPOINTS, PRIOR, StudyMetrics, StudyRun, evals_per_step, run_one, setup_evals
 
 SEEDS = (0, 1, 2)
+# a stage's LoRA and supervised states (the study's runs': StudyRun's defaults), pinned like study.PRIOR
+CHAIN_SETTING = dict(rank=16, alpha=16.0, states="all", batch_size=BATCH)
 VARIANTS = {"dopsd + prior": ("dopsd", "ema"), "dopsd + prior, base teacher": ("dopsd", "frozen"),
             "sft + prior": ("sft", "ema")}  # name -> (method, concept teacher); SFT has no teacher
 
@@ -114,7 +116,7 @@ def run_chain(chain: Chain, out: Path, metrics: StudyMetrics, kept_lr: dict[str,
             if train_dir.exists():  # an interrupted stage: start it over
                 shutil.rmtree(train_dir)
             train_concept(concept, method, train_dir, out, seed=chain.seed, lr=lr, steps=steps,
-                          init_lora=lora, prior_prompts=prompts, teacher=teacher, **PRIOR)
+                          init_lora=lora, prior_prompts=prompts, teacher=teacher, **CHAIN_SETTING, **PRIOR)
             m = measure(metrics, load_with_lora(train_dir / "lora.safetensors"), list(HELD_OUT_SHAPES[:i]))
             save_json({"concept": concept, "lora": str((train_dir / "lora.safetensors").relative_to(out)),
                        "prior_prompts": len(prompts), **m}, stage_file)

@@ -49,7 +49,7 @@ from dopsd_core.errors import DopsdError
 from dopsd_core.fileio import save_json
 from dopsd_core.toy.metrics import ToyMetrics, concept_training_set, generate, hit_string
 from dopsd_core.toy.render import HELD_OUT_SHAPES
-from dopsd_core.toy.runs import TOY_BUDGET, TOY_PRIOR, auto_prior, train_concept
+from dopsd_core.toy.runs import TOY_BUDGET, auto_prior, train_concept
 from dopsd_core.toy.text import BACKGROUNDS, COLOURS, SEEN_SHAPES
 from .runs import load_with_lora
 
@@ -57,7 +57,11 @@ CHECKPOINTS = (10, 20, 40, 80, 140, 200)
 LRS = (1e-4, 3e-4, 1e-3)
 VARIANTS = (("dopsd", False), ("dopsd", True), ("sft", False), ("sft", True))
 TAUS = (0.8, 0.7, 0.6)
-PRIOR = TOY_PRIOR  # lambda 1, 4 prior samples per step
+# The prior of every stage's runs (TOY_PRIOR when they were planned: lambda 1, 4 roll-outs per step, on
+# every step, supervised as the concept's), pinned like ORIGIN below so that new toy defaults change no
+# cached run's meaning; a run's own settings (StudyRun) override it.
+PRIOR = dict(prior_weight=1.0, prior_batch=4, prior_every=1, prior_states="same")
+BATCH = 4  # every run's batch (pinned with PRIOR)
 SMALL_RANK = 3
 LAMBDAS = (0.3, 3.0)  # the lambda stage's prior weights (main runs have PRIOR's 1)
 LAMBDA_CONCEPTS = ("star",)
@@ -162,7 +166,7 @@ def rollout_evals(states: str, k: int = 4) -> float:
     return sum(max(p) + 1 - n + 3 * n for p in picks) / len(picks)  # max(p) + 1 states reached, n of them supervised
 
 
-def evals_per_step(method: str, prior: bool, k: int = 4, batch: int = TOY_BUDGET["batch_size"],
+def evals_per_step(method: str, prior: bool, k: int = 4, batch: int = BATCH,
                    states: str = "all", prior_states: str = "same", prior_batch: int = 0,
                    prior_every: int = 1) -> float:
     """Model evaluations (one sample's forward or backward) per optimizer step: the concept's roll-outs
@@ -268,7 +272,8 @@ def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
         every = checkpoints[0]
         assert all(c % every == 0 for c in checkpoints), "checkpoints must be multiples of the first"
         train_concept(run.concept, run.method, train_dir, out, seed=run.seed, lr=run.lr, rank=run.rank,
-                      alpha=float(run.rank), steps=checkpoints[-1], save_every=every, prior_prompts=prompts,
+                      alpha=float(run.rank), batch_size=BATCH, steps=checkpoints[-1], save_every=every,
+                      prior_prompts=prompts,
                       states=run.states, adapter=run.adapter, lokr_factor=run.lokr_factor,
                       **({**PRIOR, "prior_weight": run.prior_weight, "prior_every": run.prior_every,
                           "prior_states": run.prior_states, "prior_batch": run.prior_batch or PRIOR["prior_batch"]}
