@@ -5,12 +5,15 @@ LoRA is the prior's anchor), at the study's kept lr for the method and its full 
   dopsd + prior               the concept teacher is the EMA of the student, which starts at the warm start
   dopsd + prior, base teacher the concept teacher is the frozen base (--teacher frozen)
   sft + prior
-A chain runs at the study's kept lr and main's run length, or (budget=True) at the toy's defaults
-(runs.TOY_BUDGET: the budget stage's lr, 300 steps), starting from the budget stage's star run at that step.
-The first stage is the study's main (or budget) run of the star (same method, lr, seed): a fresh run has no warm
-start, so the teacher choice does not arise there. After every stage each concept learned so far is
-measured at 4 steps; a concept's kept share is its fidelity at the end of the chain over its fidelity
-in its own single-concept run (the main or budget stage's run of that concept, same variant and seed).
+A chain runs at the study's kept lr and main's run length; or (budget=True) at the toy's defaults of the
+time (the budget stage's lr, 300 steps), starting from the budget stage's star run at that step; or at a
+setting of the levers or combos stage (the toy's defaults the levers' rule picked) for a number of steps
+that its runs evaluated, starting from that setting's star run at that step (SFT + prior: at the setting's
+lr and rank). The first stage is that single-concept run of the star (same method, settings, seed): a
+fresh run has no warm start, so the teacher choice does not arise there. Every later stage trains with its
+first run's settings. After every stage each concept learned so far is measured at 4 steps; a concept's
+kept share is its fidelity at the end of the chain over its fidelity in its own single-concept run (the
+same settings, method and seed, at the chain's step count).
 """
 from __future__ import annotations
 
@@ -24,14 +27,13 @@ from dopsd_core.fileio import save_json
 from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
 from dopsd_core.toy.metrics import FIDELITY_SEEDS, concept_training_set
 from dopsd_core.toy.render import HELD_OUT_SHAPES
-from dopsd_core.toy.runs import TOY_BUDGET, auto_prior, train_concept
+from dopsd_core.toy.runs import auto_prior, train_concept
 from .runs import load_with_lora
 from .stats import bootstrap_difference, per_prompt
-from .study import BATCH, BUDGET, CHECKPOINTS, PRIOR, StudyMetrics, StudyRun, evals_per_step, run_one, setup_evals
+from .study import (BUDGET, CHECKPOINTS, ORIGIN, StudyMetrics, StudyRun, evals_per_step, run_one, setting_change,
+                    setup_evals, train_settings)
 
 SEEDS = (0, 1, 2)
-# a stage's LoRA and supervised states (the study's runs': StudyRun's defaults), pinned like study.PRIOR
-CHAIN_SETTING = dict(rank=16, alpha=16.0, states="all", batch_size=BATCH)
 VARIANTS = {"dopsd + prior": ("dopsd", "ema"), "dopsd + prior, base teacher": ("dopsd", "frozen"),
             "sft + prior": ("sft", "ema")}  # name -> (method, concept teacher); SFT has no teacher
 
@@ -40,12 +42,15 @@ VARIANTS = {"dopsd + prior": ("dopsd", "ema"), "dopsd + prior, base teacher": ("
 class Chain:
     variant: str
     seed: int
-    budget: bool = False  # the toy's defaults (TOY_BUDGET) instead of the kept lr and main's length
+    budget: bool = False  # the budget stage's lr and 300 steps instead of the kept lr and main's length
+    setting: str = ""  # or a lever or combination (study.LEVERS / COMBOS) from ORIGIN, `at` steps a stage:
+    at: int = 0        # the toy's defaults picked by the levers' rule (SFT takes its lr and rank only)
 
     @property
     def name(self) -> str:
+        setting = f"_{self.setting.replace(', ', '_').replace(' ', '-')}_at{self.at}" if self.setting else ""
         return (self.variant.replace(" + ", "_").replace(", ", "_").replace(" ", "_")
-                + ("_budget" if self.budget else "") + f"_s{self.seed}")
+                + ("_budget" if self.budget else "") + setting + f"_s{self.seed}")
 
     @property
     def method(self) -> str:
@@ -53,23 +58,38 @@ class Chain:
 
     @property
     def steps(self) -> int:
-        return TOY_BUDGET["steps"] if self.budget else CHECKPOINTS[-1]
+        return self.at if self.setting else TOY_BUDGET_STEPS if self.budget else CHECKPOINTS[-1]
 
     def lr(self, kept_lr: dict[str, float]) -> float:
-        return TOY_BUDGET["lr"] if self.budget else kept_lr[f"{self.method} + prior"]
+        return self.first_run(kept_lr).lr
+
+    def single_run(self, concept: str, kept_lr: dict[str, float]) -> StudyRun:
+        """The concept's own run with the chain's settings (the first stage's, for the star)."""
+        if self.setting:
+            change = setting_change(self.setting)
+            if self.method != "dopsd":  # SFT has no roll-out states and no roll-out prior: the update only
+                change = {k: v for k, v in change.items() if k in ("lr", "rank")}
+            return StudyRun(concept, self.method, True, seed=self.seed, **{**ORIGIN, **change})
+        if not self.budget:
+            return StudyRun(concept, self.method, True, kept_lr[f"{self.method} + prior"], self.seed)
+        return StudyRun(concept, self.method, True, BUDGET["lr"], self.seed, steps=BUDGET["steps"])
 
     def first_run(self, kept_lr: dict[str, float]) -> StudyRun:
         """The star's single-concept run whose LoRA at `steps` is the chain's first stage."""
-        if not self.budget:
-            return StudyRun(HELD_OUT_SHAPES[0], self.method, True, self.lr(kept_lr), self.seed)
-        run = StudyRun(HELD_OUT_SHAPES[0], self.method, True, BUDGET["lr"], self.seed, steps=BUDGET["steps"])
-        if BUDGET["lr"] != TOY_BUDGET["lr"] or self.steps not in run.checkpoints:
-            raise DopsdError(f"the toy's defaults ({TOY_BUDGET}) are not a checkpoint of the study's budget stage "
-                             f"({BUDGET}); run the chains at a budget the stage evaluated")
+        run = self.single_run(HELD_OUT_SHAPES[0], kept_lr)
+        if self.steps not in run.checkpoints:
+            raise DopsdError(f"a chain of {self.steps} steps a stage needs that step among its first run's "
+                             f"checkpoints ({run.name}: {run.checkpoints}); pick one of them")
         return run
 
 
-def chain_plan(budget: bool = False) -> list[Chain]:
+# the budget chains' stage length: the budget stage's lr at the toy's defaults when they ran (300 steps)
+TOY_BUDGET_STEPS = ORIGIN["steps"]
+
+
+def chain_plan(budget: bool = False, setting: str = "", at: int = 0) -> list[Chain]:
+    if setting:
+        return [Chain(v, s, setting=setting, at=at) for s in SEEDS for v in VARIANTS]
     return [Chain(v, s, budget) for s in SEEDS for v in VARIANTS]
 
 
@@ -94,8 +114,9 @@ def run_chain(chain: Chain, out: Path, metrics: StudyMetrics, kept_lr: dict[str,
     if result_file.is_file():
         return json.loads(result_file.read_text())
     method, teacher = VARIANTS[chain.variant]
-    lr, steps = chain.lr(kept_lr), chain.steps
-    first = run_one(chain.first_run(kept_lr), out, metrics, log)
+    first_run = chain.first_run(kept_lr)
+    lr, steps, settings = first_run.lr, chain.steps, train_settings(first_run)
+    first = run_one(first_run, out, metrics, log)
     lora = out / "runs" / first["name"] / "train" / f"lora-{steps:06d}.safetensors"
     if not lora.is_file():
         raise DopsdError(f"{lora} is missing (a chain starts from its first run's final LoRA); delete "
@@ -110,13 +131,13 @@ def run_chain(chain: Chain, out: Path, metrics: StudyMetrics, kept_lr: dict[str,
         stage_dir = folder / f"{i}_{concept}"
         stage_file = stage_dir / "stage.json"
         prompts = auto_prior(concept, out, init_lora=lora)
-        evals += setup_evals(method, True, len(prompts)) + steps * evals_per_step(method, True)
+        evals += setup_evals(method, True, len(prompts)) + steps * first["evals_per_step"]
         if not stage_file.is_file():
             train_dir = stage_dir / "train"
             if train_dir.exists():  # an interrupted stage: start it over
                 shutil.rmtree(train_dir)
-            train_concept(concept, method, train_dir, out, seed=chain.seed, lr=lr, steps=steps,
-                          init_lora=lora, prior_prompts=prompts, teacher=teacher, **CHAIN_SETTING, **PRIOR)
+            train_concept(concept, method, train_dir, out, seed=chain.seed, steps=steps, init_lora=lora,
+                          prior_prompts=prompts, teacher=teacher, **settings)
             m = measure(metrics, load_with_lora(train_dir / "lora.safetensors"), list(HELD_OUT_SHAPES[:i]))
             save_json({"concept": concept, "lora": str((train_dir / "lora.safetensors").relative_to(out)),
                        "prior_prompts": len(prompts), **m}, stage_file)
@@ -127,7 +148,8 @@ def run_chain(chain: Chain, out: Path, metrics: StudyMetrics, kept_lr: dict[str,
             f"{c} {v['concept_fidelity']:.2f}" for c, v in stage["concepts"].items())
             + f", retention {stage['retention']:.2f}")
     result = {"variant": chain.variant, "seed": chain.seed, "method": method, "teacher": teacher, "lr": lr,
-              "steps_per_stage": steps, "budget": chain.budget, "model_evals": evals, "stages": stages}
+              "steps_per_stage": steps, "budget": chain.budget, "model_evals": evals, "stages": stages,
+              **({"setting": chain.setting, "rank": first_run.rank} if chain.setting else {})}
     save_json(result, result_file)
     return result
 
@@ -152,7 +174,8 @@ def teacher_check(out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], l
                 base_fid[concept] = metrics.teacher_fidelity(load_toy_file(BASE_WEIGHTS), concept, images, captions)
             warm = metrics.teacher_fidelity(load_with_lora(out / prev["lora"]), concept, images, captions)
             res[concept] = {"base": base_fid[concept], "warm_start": warm}
-            if concept == HELD_OUT_SHAPES[1] and "dopsd" in kept_lr and not chain.get("budget"):
+            if concept == HELD_OUT_SHAPES[1] and "dopsd" in kept_lr and not chain.get("budget") \
+                    and not chain.get("setting"):
                 plain = StudyRun(HELD_OUT_SHAPES[0], "dopsd", False, kept_lr["dopsd"], chain["seed"])
                 lora = out / "runs" / plain.name / "train" / f"lora-{CHECKPOINTS[-1]:06d}.safetensors"
                 if lora.is_file():
@@ -162,11 +185,19 @@ def teacher_check(out: Path, metrics: StudyMetrics, kept_lr: dict[str, float], l
         save_json(res, f)
 
 
-def teacher_summary(out: Path, budget: bool = False) -> dict:
-    """Per concept, the mean over chains (main's, or the budget's) of the warm-start teacher's fidelity, and
-    the base teacher's."""
+def chain_kind(chain: dict) -> str:
+    """Which chains a chain.json belongs with: main's, the budget's, or a setting's ("setting@steps")."""
+    if chain.get("setting"):
+        return f"{chain['setting']}@{chain['steps_per_stage']}"
+    return "budget" if chain.get("budget") else "main"
+
+
+def teacher_summary(out: Path, budget: bool = False, kind: str | None = None) -> dict:
+    """Per concept, the mean over chains (main's, the budget's, or `kind`'s) of the warm-start teacher's
+    fidelity, and the base teacher's."""
+    kind = kind or ("budget" if budget else "main")
     found = [json.loads(f.read_text()) for f in sorted((out / "chains").glob("*/teacher.json"))
-             if bool(json.loads((f.parent / "chain.json").read_text()).get("budget")) == budget]
+             if chain_kind(json.loads((f.parent / "chain.json").read_text())) == kind]
     out_ = {}
     for concept in HELD_OUT_SHAPES[1:]:
         vals = [t[concept] for t in found if concept in t]

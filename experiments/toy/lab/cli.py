@@ -20,7 +20,7 @@ from dopsd_core.errors import DopsdError, NonFiniteLoss
 from dopsd_core.toy.cli import require_toy_weights, writable_dir
 
 STUDY_STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains", "adapters", "levers",
-                "report")
+                "combos", "defaultschains", "report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "supervising one roll-out state per step (equal compute), budget = both methods with the "
                         "prior at lr 3e-3 for 400 steps, budgetchains = the continual chains at the toy's defaults "
                         "(lr 3e-3, 300 steps a stage), adapters = LoKr and LoHa against LoRA at equal trainable "
-                        "parameters at the defaults, levers = each lever on a step's cost alone from the defaults; "
-                        "report = results from the cached runs only")
+                        "parameters at the defaults, levers = each lever on a step's cost alone from the defaults, "
+                        "combos = levers together, defaultschains = the continual chains at the defaults the "
+                        "levers' rule picked; report = results from the cached runs only")
     p.add_argument("--jobs", type=int, default=1,
                    help="study runs at once, one torch thread each (default 1; 2 on a 2-core machine)")
     p.set_defaults(func=cmd_experiment)

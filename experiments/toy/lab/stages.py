@@ -20,11 +20,13 @@ from dopsd_core.toy.evaluator import load_evaluator
 from dopsd_core.toy.render import HELD_OUT_SHAPES
 from dopsd_core.toy.runs import concept_data
 from .chains import chain_plan, run_chain, teacher_check
-from .study import (N_SELECTION, N_UNRELATED, SMALL_RANK, StudyMetrics, adapter_plan, budget_plan, gap_run, kept_lrs, lambda_plan,
-                    levers_stage_plan, main_plan, one_state_plan, prune_plan, run_one)
+from .study import (DEFAULTS_SETTING, N_SELECTION, N_UNRELATED, SMALL_RANK, StudyMetrics, adapter_plan, budget_plan,
+                    combo_plan, gap_run, kept_lrs, lambda_plan, levers_stage_plan, main_plan, one_state_plan,
+                    prune_plan, run_one)
 from .study_report import report
 
-STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains", "adapters", "levers")
+STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains", "adapters", "levers",
+          "combos", "defaultschains")
 REPORT_EVERY_S = 60.0
 _WORKER = None  # a forked worker's (metrics, log), inherited from the parent that started the pool
 
@@ -116,4 +118,17 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
             map_runs(run_one, adapter_plan(), out, metrics, **each)
         if "levers" in todo:
             map_runs(run_one, levers_stage_plan(), out, metrics, **each)
+        if "combos" in todo:
+            map_runs(run_one, combo_plan(), out, metrics, **each)
+        if "defaultschains" in todo:
+            setting, at = DEFAULTS_SETTING
+            if not setting:
+                raise DopsdError("the toy's defaults have not been picked from the levers and combos stages yet "
+                                 "(study.DEFAULTS_SETTING); run --stage combos and read its report first")
+            plan = chain_plan(setting=setting, at=at)
+            # each concept's own run at the setting: the kept shares' reference (SFT's are not in any stage)
+            singles = list(dict.fromkeys(c.single_run(concept, kept) for c in plan for concept in HELD_OUT_SHAPES))
+            map_runs(run_one, singles, out, metrics, **each)
+            map_runs(run_chain, plan, out, metrics, kept, **each)
+            teacher_check(out, metrics, kept, log)
     return report(out)

@@ -19,15 +19,17 @@ Stages (each resumable: finished runs and evaluated checkpoints are cached under
   budget both methods with the prior at a larger budget (lr 3e-3, past main's grid, for 400 steps, evaluated
          at main's checkpoints and then every 100 steps) x 3 concepts x 3 seeds: the probes found the star
          needs a larger update than main's (experiments/toy/probes/README.md)
-  budgetchains the continual chains at the toy's defaults (TOY_BUDGET: the budget stage's lr, 300 steps a
+  budgetchains the continual chains at the toy's defaults of the time (the budget stage's lr, 300 steps a
          stage), from the budget stage's star runs at that step
   adapters LoKr and LoHa against LoRA at about equal trainable parameters (ADAPTER_SETTINGS), D-OPSD + prior
-         at the defaults (TOY_BUDGET) x 3 concepts x 3 seeds, evaluated at the defaults' last step; LoRA's
+         at the defaults of the time (ORIGIN) x 3 concepts x 3 seeds, evaluated at the defaults' last step; LoRA's
          arm is the budget stage's runs at that step (same lr, seeds and prior; a constant lr makes step 300
          of a 400-step run the 300-step run)
   levers what each lever on a D-OPSD + prior step's cost costs in fidelity, retention and leak, one at a
          time from the defaults (LEVERS), 3 concepts x 3 seeds, evaluated along the run: the defaults' own
-         runs are the budget stage's
+         runs are the budget stage's; and long SFT + prior runs (SFT_LONG) for equal compute
+  combos the levers together (COMBOS), as the levers stage's results point to them, run as the levers
+  defaultschains the continual chains at the defaults the levers' rule picked (DEFAULTS_SETTING)
 A matched point at tau is the checkpoint with the best fidelity whose selection-set retention is >= tau.
 Compute is counted in model evaluations (a forward or a backward of one sample), not in seconds.
 
@@ -49,7 +51,7 @@ from dopsd_core.errors import DopsdError
 from dopsd_core.fileio import save_json
 from dopsd_core.toy.metrics import ToyMetrics, concept_training_set, generate, hit_string
 from dopsd_core.toy.render import HELD_OUT_SHAPES
-from dopsd_core.toy.runs import TOY_BUDGET, auto_prior, train_concept
+from dopsd_core.toy.runs import auto_prior, train_concept
 from dopsd_core.toy.text import BACKGROUNDS, COLOURS, SEEN_SHAPES
 from .runs import load_with_lora
 
@@ -79,7 +81,7 @@ N_SELECTION = 96  # the selection set that picks matched points (selection_promp
 # has exactly as many (2 x 8 x (in + out) per layer); LoKr at factor 2, rank 32 has 204,880 (w1 2 x 2, w2 a
 # rank-32 [out/2, in/2]; a larger factor leaves w2 narrower than any rank that would match).
 ADAPTER_SETTINGS = {"lokr": dict(rank=32, lokr_factor=2), "loha": dict(rank=8)}
-# The levers stage, each one change from the defaults (D-OPSD + prior, TOY_BUDGET, PRIOR): fewer prior
+# The levers stage, each one change from the defaults (D-OPSD + prior, ORIGIN, PRIOR): fewer prior
 # roll-outs (every k-th step at k times the weight, or fewer prompts per step), the prior or the concept
 # term on fewer supervised states, and fewer steps at a larger lr and rank (the probes' rank 64 / lr 2e-3).
 # Ordered so that a stage cut short has first what the star and the cost most depend on (the order changes
@@ -92,6 +94,21 @@ LEVERS = {
     "prior every 2": dict(prior_every=2), "prior batch 2": dict(prior_batch=2),
     "concept two states": dict(states="two", prior_states="all"),
 }
+
+# The combos stage: levers together, as the one-at-a-time results point to them (filled in from the levers
+# stage's report, ordered as LEVERS; each is a StudyRun change from ORIGIN).
+COMBOS: dict[str, dict] = {}
+# The toy's defaults as the levers' rule picked them: (a lever or combination, its step count); ("", 0)
+# until picked. The defaultschains stage runs the continual chains there.
+DEFAULTS_SETTING: tuple[str, int] = ("", 0)
+
+
+def setting_change(name: str) -> dict:
+    """A lever's or a combination's StudyRun change from ORIGIN."""
+    settings = {**LEVERS, **COMBOS}
+    if name not in settings:
+        raise DopsdError(f"no lever or combination named {name!r}; choose one of {', '.join(settings)}")
+    return settings[name]
 
 
 @dataclass(frozen=True)
@@ -242,6 +259,12 @@ def lever_plan() -> list[StudyRun]:
             for c in HELD_OUT_SHAPES for s in range(3)]
 
 
+def combo_plan() -> list[StudyRun]:
+    """Each combination of levers from the defaults, 3 concepts x 3 seeds, evaluated as the levers."""
+    return [StudyRun(c, "dopsd", True, seed=s, **{**ORIGIN, **change}) for change in COMBOS.values()
+            for c in HELD_OUT_SHAPES for s in range(3)]
+
+
 def sft_long_plan() -> list[StudyRun]:
     """SFT + prior at the origin's lr for SFT_LONG's steps, evaluated every SFT_LONG['every'] steps."""
     every, steps = SFT_LONG["every"], SFT_LONG["steps"]
@@ -253,6 +276,17 @@ def levers_stage_plan() -> list[StudyRun]:
     """The levers stage's runs: the first lever, then the long SFT runs (equal compute needs them), then the rest."""
     levers = lever_plan()
     return levers[:9] + sft_long_plan() + levers[9:]
+
+
+def train_settings(run: StudyRun) -> dict:
+    """The TrainConfig fields of a run (a chain's stages take its first run's): all written out, so that no
+    toy default reaches a cached run."""
+    out = dict(lr=run.lr, rank=run.rank, alpha=float(run.rank), batch_size=BATCH, states=run.states,
+               adapter=run.adapter, lokr_factor=run.lokr_factor)
+    if run.prior:
+        out.update(PRIOR, prior_weight=run.prior_weight, prior_every=run.prior_every, prior_states=run.prior_states,
+                   prior_batch=run.prior_batch or PRIOR["prior_batch"])
+    return out
 
 
 def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
@@ -271,13 +305,8 @@ def run_one(run: StudyRun, out: Path, metrics: StudyMetrics, log=print) -> dict:
             shutil.rmtree(train_dir)
         every = checkpoints[0]
         assert all(c % every == 0 for c in checkpoints), "checkpoints must be multiples of the first"
-        train_concept(run.concept, run.method, train_dir, out, seed=run.seed, lr=run.lr, rank=run.rank,
-                      alpha=float(run.rank), batch_size=BATCH, steps=checkpoints[-1], save_every=every,
-                      prior_prompts=prompts,
-                      states=run.states, adapter=run.adapter, lokr_factor=run.lokr_factor,
-                      **({**PRIOR, "prior_weight": run.prior_weight, "prior_every": run.prior_every,
-                          "prior_states": run.prior_states, "prior_batch": run.prior_batch or PRIOR["prior_batch"]}
-                         if run.prior else {}))
+        train_concept(run.concept, run.method, train_dir, out, seed=run.seed, steps=checkpoints[-1],
+                      save_every=every, prior_prompts=prompts, **train_settings(run))
     train_s = time.perf_counter() - t0
     captions = [caps[0] for caps in concept_training_set(run.concept)[1]]
     per_step = evals_per_step(run.method, run.prior, states=run.states, prior_states=run.prior_states,

@@ -10,13 +10,14 @@ from PIL import Image, ImageDraw
 from dopsd_core.fileio import save_bytes, save_json
 from dopsd_core.plot import save_png
 from dopsd_core.toy.metrics import FIDELITY_SEEDS
+from dopsd_core.toy.render import HELD_OUT_SHAPES
 from dopsd_core.toy.runs import TOY_BUDGET
-from .chains import chain_summary, teacher_summary
+from .chains import chain_kind, chain_plan, chain_summary, teacher_summary
 from .levers import AIMS as LEVER_AIMS, complete, lever_summary, levers_figure, meets
 from .stats import bootstrap_difference, per_prompt
-from .study import (ADAPTER_SETTINGS, BUDGET, CHECKPOINTS, ORIGIN, PRIOR, SFT_LONG, SMALL_RANK, TAUS, adapter_plan,
-                    budget_plan, choose_lr, lambda_plan, lever_plan, main_plan, matched, one_state_plan, prune_plan,
-                    sft_long_plan)
+from .study import (ADAPTER_SETTINGS, BUDGET, CHECKPOINTS, DEFAULTS_SETTING, ORIGIN, PRIOR, SFT_LONG, SMALL_RANK, TAUS,
+                    adapter_plan, budget_plan, choose_lr, combo_plan, lambda_plan, lever_plan, main_plan, matched,
+                    one_state_plan, prune_plan, sft_long_plan)
 
 PAIRS = (("dopsd + prior", "sft + prior"), ("dopsd", "sft"))
 ONE_STATE = "dopsd + prior, one state"
@@ -221,10 +222,10 @@ def report(out: Path) -> dict:
     if adapters:
         summary["adapters"] = {"runs": [r["name"] for r in adapters], "planned": len(adapter_plan()),
                                **adapter_summary(adapters, [r for r in budget if r["variant"] == "dopsd + prior"])}
-    levers = [cached[r.name] for r in lever_plan() if r.name in cached]
+    levers = [cached[r.name] for r in lever_plan() + combo_plan() if r.name in cached]  # combinations alike
     if levers:
         sft_long = [cached[r.name] for r in sft_long_plan() if r.name in cached]
-        summary["levers"] = {"runs": [r["name"] for r in levers], "planned": len(lever_plan()),
+        summary["levers"] = {"runs": [r["name"] for r in levers], "planned": len(lever_plan() + combo_plan()),
                              "sft_long_runs": [r["name"] for r in sft_long], "sft_long_planned": len(sft_long_plan()),
                              **lever_summary(levers, budget, sft_long)}
     all_chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
@@ -232,7 +233,7 @@ def report(out: Path) -> dict:
         summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
                              "by_concept": main_summary(budget, PAIRS[:1]), "default": default_choice(budget),
                              "shipped": shipped_point(budget)}
-        chains = [c for c in all_chains if c.get("budget")]
+        chains = [c for c in all_chains if chain_kind(c) == "budget"]
         if chains:  # kept shares against the budget runs' last step, the chain stages' length
             summary["budget"]["chains"] = chain_summary(chains, _single_fidelity(budget, chains[0]["steps_per_stage"]))
             summary["budget"]["chain_teachers"] = teacher_summary(out, budget=True)
@@ -247,7 +248,7 @@ def report(out: Path) -> dict:
                                "by_concept": main_summary(main), "default": default_choice(main),
                                "best_found": best_found(main)}
             summary["gap"] = gap_summary(out, main)
-            chains = [c for c in all_chains if not c.get("budget")]
+            chains = [c for c in all_chains if chain_kind(c) == "main"]
             if chains:
                 summary["chains"] = chain_summary(chains, _single_fidelity(main))
                 summary["chain_teachers"] = teacher_summary(out)
@@ -259,8 +260,18 @@ def report(out: Path) -> dict:
                 sft = [r for r in main if r["variant"] == "sft + prior" and r["run"]["rank"] != SMALL_RANK]
                 summary["one_state"] = {"runs": [r["name"] for r in one], "planned": len(one_state_plan(kept)),
                                         "by_concept": main_summary(sft + one, ONE_STATE_PAIRS)}
+    setting, at = DEFAULTS_SETTING
+    chains = [c for c in all_chains if chain_kind(c) == f"{setting}@{at}"] if setting else []
+    singles = []
+    if chains:  # kept shares against each concept's own run at the setting, the chain stages' length
+        plan = chain_plan(setting=setting, at=at)
+        singles = [cached[r.name] for r in dict.fromkeys(c.single_run(k, {}) for c in plan for k in HELD_OUT_SHAPES)
+                   if r.name in cached]
+        summary["defaults_chains"] = {"setting": setting, "chain_steps": at,
+                                      "chains": chain_summary(chains, _single_fidelity(singles, at)),
+                                      "chain_teachers": teacher_summary(out, kind=f"{setting}@{at}")}
     results = {"stamp": json.loads((out / "stamp.json").read_text()), "summary": summary,
-               "runs": {r["name"]: r for r in prune + main + lam + one + budget + adapters + levers
+               "runs": {r["name"]: r for r in prune + main + lam + one + budget + adapters + levers + singles
                         + [cached[r.name] for r in sft_long_plan() if r.name in cached]}}
     save_json(results, out / "results.json")
     save_bytes(study_markdown(results).encode(), out / "results.md")
@@ -449,7 +460,20 @@ def _with_budget(lines: list[str], s: dict) -> str:
             *adapter_lines(a), ""]
     if s.get("levers"):
         lines = lines + lever_lines(s["levers"])
+    if s.get("defaults_chains"):
+        lines = lines + defaults_chain_lines(s["defaults_chains"]) + [""]
     return "\n".join(lines) + "\n"
+
+
+def defaults_chain_lines(d: dict) -> list[str]:
+    lines = [f"## Continual chains at the toy's defaults ({d['setting']}, {d['chain_steps']} steps a stage)", "",
+             "Star -> heart -> crescent with the prior, 3 seeds, every stage at the setting the levers' rule picked "
+             "(SFT + prior at its lr and rank). The kept share compares the end of the chain with the concept's own "
+             "run at that step (same settings, method and seed).", "", *chains_table(d["chains"])]
+    if d.get("chain_teachers"):
+        lines += ["", "Warm-start teachers of the EMA-teacher chains (4 steps, target in context):", "",
+                  *teacher_table(d["chain_teachers"])]
+    return lines
 
 
 def _cell_text(c: dict | None) -> str:
@@ -641,8 +665,10 @@ def readme_section(results: dict) -> str:
                   f"defaults, step {a['step']}, about equal trainable parameters; each adapter minus LoRA on the same "
                   "concepts and seeds, points with 95 % intervals):", "", *adapter_lines(a), "",
                   adapter_verdict(a)]
-    if s.get("levers"):
-        lines += [""] + ["**" + line[3:] + "**" if line.startswith("## ") else line for line in lever_lines(s["levers"])]
+    for part in (lever_lines(s["levers"]) if s.get("levers") else [],
+                 defaults_chain_lines(s["defaults_chains"]) if s.get("defaults_chains") else []):
+        if part:
+            lines += [""] + ["**" + line[3:] + "**" if line.startswith("## ") else line for line in part]
     return "\n".join(lines) + "\n"
 
 

@@ -358,7 +358,7 @@ def test_a_chain_at_the_toy_defaults_starts_from_the_budget_runs_checkpoint_and_
     monkeypatch.setattr(study, "CHECKPOINTS", (2,))
     monkeypatch.setattr(study, "LONG_EVERY", 2)
     monkeypatch.setattr(chains_mod, "BUDGET", {"lr": 3e-3, "steps": 6})
-    monkeypatch.setattr(chains_mod, "TOY_BUDGET", {"lr": 3e-3, "steps": 4})
+    monkeypatch.setattr(chains_mod, "TOY_BUDGET_STEPS", 4)
     metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
     chain = chains_mod.Chain("sft + prior", 1, budget=True)
     assert chain.name == "sft_prior_budget_s1" and chains_mod.Chain("sft + prior", 1).name == "sft_prior_s1"
@@ -377,9 +377,33 @@ def test_a_chain_at_the_toy_defaults_starts_from_the_budget_runs_checkpoint_and_
     s = chains_mod.chain_summary([r], study_report._single_fidelity([json.loads(
         (tmp_path / "runs" / first.name / "result.json").read_text())], 4))["sft + prior"]
     assert s["kept"]["star"]["single_run"] == step4["concept_fidelity"]
-    monkeypatch.setattr(chains_mod, "TOY_BUDGET", {"lr": 1e-3, "steps": 4})
-    with pytest.raises(Exception, match="not a checkpoint of the study's budget stage"):
+    assert chains_mod.chain_kind(r) == "budget"
+    monkeypatch.setattr(chains_mod, "TOY_BUDGET_STEPS", 5)
+    with pytest.raises(Exception, match="among its first run's checkpoints"):
         chains_mod.Chain("sft + prior", 1, budget=True).first_run({})
+
+
+@needs_weights
+def test_a_chain_at_a_picked_setting_trains_its_stages_with_the_settings_levers(tmp_path, monkeypatch):
+    from dopsd_core.run_folder import read_run_state
+    from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
+    from dopsd_core.toy.evaluator import load_evaluator
+    monkeypatch.setattr(study, "CHECKPOINTS", (2,))
+    monkeypatch.setattr(study, "LONG_EVERY", 2)
+    monkeypatch.setattr(chains_mod, "ORIGIN", {"lr": 3e-3, "rank": 4, "steps": 4})
+    monkeypatch.setitem(study.COMBOS, "cheap", dict(states="one", prior_every=2, prior_batch=1))
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
+    chain = chains_mod.Chain("dopsd + prior", 0, setting="cheap", at=2)
+    r = chains_mod.run_chain(chain, tmp_path, metrics, {}, log=lambda *_: None)
+    first = study.StudyRun("star", "dopsd", True, 3e-3, 0, rank=4, steps=4, states="one", prior_every=2, prior_batch=1)
+    assert r["stages"][0]["lora"] == f"runs/{first.name}/train/lora-000002.safetensors"
+    assert (r["setting"], r["steps_per_stage"], r["rank"]) == ("cheap", 2, 4)
+    assert chains_mod.chain_kind(r) == "cheap@2"
+    for stage in r["stages"][1:]:  # every later stage trains with the first run's levers
+        cfg = read_run_state(tmp_path / stage["lora"].rsplit("/", 1)[0])["config"]
+        assert (cfg["states"], cfg["prior_every"], cfg["prior_batch"], cfg["rank"], cfg["steps"]) == ("one", 2, 1, 4, 2)
+    per_step = study.evals_per_step("dopsd", True, states="one", prior_batch=1, prior_every=2)
+    assert r["model_evals"] == 3 * 2 * per_step  # three stages of 2 steps at the setting's cost
 
 
 @needs_weights
@@ -531,3 +555,25 @@ def test_the_levers_stage_adds_long_sft_runs_under_names_of_their_own_and_the_re
     lv = levers.lever_summary([], budget, sft_long)
     sft_cells = [c for c in lv["cells"] if c["variant"] == "sft + prior"]
     assert lv["sft_runs"] == "long" and [c["step"] for c in sft_cells] == [100, 1200]
+
+
+def test_chains_at_a_setting_train_every_stage_with_its_first_runs_settings():
+    lever = "concept one state"
+    dopsd = chains_mod.Chain("dopsd + prior", 1, setting=lever, at=200)
+    sft = chains_mod.Chain("sft + prior", 1, setting=lever, at=200)
+    first = dopsd.first_run({})
+    assert first == study.StudyRun("star", "dopsd", True, seed=1, **{**study.ORIGIN, **study.LEVERS[lever]})
+    assert first.name in {r.name for r in study.lever_plan()}  # the levers stage's run: cached, not retrained
+    assert dopsd.steps == 200 and dopsd.lr({}) == study.ORIGIN["lr"]
+    settings = study.train_settings(first)
+    assert (settings["states"], settings["prior_states"], settings["rank"], settings["alpha"]) == ("one", "all", 16, 16.0)
+    assert settings["prior_batch"] == study.PRIOR["prior_batch"] and settings["prior_every"] == 1
+    # SFT has no roll-out states: its chain takes the setting's lr and rank only
+    assert sft.single_run("heart", {}) == study.StudyRun("heart", "sft", True, seed=1, **study.ORIGIN)
+    names = {c.name for c in chains_mod.chain_plan(setting=lever, at=200)} | {c.name for c in chains_mod.chain_plan(True)}
+    assert len(names) == 18  # no setting chain takes a budget chain's folder
+    assert chains_mod.chain_kind({"setting": lever, "steps_per_stage": 200}) == f"{lever}@200"
+    with pytest.raises(DopsdError, match="checkpoints"):
+        chains_mod.Chain("dopsd + prior", 0, setting=lever, at=250).first_run({})
+    with pytest.raises(DopsdError, match="no lever or combination"):
+        chains_mod.Chain("dopsd + prior", 0, setting="half a lever", at=200).first_run({})
