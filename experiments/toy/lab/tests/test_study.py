@@ -351,33 +351,17 @@ def test_a_budget_run_trains_to_its_own_length_and_is_evaluated_past_mains_check
     assert (tmp_path / "runs" / run.name / "train" / "lora-000006.safetensors").is_file()
 
 
-@needs_weights
-def test_a_chain_at_the_toy_defaults_starts_from_the_budget_runs_checkpoint_and_keeps_apart(tmp_path, monkeypatch):
-    from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
-    from dopsd_core.toy.evaluator import load_evaluator
+def test_the_budget_chains_start_from_the_budget_runs_checkpoint_and_keep_apart(monkeypatch):
     monkeypatch.setattr(study, "CHECKPOINTS", (2,))
     monkeypatch.setattr(study, "LONG_EVERY", 2)
     monkeypatch.setattr(chains_mod, "BUDGET", {"lr": 3e-3, "steps": 6})
     monkeypatch.setattr(chains_mod, "TOY_BUDGET_STEPS", 4)
-    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
     chain = chains_mod.Chain("sft + prior", 1, budget=True)
     assert chain.name == "sft_prior_budget_s1" and chains_mod.Chain("sft + prior", 1).name == "sft_prior_s1"
-    r = chains_mod.run_chain(chain, tmp_path, metrics, {}, log=lambda *_: None)  # needs no kept lr
-    first = study.StudyRun("star", "sft", True, 3e-3, 1, steps=6)
-    assert r["budget"] and r["steps_per_stage"] == 4 and r["lr"] == 3e-3
-    # the first stage is the budget run's step-4 LoRA (the run itself went on to step 6)
-    assert r["stages"][0]["lora"] == f"runs/{first.name}/train/lora-000004.safetensors"
-    assert (tmp_path / "runs" / first.name / "train" / "lora-000006.safetensors").is_file()
-    step4 = json.loads((tmp_path / "runs" / first.name / "eval" / "step-000004.json").read_text())
-    assert r["stages"][0]["concepts"]["star"]["concept_fidelity"] == step4["concept_fidelity"]
-    from dopsd_core.lora import read_lora_file
-    meta = read_lora_file(tmp_path / r["stages"][1]["lora"])[1]
-    assert meta["dopsd.step"] == "4"  # stages train for the defaults' steps
-    # the report keeps these chains apart from main's, against the budget runs at the chains' step
-    s = chains_mod.chain_summary([r], study_report._single_fidelity([json.loads(
-        (tmp_path / "runs" / first.name / "result.json").read_text())], 4))["sft + prior"]
-    assert s["kept"]["star"]["single_run"] == step4["concept_fidelity"]
-    assert chains_mod.chain_kind(r) == "budget"
+    # the first stage is the budget run's step-4 LoRA (the run itself goes on to step 6); needs no kept lr
+    assert chain.first_run({}) == study.StudyRun("star", "sft", True, 3e-3, 1, steps=6) and chain.steps == 4
+    assert chains_mod.chain_kind({"budget": True, "steps_per_stage": 4}) == "budget"
+    assert chains_mod.chain_kind({"budget": False, "steps_per_stage": 200}) == "main"
     monkeypatch.setattr(chains_mod, "TOY_BUDGET_STEPS", 5)
     with pytest.raises(Exception, match="among its first run's checkpoints"):
         chains_mod.Chain("sft + prior", 1, budget=True).first_run({})
@@ -385,6 +369,7 @@ def test_a_chain_at_the_toy_defaults_starts_from_the_budget_runs_checkpoint_and_
 
 @needs_weights
 def test_a_chain_at_a_picked_setting_trains_its_stages_with_the_settings_levers(tmp_path, monkeypatch):
+    from dopsd_core.lora import read_lora_file
     from dopsd_core.run_folder import read_run_state
     from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
     from dopsd_core.toy.evaluator import load_evaluator
@@ -394,16 +379,24 @@ def test_a_chain_at_a_picked_setting_trains_its_stages_with_the_settings_levers(
     monkeypatch.setitem(study.COMBOS, "cheap", dict(states="one", prior_every=2, prior_batch=1))
     metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
     chain = chains_mod.Chain("dopsd + prior", 0, setting="cheap", at=2)
-    r = chains_mod.run_chain(chain, tmp_path, metrics, {}, log=lambda *_: None)
+    r = chains_mod.run_chain(chain, tmp_path, metrics, {}, log=lambda *_: None)  # needs no kept lr
     first = study.StudyRun("star", "dopsd", True, 3e-3, 0, rank=4, steps=4, states="one", prior_every=2, prior_batch=1)
+    # the first stage is the setting's run's step-2 LoRA (the run itself went on to step 4)
     assert r["stages"][0]["lora"] == f"runs/{first.name}/train/lora-000002.safetensors"
+    assert (tmp_path / "runs" / first.name / "train" / "lora-000004.safetensors").is_file()
+    step2 = json.loads((tmp_path / "runs" / first.name / "eval" / "step-000002.json").read_text())
+    assert r["stages"][0]["concepts"]["star"]["concept_fidelity"] == step2["concept_fidelity"]
     assert (r["setting"], r["steps_per_stage"], r["rank"]) == ("cheap", 2, 4)
     assert chains_mod.chain_kind(r) == "cheap@2"
-    for stage in r["stages"][1:]:  # every later stage trains with the first run's levers
+    for stage in r["stages"][1:]:  # every later stage trains with the first run's levers, for the chain's steps
         cfg = read_run_state(tmp_path / stage["lora"].rsplit("/", 1)[0])["config"]
         assert (cfg["states"], cfg["prior_every"], cfg["prior_batch"], cfg["rank"], cfg["steps"]) == ("one", 2, 1, 4, 2)
+        assert read_lora_file(tmp_path / stage["lora"])[1]["dopsd.step"] == "2"
     per_step = study.evals_per_step("dopsd", True, states="one", prior_batch=1, prior_every=2)
     assert r["model_evals"] == 3 * 2 * per_step  # three stages of 2 steps at the setting's cost
+    # the report's kept share: against the star's own run at the chain's step
+    single = study_report._single_fidelity([json.loads((tmp_path / "runs" / first.name / "result.json").read_text())], 2)
+    assert single == {("star", "dopsd", 0): step2["concept_fidelity"]}
 
 
 @needs_weights
