@@ -468,6 +468,17 @@ def test_each_lever_is_one_change_from_the_defaults_under_a_name_of_its_own():
         "dopsd + prior, two states, prior all states", "dopsd + prior, rank 64, lr 2e-3"}
 
 
+def test_a_combination_runs_as_a_lever_and_may_run_longer_than_the_defaults(monkeypatch):
+    monkeypatch.setitem(study.COMBOS, "cheap, longer", dict(states="one", prior_states="one", prior_every=4, steps=600))
+    plan = study.combo_plan()
+    assert len(plan) == 9 and not {r.name for r in plan} & {r.name for r in study.lever_plan()}
+    run = plan[0]
+    assert run.checkpoints == study.CHECKPOINTS + (300, 400, 500, 600)  # each a candidate step count
+    assert run.variant == "dopsd + prior, one state, prior every 4, prior one state"
+    assert study.evals_per_step("dopsd", True, states="one", prior_states="one", prior_every=4) == 4.5 * 4 + 4.5
+    assert study.setting_change("cheap, longer")["steps"] == 600 and "prior batch 1" in study.LEVERS
+
+
 def _lever_run(variant, concept, seed, points):
     """points: (step, evals, fidelity, selection retention, retention, leak)."""
     pts = [{"step": st, "model_evals": ev, "concept_fidelity": f, "retention_selection": sel, "retention": ret,
