@@ -30,8 +30,8 @@ from dopsd_core.toy.render import HELD_OUT_SHAPES
 from dopsd_core.toy.runs import auto_prior, train_concept
 from .runs import load_with_lora
 from .stats import bootstrap_difference, per_prompt
-from .study import (BUDGET, CHECKPOINTS, ORIGIN, StudyMetrics, StudyRun, evals_per_step, run_one, setting_change,
-                    setup_evals, train_settings)
+from .study import (BUDGET, CHECKPOINTS, ORIGIN, StudyMetrics, StudyRun, run_one, setting_change, setup_evals,
+                    train_settings)
 
 SEEDS = (0, 1, 2)
 VARIANTS = {"dopsd + prior": ("dopsd", "ema"), "dopsd + prior, base teacher": ("dopsd", "frozen"),
