@@ -150,3 +150,17 @@ def test_run_cost_flops_are_the_closed_form_of_the_klein_shapes():
     assert d["evals"] == 96_000 and s["evals"] == 16_000
     assert d["tflop_per_step"] == pytest.approx(32 * (f["teacher_fwd"] + f["student_fwd_bwd"]))
     assert d["gpu_hours"] == pytest.approx(d["pflop"] * 1e3 / 400 / 3600)
+
+
+def test_the_committed_run_cost_table_has_the_families_defaults_of_now():
+    """bench/results/run_cost_klein4b_1024.json is re-run when klein's defaults change: a row for the spec's
+    levers exists (or they are still the released recipe's) and counts the evaluations they cost."""
+    from dopsd_core.family_spec import FLUX2_KLEIN
+    rc = _run_cost()
+    table = json.loads((BENCH.parent / "results" / "run_cost_klein4b_1024.json").read_text())
+    rows = {r["setting"]: r for r in table["rows"]}
+    assert list(rows)[0] == rc.RELEASED_ROW
+    (name, setting), = rc.spec_settings(FLUX2_KLEIN).items()
+    row = rows.get(name, rows[rc.RELEASED_ROW] if setting == rc.SETTINGS[rc.RELEASED_ROW] else None)
+    assert row is not None, "klein's defaults changed: re-run python bench/run_cost.py --out bench/results/run_cost_klein4b_1024.json"
+    assert row["evals_per_step"] == pytest.approx(rc.passes_per_step(**{**table["family"], **setting})["evals"])
