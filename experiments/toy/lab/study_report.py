@@ -11,7 +11,7 @@ from dopsd_core.fileio import save_bytes, save_json
 from dopsd_core.plot import save_png
 from dopsd_core.toy.metrics import FIDELITY_SEEDS
 from dopsd_core.toy.render import HELD_OUT_SHAPES
-from dopsd_core.toy.runs import TOY_BUDGET
+from dopsd_core.family_spec import TOY
 from .chains import chain_kind, chain_plan, chain_summary, teacher_summary
 from .levers import AIMS as LEVER_AIMS, complete, lever_summary, levers_figure, meets
 from .stats import bootstrap_difference, per_prompt
@@ -113,11 +113,25 @@ def default_choice(runs: list[dict], tau: float = DEFAULT_TAU) -> dict | None:
     return best
 
 
-def shipped_point(runs: list[dict], variant: str = "dopsd + prior") -> dict | None:
-    """The toy's shipped defaults (TOY_BUDGET) measured: the mean over every concept and seed of `variant`
-    at its lr and step, if the runs evaluated that checkpoint for every concept."""
-    cps = _cells(runs).get((variant, TOY_BUDGET["lr"], TOY_BUDGET["steps"]), [])
-    return _cell_mean(variant, TOY_BUDGET["lr"], TOY_BUDGET["steps"], cps) if len({c for c, _ in cps}) == 3 else None
+def _settings(run: dict) -> tuple:
+    """What a study run trained with, in the toy spec's terms (a run's 0 prior batch is PRIOR's)."""
+    r = run["run"]
+    return (r["method"], r["prior"], r.get("prior_weight", PRIOR["prior_weight"]), r.get("adapter", "lora"), r["lr"],
+            r["rank"], r.get("states", "all"), r.get("prior_every", 1), r.get("prior_states", "same"),
+            r.get("prior_batch", 0) or PRIOR["prior_batch"])
+
+
+def shipped_point(runs: list[dict]) -> dict | None:
+    """The toy's shipped defaults (its family spec, TOY) measured: the mean over every concept and seed of
+    the D-OPSD + prior runs that trained with exactly those settings, at the defaults' step count, if the
+    runs evaluated it for every concept (a checkpoint is the run of that many steps: constant lr)."""
+    want = ("dopsd", True, TOY.prior_weight, "lora", TOY.lr, TOY.rank, TOY.states, TOY.prior_every, TOY.prior_states,
+            TOY.prior_batch)
+    cps = [(r["run"]["concept"], p) for r in runs if _settings(r) == want for p in r["points"] if p["step"] == TOY.steps]
+    if len({c for c, _ in cps}) < 3:
+        return None
+    variant = next(r["variant"] for r in runs if _settings(r) == want)
+    return _cell_mean(variant, TOY.lr, TOY.steps, cps)
 
 
 BEST_TAUS = (0.85, 0.8, 0.7)
@@ -232,7 +246,7 @@ def report(out: Path) -> dict:
     if budget:
         summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
                              "by_concept": main_summary(budget, PAIRS[:1]), "default": default_choice(budget),
-                             "shipped": shipped_point(budget)}
+                             "shipped": shipped_point(budget + levers)}
         chains = [c for c in all_chains if chain_kind(c) == "budget"]
         if chains:  # kept shares against the budget runs' last step, the chain stages' length
             summary["budget"]["chains"] = chain_summary(chains, _single_fidelity(budget, chains[0]["steps_per_stage"]))
@@ -368,8 +382,9 @@ def _budget_lines(budget: dict) -> list[str]:
                   *aims_table(d)]
     shipped = budget.get("shipped")
     if shipped:
-        lines += ["", f"The toy's defaults (`TOY_BUDGET`) ship {shipped['variant']}, lr {shipped['lr']:g}, **step "
-                  f"{shipped['step']}** of these runs ({shipped['runs']} runs); against the aims:", "", *aims_table(shipped)]
+        lines += ["", f"The toy's defaults (its family spec) are {shipped['variant']}, lr {shipped['lr']:g}, **step "
+                  f"{shipped['step']}** ({shipped['runs']} runs of this stage or the levers'); against the aims:", "",
+                  *aims_table(shipped)]
     if budget.get("chains"):
         lines += ["", f"Continual chains at the toy's defaults (lr {BUDGET['lr']:g}, star -> heart -> crescent, "
                   f"{budget['chain_steps']} steps per stage); the kept share compares the end of the chain with the "

@@ -330,11 +330,25 @@ def test_budget_report_compares_the_methods_and_picks_a_default_at_that_budget(t
     md = (tmp_path / "results.md").read_text()
     assert "## A larger budget: lr 0.003, 400 steps (18 of 18 runs cached)" in md
     assert "| star | 0.8 | 100% (3/3) | 50% (3/3) | +50 [" in md
-    assert b["shipped"] is None and "TOY_BUDGET" not in md  # the defaults' step 300 was not evaluated here
-    monkeypatch.setattr(study_report, "TOY_BUDGET", {"lr": 3e-3, "steps": 400})
+    assert b["shipped"] is None and "The toy's defaults" not in md  # the defaults' step 300 was not evaluated here
+    import dataclasses
+    monkeypatch.setattr(study_report, "TOY", dataclasses.replace(study_report.TOY, lr=3e-3, rank=16, steps=400,
+                                                                 states="all", prior_every=1, prior_batch=4))
     b = study_report.report(tmp_path)["summary"]["budget"]
     assert (b["shipped"]["variant"], b["shipped"]["step"], b["shipped"]["runs"]) == ("dopsd + prior", 400, 9)
-    assert "ship dopsd + prior, lr 0.003, **step 400** of these runs (9 runs)" in (tmp_path / "results.md").read_text()
+    assert "are dopsd + prior, lr 0.003, **step 400** (9 runs of this stage" in (tmp_path / "results.md").read_text()
+    # defaults on a lever: the budget runs no longer match them, that lever's runs do
+    monkeypatch.setattr(study_report, "TOY", dataclasses.replace(study_report.TOY, lr=3e-3, rank=16, steps=400,
+                                                                 states="all", prior_every=4, prior_batch=4))
+    assert study_report.report(tmp_path)["summary"]["budget"]["shipped"] is None
+    for c in ("star", "heart", "crescent"):
+        for seed in range(3):
+            run = _run("dopsd + prior, prior every 4", seed, [_pt(400, "1" * 24 + "0" * 72, 0.9)], concept=c)
+            run["run"].update(lr=3e-3, prior_every=4)
+            save_json(run | {"name": f"{c}_every4_{seed}"}, tmp_path / "runs" / f"{c}_every4_{seed}" / "result.json")
+    runs = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/result.json")]
+    shipped = study_report.shipped_point(runs)
+    assert (shipped["variant"], shipped["runs"], shipped["concept_fidelity"]) == ("dopsd + prior, prior every 4", 9, 0.25)
 
 
 @needs_weights
