@@ -61,19 +61,27 @@ def results_block(study: dict) -> str:
     from dopsd_core.family_spec import TOY, number_text
     from experiments.toy.lab.study_report import AIMS
     budget = study["summary"]["budget"]
-    shipped, chains = budget["shipped"], budget["chains"]
+    shipped = budget["shipped"]
+    # the chains at the defaults: the ones run at the levers' pick once they exist, else the budget's (the
+    # defaults before the levers stage)
+    at_pick = study["summary"].get("defaults_chains")
+    chains, chain_steps = (at_pick["chains"], at_pick["chain_steps"]) if at_pick else (budget["chains"], budget["chain_steps"])
     aims = ", ".join(f"{k.replace('concept_', '')} {_pct(shipped[k])} (aim {op} {_pct(v)})"
                      for k, (op, v) in AIMS.items())
+    levers = "".join([f", {TOY.states} state{'s' if TOY.states != 'one' else ''} supervised" if TOY.states != "all" else "",
+                      f", prior every {TOY.prior_every} steps" if TOY.prior_every != 1 else "",
+                      f", prior on {TOY.prior_states} state{'s' if TOY.prior_states != 'one' else ''}"
+                      if TOY.prior_states != "same" else ""])
     lines = [f"At the toy's defaults (lr {number_text(TOY.lr)}, {TOY.steps} steps, rank {TOY.rank}, batch "
-             f"{TOY.batch_size}, prior on), D-OPSD + prior, mean of {shipped['runs']} runs (3 concepts × 3 seeds): "
-             f"{aims}.", ""]
+             f"{TOY.batch_size}, prior on{levers}), D-OPSD + prior, mean of {shipped['runs']} runs (3 concepts × 3 "
+             f"seeds): {aims}.", ""]
 
     def end(variant: str) -> str:
         last = chains[variant]["stages"][-1]
         kept = ", ".join(f"{c} {_pct(v)}" for c, v in last["fidelity"].items())
         return f"{kept} at {_pct(last['retention'])} retention"
     order = " → ".join(st["concept"] for st in chains["dopsd + prior"]["stages"])
-    lines += [f"Taught one after another ({order}, {budget['chain_steps']} steps each), the concepts' fidelity at "
+    lines += [f"Taught one after another ({order}, {chain_steps} steps each), the concepts' fidelity at "
               f"the end of the chain: D-OPSD + prior {end('dopsd + prior')}; SFT + prior, same steps, "
               f"{end('sft + prior')}.", "",
               f"D-OPSD + prior minus SFT + prior in concept fidelity, at retention {TAU} (points, 95 % interval): "
