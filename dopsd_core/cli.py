@@ -95,7 +95,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--init-lora", metavar="FILE", help="start a new run from this LoRA (teacher EMA starts from it)")
     p.add_argument("--steps", type=int, help=f"total optimizer steps of the run (default {defaults_text('steps')})")
     p.add_argument("--rank", type=int, help=f"LoRA rank (default {defaults_text('rank')})")
-    p.add_argument("--alpha", type=float, help=f"LoRA alpha (default {defaults_text('alpha')}; with --rank on a photo family: alpha = rank)")
+    p.add_argument("--alpha", type=float, help=f"LoRA alpha (default {defaults_text('alpha')}; with --rank on a "
+                   "photo family: alpha = rank)")
     p.add_argument("--adapter", choices=ADAPTERS, help="what is trained: lora (the default), lokr or loha (LyCORIS "
                    "layouts that ComfyUI's stock LoRA loaders apply)")
     p.add_argument("--lokr-factor", type=int, help="LoKr: split each dimension as factor x rest (default -1: as "
@@ -185,7 +186,8 @@ def cmd_train(args) -> int:
         if args.gpu_preset and spec is TOY:
             raise DopsdError("--gpu-preset is for FLUX.2-klein and Z-Image-Turbo; the toy runs on any CPU")
         run_dir, data = Path(args.out), args.data
-        base = {**train_defaults(model, given.get("method", "dopsd")), **spec.preset(PRESET_KEYS[args.gpu_preset] if args.gpu_preset else DEFAULT_PRESET)}
+        preset = spec.preset(PRESET_KEYS[args.gpu_preset] if args.gpu_preset else DEFAULT_PRESET)
+        base = {**train_defaults(model, given.get("method", "dopsd")), **preset}
     if args.prior_weight is None and not args.resume:  # the family's lambda with a prior, 0 without
         given["prior_weight"] = spec_named(model).prior_weight if prior_mode else 0.0
     elif prior_mode and args.prior_weight is None:

@@ -2,7 +2,8 @@
 headless, with no server and no UI, through the same family code the nodes run.
 
 The model files are loaded the way ComfyUI's stock loaders load them (UNETLoader with its weight_dtype,
-CLIPLoader with the family's type, VAELoader: the same comfy.sd calls, comfy/COMFYUI.md), after checks
+CLIPLoader with the family's type, VAELoader: the same comfy.sd.load_diffusion_model, load_clip and VAE
+calls those nodes make), after checks
 that they belong together. A file is named by path, or by its name in that ComfyUI's models/ folders
 (extra_model_paths.yaml included), as the loader nodes list it. Everything the run read is recorded in
 <run>/comfyui.json, so `--resume RUN` needs no other flag. The dataset (latents and both contexts) is

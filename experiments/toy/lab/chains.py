@@ -36,6 +36,8 @@ from .study import (BUDGET, CHECKPOINTS, ORIGIN, StudyMetrics, StudyRun, run_one
 SEEDS = (0, 1, 2)
 VARIANTS = {"dopsd + prior": ("dopsd", "ema"), "dopsd + prior, base teacher": ("dopsd", "frozen"),
             "sft + prior": ("sft", "ema")}  # name -> (method, concept teacher); SFT has no teacher
+# the budget chains' stage length: the budget stage's lr at the toy's defaults when they ran (300 steps)
+TOY_BUDGET_STEPS = ORIGIN["steps"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,6 @@ class Chain:
                              f"checkpoints ({run.name}: {run.checkpoints}); pick one of them")
         return run
 
-
-# the budget chains' stage length: the budget stage's lr at the toy's defaults when they ran (300 steps)
-TOY_BUDGET_STEPS = ORIGIN["steps"]
 
 
 def chain_plan(budget: bool = False, setting: str = "", at: int = 0) -> list[Chain]:

@@ -284,7 +284,7 @@ def train_settings(run: StudyRun) -> dict:
     out = dict(lr=run.lr, rank=run.rank, alpha=float(run.rank), batch_size=BATCH, states=run.states,
                adapter=run.adapter, lokr_factor=run.lokr_factor)
     if run.prior:
-        out.update(PRIOR, prior_weight=run.prior_weight, prior_every=run.prior_every, prior_states=run.prior_states,
+        out.update(prior_weight=run.prior_weight, prior_every=run.prior_every, prior_states=run.prior_states,
                    prior_batch=run.prior_batch or PRIOR["prior_batch"])
     return out
 
