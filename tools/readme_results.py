@@ -59,6 +59,7 @@ def base_notice(measured_on: str, shipped: str) -> str:
 def results_block(study: dict) -> str:
     """The README's summary: the toy's defaults against the aims, and the continual chain at them."""
     from dopsd_core.family_spec import TOY, number_text
+    from experiments.toy.lab.study import BUDGET
     from experiments.toy.lab.study_report import AIMS
     budget = study["summary"]["budget"]
     shipped = budget["shipped"]
@@ -85,8 +86,8 @@ def results_block(study: dict) -> str:
               f"the end of the chain: D-OPSD + prior {end('dopsd + prior')}; SFT + prior, same steps, "
               f"{end('sft + prior')}.", "",
               f"D-OPSD + prior minus SFT + prior in concept fidelity, at retention {TAU} (points, 95 % interval): "
-              f"at equal steps {_differences(budget, '')}; at equal compute (a D-OPSD step costs several SFT "
-              f"steps) {_differences(budget, ', equal compute')} ([docs/toy_results.md](docs/toy_results.md))."]
+              f"at equal steps (lr {number_text(BUDGET['lr'])}, rank 16, {BUDGET['steps']}-step runs) "
+              f"{_differences(budget, '')}; {_equal_compute(budget)} ([docs/toy_results.md](docs/toy_results.md))."]
     adapters = study["summary"].get("adapters")
     if adapters:
         from experiments.toy.lab.study_report import adapter_verdict
@@ -98,15 +99,33 @@ def results_block(study: dict) -> str:
 TAU = "0.8"  # the retention at which the study matches the two methods' checkpoints
 
 
+def _points(x: float) -> str:
+    return f"{round(100 * x) + 0:+d}".replace("-", "−")  # + 0: no "-0"
+
+
+def _interval(d: dict) -> str:
+    return f"{_points(d['diff'])} [{_points(d['lo'])}, {_points(d['hi'])}]"
+
+
 def _differences(budget: dict, kind: str) -> str:
-    def points(x: float) -> str:
-        return f"{100 * x:+.0f}".replace("-", "−")
     cells = []
     for concept, by_tau in budget["by_concept"].items():
         d = by_tau.get(TAU, {}).get(f"dopsd + prior - sft + prior{kind}")
-        cells.append(f"{concept} –" if d is None else
-                     f"{concept} {points(d['diff'])} [{points(d['lo'])}, {points(d['hi'])}]")
+        cells.append(f"{concept} –" if d is None else f"{concept} {_interval(d)}")
     return ", ".join(cells)
+
+
+def _equal_compute(budget: dict) -> str:
+    """At equal compute: at the defaults' own model evaluations against the long SFT + prior runs once those
+    are measured, else the budget stage's 400 steps each, capped at the SFT run's evaluations."""
+    ec = budget.get("shipped_equal_compute")
+    if not ec:
+        return f"at equal compute (a D-OPSD step costs several SFT steps) {_differences(budget, ', equal compute')}"
+    diffs = ", ".join(f"{c} {_interval(ec['by_concept'][c])}" for c in budget["by_concept"] if c in ec["by_concept"])
+    sft_end = max(d["sft_run_evals"] for d in ec["by_concept"].values())
+    sft = ("SFT + prior trains as many steps as fit in them" if sft_end >= ec["model_evals"] else
+           f"SFT + prior's runs end at {sft_end:,.0f}, so it has less")
+    return f"at equal compute (the defaults' {ec['model_evals']:,.0f} model evaluations; {sft}) {diffs}"
 
 
 def _from_docs(text: str) -> str:

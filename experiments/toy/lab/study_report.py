@@ -13,7 +13,8 @@ from dopsd_core.toy.metrics import FIDELITY_SEEDS
 from dopsd_core.toy.render import HELD_OUT_SHAPES
 from dopsd_core.family_spec import TOY
 from .chains import chain_kind, chain_plan, chain_summary, teacher_summary
-from .levers import AIMS as LEVER_AIMS, complete, lever_summary, levers_figure, meets
+from .levers import (AIMS as LEVER_AIMS, EQUAL_COMPUTE_TAU, complete, equal_compute, lever_summary, levers_figure,
+                     meets)
 from .stats import bootstrap_difference, per_prompt
 from .study import (ADAPTER_SETTINGS, BUDGET, CHECKPOINTS, DEFAULTS_SETTING, ORIGIN, PRIOR, SFT_LONG, SMALL_RANK, TAUS,
                     adapter_plan, budget_plan, choose_lr, combo_plan, lambda_plan, lever_plan, main_plan, matched,
@@ -125,13 +126,27 @@ def shipped_point(runs: list[dict]) -> dict | None:
     """The toy's shipped defaults (its family spec, TOY) measured: the mean over every concept and seed of
     the D-OPSD + prior runs that trained with exactly those settings, at the defaults' step count, if the
     runs evaluated it for every concept (a checkpoint is the run of that many steps: constant lr)."""
-    want = ("dopsd", True, TOY.prior_weight, "lora", TOY.lr, TOY.rank, TOY.states, TOY.prior_every, TOY.prior_states,
-            TOY.prior_batch)
-    cps = [(r["run"]["concept"], p) for r in runs if _settings(r) == want for p in r["points"] if p["step"] == TOY.steps]
+    cps = [(r["run"]["concept"], p) for r in _shipped_runs(runs) for p in r["points"] if p["step"] == TOY.steps]
     if len({c for c, _ in cps}) < 3:
         return None
-    variant = next(r["variant"] for r in runs if _settings(r) == want)
-    return _cell_mean(variant, TOY.lr, TOY.steps, cps)
+    return {**_cell_mean(_shipped_runs(runs)[0]["variant"], TOY.lr, TOY.steps, cps),
+            "model_evals": sum(p["model_evals"] for _, p in cps) / len(cps)}
+
+
+def _shipped_runs(runs: list[dict]) -> list[dict]:
+    """The D-OPSD + prior runs that trained with exactly the toy spec's settings."""
+    want = ("dopsd", True, TOY.prior_weight, "lora", TOY.lr, TOY.rank, TOY.states, TOY.prior_every, TOY.prior_states,
+            TOY.prior_batch)
+    return [r for r in runs if _settings(r) == want]
+
+
+def shipped_equal_compute(runs: list[dict], shipped: dict | None, sft_long: list[dict]) -> dict | None:
+    """D-OPSD + prior at the toy's defaults minus SFT + prior limited to the same model evaluations (the
+    defaults' step count's), per concept at retention EQUAL_COMPUTE_TAU; None until the long SFT runs are in."""
+    if shipped is None or len(sft_long) < 3 * len(HELD_OUT_SHAPES):
+        return None
+    return {"model_evals": shipped["model_evals"], "step": shipped["step"], "tau": EQUAL_COMPUTE_TAU,
+            "by_concept": equal_compute(_shipped_runs(runs), sft_long, shipped["model_evals"])}
 
 
 BEST_TAUS = (0.85, 0.8, 0.7)
@@ -247,6 +262,9 @@ def report(out: Path) -> dict:
         summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
                              "by_concept": main_summary(budget, PAIRS[:1]), "default": default_choice(budget),
                              "shipped": shipped_point(budget + levers)}
+        sft_long = [cached[r.name] for r in sft_long_plan() if r.name in cached]
+        summary["budget"]["shipped_equal_compute"] = shipped_equal_compute(
+            budget + levers, summary["budget"]["shipped"], sft_long)
         chains = [c for c in all_chains if chain_kind(c) == "budget"]
         if chains:  # kept shares against the budget runs' last step, the chain stages' length
             summary["budget"]["chains"] = chain_summary(chains, _single_fidelity(budget, chains[0]["steps_per_stage"]))
@@ -385,6 +403,9 @@ def _budget_lines(budget: dict) -> list[str]:
         lines += ["", f"The toy's defaults (its family spec) are {shipped['variant']}, lr {shipped['lr']:g}, **step "
                   f"{shipped['step']}** ({shipped['runs']} runs of this stage or the levers'); against the aims:", "",
                   *aims_table(shipped)]
+        if budget.get("shipped_equal_compute"):
+            lines += ["", *equal_compute_lines(budget["shipped_equal_compute"], "the defaults", "the defaults' step "
+                                               f"{shipped['step']}; SFT + prior: the levers stage's long runs")]
     if budget.get("chains"):
         lines += ["", f"Continual chains at the toy's defaults (lr {BUDGET['lr']:g}, star -> heart -> crescent, "
                   f"{budget['chain_steps']} steps per stage); the kept share compares the end of the chain with the "
@@ -539,15 +560,19 @@ def lever_lines(lv: dict) -> list[str]:
              f"- the best worst-concept fidelity that keeps retention and leak: {_cell_text(pick['best_worst_concept'])}"]
     ec = lv.get("equal_compute")
     if ec:
-        rows = [[k, _pct(d["dopsd_fidelity"]), _pct(d["sft_fidelity"]), _interval(d),
-                 f"{d['sft_run_evals']:,.0f}" + (" (ends before)" if d["sft_run_evals"] < ec["model_evals"] else "")]
-                for k, d in ec["by_concept"].items()]
-        lines += ["", f"D-OPSD minus SFT + prior at equal compute: {ec['variant']} and SFT + prior each limited to "
-                  f"{ec['model_evals']:,.0f} evaluations (the pick's), matched points at selection retention >= "
-                  f"{ec['tau']} (fidelity 0 where not reached), same concepts and seeds; points with 95 % bootstrap "
-                  "intervals.", "",
-                  *_table(["concept", "D-OPSD", "SFT + prior", "D-OPSD − SFT", "SFT run's evaluations"], rows)]
+        lines += ["", *equal_compute_lines(ec, ec["variant"], "the pick's")]
     return lines + [""]
+
+
+def equal_compute_lines(ec: dict, variant: str, whose: str) -> list[str]:
+    rows = [[k, _pct(d["dopsd_fidelity"]), _pct(d["sft_fidelity"]), _interval(d),
+             f"{d['sft_run_evals']:,.0f}" + (" (ends before)" if d["sft_run_evals"] < ec["model_evals"] else "")]
+            for k, d in ec["by_concept"].items()]
+    return [f"D-OPSD minus SFT + prior at equal compute: {variant} and SFT + prior each limited to "
+            f"{ec['model_evals']:,.0f} evaluations ({whose}), matched points at selection retention >= "
+            f"{ec['tau']} (fidelity 0 where not reached), same concepts and seeds; points with 95 % bootstrap "
+            "intervals.", "",
+            *_table(["concept", "D-OPSD", "SFT + prior", "D-OPSD − SFT", "SFT run's evaluations"], rows)]
 
 
 def study_markdown(results: dict) -> str:

@@ -351,6 +351,26 @@ def test_budget_report_compares_the_methods_and_picks_a_default_at_that_budget(t
     assert (shipped["variant"], shipped["runs"], shipped["concept_fidelity"]) == ("dopsd + prior, prior every 4", 9, 0.25)
 
 
+def test_the_defaults_meet_sft_at_their_own_model_evaluations(monkeypatch):
+    import dataclasses
+    monkeypatch.setattr(study_report, "TOY", dataclasses.replace(study_report.TOY, lr=1e-3, rank=16, steps=300,
+                                                                 states="all", prior_every=1, prior_batch=4))
+    concepts = ("star", "heart", "crescent")
+    dopsd = [_run("dopsd + prior", s, [_pt(300, "1" * 96, 0.9)], concept=c) for c in concepts for s in range(3)]
+    # SFT + prior: all-hit at 3,000 evaluations (step 300 of _pt's 10 a step), none at 4,000: only the first
+    # is within the defaults' 3,000
+    sft = [_run("sft + prior", s, [_pt(300, "1" * 48 + "0" * 48, 0.9), _pt(400, "1" * 96, 0.9)], concept=c)
+           for c in concepts for s in range(3)]
+    shipped = study_report.shipped_point(dopsd)
+    assert shipped["model_evals"] == 3000
+    assert study_report.shipped_equal_compute(dopsd, shipped, sft[:-1]) is None  # the long SFT runs incomplete
+    ec = study_report.shipped_equal_compute(dopsd, shipped, sft)
+    assert (ec["model_evals"], ec["step"]) == (3000, 300)
+    star = ec["by_concept"]["star"]
+    assert (star["dopsd_fidelity"], star["sft_fidelity"], star["diff"], star["sft_run_evals"]) == (1.0, 0.5, 0.5, 4000)
+    assert study_report.shipped_equal_compute(dopsd, None, sft) is None
+
+
 @needs_weights
 def test_a_budget_run_trains_to_its_own_length_and_is_evaluated_past_mains_checkpoints(tmp_path, monkeypatch):
     from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
