@@ -153,6 +153,7 @@ CONFIG_FLAGS = ("method", "steps", "rank", "alpha", "adapter", "lokr_factor", "l
 
 
 def cmd_train(args) -> int:
+    from . import run_folder
     from .run_folder import read_run_state
     from .trainer import Callbacks, TrainConfig
 
@@ -186,6 +187,7 @@ def cmd_train(args) -> int:
         if args.gpu_preset and spec is TOY:
             raise DopsdError("--gpu-preset is for FLUX.2-klein and Z-Image-Turbo; the toy runs on any CPU")
         run_dir, data = Path(args.out), args.data
+        run_folder.refuse_taken_out_dir(run_dir)  # before any model or data is read (full-size loads take minutes)
         preset = spec.preset(PRESET_KEYS[args.gpu_preset] if args.gpu_preset else DEFAULT_PRESET)
         base = {**train_defaults(model, given.get("method", "dopsd")), **preset}
     if args.prior_weight is None and not args.resume:  # the family's lambda with a prior, 0 without

@@ -70,13 +70,19 @@ def decode_rng(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
 
-def check_fresh_out_dir(run_dir: Path) -> None:
-    """A new run's folder: absent, empty or unrelated, but writable and not holding another run."""
+def refuse_taken_out_dir(run_dir: Path) -> None:
+    """A new run's folder must not be a file or hold another run (checked without writing anything)."""
     d = Path(run_dir)
     if d.exists() and not d.is_dir():
         raise DopsdError(f"output path {d} is a file; pass a folder for --out")
     if is_run_folder(d):
         raise DopsdError(f"{d} already holds a run; pass --resume {d} to continue it or choose a new --out")
+
+
+def check_fresh_out_dir(run_dir: Path) -> None:
+    """A new run's folder: absent, empty or unrelated, but writable and not holding another run."""
+    d = Path(run_dir)
+    refuse_taken_out_dir(d)
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = d / ".write_test"

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dopsd_core.lora import read_lora_file
 from dopsd_core.trainer import TrainConfig
-from testutil import needs_weights, run_cli, write_image_folder
+from testutil import cli_in_process, needs_weights, run_cli, write_image_folder
 
 
 def assert_one_line_error(rc, err, *needles):
@@ -70,7 +70,7 @@ def test_bad_data_folders(tmp_path, case):
     if case == "undecodable":
         (data / "img1.png").write_bytes(b"garbage")
     out = tmp_path / "out"
-    rc, _, err = run_cli("train", "--data", data, "--steps", "2", "--out", out)
+    rc, _, err = cli_in_process("train", "--data", data, "--steps", "2", "--out", out)
     needle = {"missing": "does not exist", "empty": "has no images", "no_caption": "img1.png has no caption",
               "blank_caption": "img1.txt is blank", "undecodable": "img1.png cannot be decoded"}[case]
     assert_one_line_error(rc, err, needle)
@@ -84,7 +84,7 @@ def test_bad_data_folders(tmp_path, case):
 ])
 def test_bad_flags(tmp_path, image_folder, flags, needle):
     out = tmp_path / "out"
-    rc, _, err = run_cli("train", "--data", image_folder, "--steps", "2", "--out", out, *flags)
+    rc, _, err = cli_in_process("train", "--data", image_folder, "--steps", "2", "--out", out, *flags)
     assert_one_line_error(rc, err, needle)
     assert not out.exists() or not (out / "lora.safetensors").exists()
 
@@ -92,22 +92,25 @@ def test_bad_flags(tmp_path, image_folder, flags, needle):
 def test_unusable_out_and_bad_resume(tmp_path, image_folder):
     a_file = tmp_path / "file"
     a_file.write_text("x")
-    rc, _, err = run_cli("train", "--data", image_folder, "--steps", "2", "--out", a_file)
+    rc, _, err = cli_in_process("train", "--data", image_folder, "--steps", "2", "--out", a_file)
     assert_one_line_error(rc, err, "is a file")
-    rc, _, err = run_cli("train", "--resume", tmp_path / "not_a_run")
+    # named before any model is looked for: a full-size family would load for minutes first
+    rc, _, err = cli_in_process("train", "--model", "flux2-klein", "--data", image_folder, "--out", a_file)
+    assert_one_line_error(rc, err, "is a file")
+    rc, _, err = cli_in_process("train", "--resume", tmp_path / "not_a_run")
     assert_one_line_error(rc, err, "is not a run folder")
     run = tmp_path / "run"
     rc, _, err = run_cli("train", "--data", image_folder, "--steps", "1", "--out", run, "--rank", "4", "--k", "1")
     assert rc == 0, err
     lora_before = (run / "lora.safetensors").read_bytes()
-    rc, _, err = run_cli("train", "--resume", run, "--steps", "3", "--rank", "8")
+    rc, _, err = cli_in_process("train", "--resume", run, "--steps", "3", "--rank", "8")
     assert_one_line_error(rc, err, "another training config", "rank=4")
     other_weights = tmp_path / "other.safetensors"
     from dopsd_core.toy.denoiser import random_toy, save_toy
     save_toy(random_toy(seed=5), other_weights)
-    rc, _, err = run_cli("train", "--resume", run, "--steps", "3", "--weights", other_weights)
+    rc, _, err = cli_in_process("train", "--resume", run, "--steps", "3", "--weights", other_weights)
     assert_one_line_error(rc, err, "trained on model")
-    rc, _, err = run_cli("train", "--data", image_folder, "--steps", "3", "--out", run)
+    rc, _, err = cli_in_process("train", "--data", image_folder, "--steps", "3", "--out", run)
     assert_one_line_error(rc, err, "already holds a run", "--resume")
     assert (run / "lora.safetensors").read_bytes() == lora_before  # nothing was overwritten
 
@@ -262,7 +265,7 @@ def test_prior_flags(tmp_path, image_folder):
                          (["--prior-prompts", "none", "--prior-weight", "1"], "needs prior prompts"),
                          (["--prior-prompts", "auto", "--trigger", "[X]"], "no caption contains the trigger"),
                          (["--prior-weight", "-1", "--prior-prompts", "auto"], "--prior-weight must be >= 0")):
-        rc, _, err = run_cli("train", "--data", image_folder, "--steps", "1", "--out", tmp_path / "bad", *args)
+        rc, _, err = cli_in_process("train", "--data", image_folder, "--steps", "1", "--out", tmp_path / "bad", *args)
         assert_one_line_error(rc, err, needle)
 
 

@@ -46,6 +46,26 @@ def run_cli(*args, cwd=None):
     return out.returncode, out.stdout, out.stderr
 
 
+def cli_in_process(*args):
+    """dopsd_core.cli.main(ARGS) in this process -> (rc, stdout, stderr), as run_cli. For refusals, which stop
+    before training: it saves the ~2 s a new interpreter takes to import torch. Runs that train, stop on a
+    signal or test the entry point use run_cli (a real process)."""
+    import contextlib
+    import io
+
+    from dopsd_core import cli
+    args = [str(a) for a in args]
+    if args[:1] == ["train"] and "--teacher-check" not in args and "--resume" not in args:
+        args += ["--teacher-check", "off"]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main(args)
+        except SystemExit as e:  # argparse's refusals
+            rc = e.code
+    return rc, out.getvalue(), err.getvalue()
+
+
 def records_for(den, folder):
     from dopsd_core.data import load_image_folder
     return den.build_records(load_image_folder(folder, den.resolution))

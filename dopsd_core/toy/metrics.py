@@ -130,8 +130,12 @@ def real_renderings(prompts: list[tuple[str, str, str, str]], seed: int = 0) -> 
 class ToyMetrics:
     """Holds the evaluator, the fixed prompt sets, the real-image features and the base samples."""
 
-    def __init__(self, evaluator: Evaluator, base: ToyDenoiser, n_unrelated: int = 192, seed: int = 0):
+    def __init__(self, evaluator: Evaluator, base: ToyDenoiser, n_unrelated: int = 192, seed: int = 0,
+                 n_fidelity: int = FIDELITY_PROMPTS, n_cross: int = CROSS_PROMPTS):
+        """n_*: the sizes of the prompt sets (fidelity: concept prompts, each sampled with FIDELITY_SEEDS
+        seeds; cross: per other concept token). Smaller sets only for tests of the plumbing."""
         self.ev, self.seed = evaluator, seed
+        self.n_fidelity, self.n_cross = n_fidelity, n_cross
         self.unrelated = unrelated_prompts(n_unrelated, seed)
         self.real_features = evaluator.features(real_renderings(self.unrelated, seed))
         self.base_samples_4 = self.unrelated_samples(base)
@@ -188,11 +192,11 @@ class ToyMetrics:
                         unrelated_4: torch.Tensor) -> tuple[dict, dict]:
         """concept_fidelity, leak (on unrelated_4, the unrelated prompts' 4-step samples) and cross_token,
         and their per-sample hit strings."""
-        cp = concept_prompts(concept, train_captions, seed=self.seed)
+        cp = concept_prompts(concept, train_captions, n=self.n_fidelity, seed=self.seed)
         per_seed = [self.shape_hits(generate(den, cp, 4, self.seed + 1 + k), concept) for k in range(FIDELITY_SEEDS)]
         fidelity = [h for prompt_hits in zip(*per_seed) for h in prompt_hits]  # prompt-major
         leak = self.shape_hits(unrelated_4, concept)
-        cross = self.shape_hits(generate(den, cross_token_prompts(concept, seed=self.seed), 4, self.seed + 1), concept)
+        cross = self.shape_hits(generate(den, cross_token_prompts(concept, self.n_cross, self.seed), 4, self.seed + 1), concept)
         values = {"concept_fidelity": sum(fidelity) / len(fidelity), "leak": sum(leak) / len(leak),
                   "cross_token": sum(cross) / len(cross)}
         hits = {"concept_fidelity": hit_string(fidelity), "fidelity_seeds": FIDELITY_SEEDS, "leak": hit_string(leak),

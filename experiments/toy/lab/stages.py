@@ -28,6 +28,8 @@ from .study_report import report
 STAGES = ("prune", "main", "gap", "chains", "lambda", "onestate", "budget", "budgetchains", "adapters", "levers",
           "combos", "defaultschains")
 REPORT_EVERY_S = 60.0
+# the evaluation's prompt-set sizes (ToyMetrics, StudyMetrics); the lab's tests shrink them
+METRIC_SIZES = dict(n_unrelated=N_UNRELATED, n_selection=N_SELECTION)
 _WORKER = None  # a forked worker's (metrics, log), inherited from the parent that started the pool
 
 
@@ -82,7 +84,7 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) != stamp:
         raise DopsdError(f"{out} holds a study of another toy base ({stamp_file}); use a new --out folder")
     save_json(stamp, stamp_file)
-    metrics = StudyMetrics(load_evaluator(), base, n_unrelated=N_UNRELATED, n_selection=N_SELECTION)
+    metrics = StudyMetrics(load_evaluator(), base, **METRIC_SIZES)
     # a study cut short still reports what it has: the report after a run, at most once a minute (a stage
     # whose runs are cached returns them at once, and a report over every run takes seconds)
     last = [0.0]

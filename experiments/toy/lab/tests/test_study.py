@@ -10,6 +10,9 @@ from dopsd_core.toy.metrics import unrelated_prompts
 from dopsd_core.toy.render import prior_prompts
 from testutil import needs_weights
 
+# The tests' evaluation sets: small, since they test the plumbing (a fidelity prompt still has 4 seeds)
+TINY_METRICS = dict(n_unrelated=12, n_selection=12, n_fidelity=6, n_cross=6)
+
 
 def test_selection_prompts_are_separate_from_the_evaluation_and_prior_sets():
     sel = {p for p, *_ in study.selection_prompts()}
@@ -47,8 +50,7 @@ def test_a_tiny_prune_stage_runs_caches_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "CHECKPOINTS", (2, 4))
     monkeypatch.setattr(study, "LRS", (1e-3,))
     monkeypatch.setattr(study, "VARIANTS", (("dopsd", False), ("sft", True)))
-    monkeypatch.setattr(stages, "N_UNRELATED", 12)
-    monkeypatch.setattr(stages, "N_SELECTION", 12)
+    monkeypatch.setattr(stages, "METRIC_SIZES", TINY_METRICS)
     res = stages.run_study(tmp_path, "prune", log=lambda *_: None)
     runs = res["runs"]
     assert len(runs) == 2 and all([p["step"] for p in r["points"]] == [2, 4] for r in runs.values())
@@ -56,7 +58,7 @@ def test_a_tiny_prune_stage_runs_caches_and_resumes(tmp_path, monkeypatch):
     assert sft["prior_prompts"] > 80 and sft["points"][1]["model_evals"] == sft["setup_evals"] + 4 * 16
     for r in runs.values():
         for p in r["points"]:
-            assert len(p["hits"]["concept_fidelity"]) == 96 and 0 <= p["retention_selection"] <= 1
+            assert len(p["hits"]["concept_fidelity"]) == 6 * 4 and 0 <= p["retention_selection"] <= 1
     assert "| dopsd | 0.001 | 4 |" in (tmp_path / "results.md").read_text()
     # resumable: a lost evaluation is recomputed from the kept LoRA, nothing is retrained
     name = next(iter(runs))
@@ -97,8 +99,7 @@ def test_two_jobs_run_the_stage_in_worker_processes_and_report_every_run(tmp_pat
     monkeypatch.setattr(study, "CHECKPOINTS", (2,))
     monkeypatch.setattr(study, "LRS", (1e-3,))
     monkeypatch.setattr(study, "VARIANTS", (("sft", False), ("sft", True)))
-    monkeypatch.setattr(stages, "N_UNRELATED", 12)
-    monkeypatch.setattr(stages, "N_SELECTION", 12)
+    monkeypatch.setattr(stages, "METRIC_SIZES", TINY_METRICS)
     pids = []
     names = stages.map_runs(_name_and_pid, study.prune_plan(), tmp_path, None, jobs=2,
                            on_done=lambda: pids.append(os.getpid()))
@@ -108,7 +109,7 @@ def test_two_jobs_run_the_stage_in_worker_processes_and_report_every_run(tmp_pat
     assert all(any((tmp_path / "data" / c).glob("*.png")) for c in ("star", "heart", "crescent"))
     res = stages.run_study(tmp_path / "real", "prune", log=lambda *_: None, jobs=2)
     assert sorted(r["variant"] for r in res["runs"].values()) == ["sft", "sft + prior"]
-    assert all(len(r["points"][0]["hits"]["concept_fidelity"]) == 96 for r in res["runs"].values())
+    assert all(len(r["points"][0]["hits"]["concept_fidelity"]) == 6 * 4 for r in res["runs"].values())
 
 def _run(variant, seed, points, concept="star"):
     method, prior = ("dopsd" if variant.startswith("dopsd") else "sft"), "prior" in variant
@@ -207,7 +208,7 @@ def test_a_tiny_chain_warm_starts_each_stage_and_measures_every_concept_so_far(t
         monkeypatch.setattr(mod, "CHECKPOINTS", (2, 4))
     from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
     from dopsd_core.toy.evaluator import load_evaluator
-    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), **TINY_METRICS)
     kept = {"dopsd + prior": 1e-3, "sft + prior": 3e-4}
     chain = chains_mod.Chain("dopsd + prior", 0)
     r = chains_mod.run_chain(chain, tmp_path, metrics, kept, log=lambda *_: None)
@@ -288,7 +289,7 @@ def test_a_one_state_run_trains_with_one_state_and_counts_its_evaluations(tmp_pa
     from dopsd_core.toy.denoiser import BASE_WEIGHTS, load_toy_file
     from dopsd_core.toy.evaluator import load_evaluator
     monkeypatch.setattr(study, "CHECKPOINTS", (2,))
-    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), **TINY_METRICS)
     run = study.StudyRun("star", "dopsd", True, 1e-3, 0, states="one")
     r = study.run_one(run, tmp_path, metrics, log=lambda *_: None)
     assert r["variant"] == study_report.ONE_STATE and r["run"]["states"] == "one"
@@ -377,7 +378,7 @@ def test_a_budget_run_trains_to_its_own_length_and_is_evaluated_past_mains_check
     from dopsd_core.toy.evaluator import load_evaluator
     monkeypatch.setattr(study, "CHECKPOINTS", (2,))
     monkeypatch.setattr(study, "LONG_EVERY", 2)
-    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), **TINY_METRICS)
     run = study.StudyRun("star", "dopsd", True, 3e-3, 0, steps=6)
     r = study.run_one(run, tmp_path, metrics, log=lambda *_: None)
     assert [p["step"] for p in r["points"]] == [2, 4, 6] and r["run"]["steps"] == 6
@@ -411,7 +412,7 @@ def test_a_chain_at_a_picked_setting_trains_its_stages_with_the_settings_levers(
     monkeypatch.setattr(study, "LONG_EVERY", 2)
     monkeypatch.setattr(chains_mod, "ORIGIN", {"lr": 3e-3, "rank": 4, "steps": 4})
     monkeypatch.setitem(study.COMBOS, "cheap", dict(states="one", prior_every=2, prior_batch=1))
-    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), n_unrelated=12, n_selection=12)
+    metrics = study.StudyMetrics(load_evaluator(), load_toy_file(BASE_WEIGHTS), **TINY_METRICS)
     chain = chains_mod.Chain("dopsd + prior", 0, setting="cheap", at=2)
     r = chains_mod.run_chain(chain, tmp_path, metrics, {}, log=lambda *_: None)  # needs no kept lr
     first = study.StudyRun("star", "dopsd", True, 3e-3, 0, rank=4, steps=4, states="one", prior_every=2, prior_batch=1)
