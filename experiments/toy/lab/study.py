@@ -95,9 +95,15 @@ LEVERS = {
     "concept two states": dict(states="two", prior_states="all"),
 }
 
-# The combos stage: levers together, as the one-at-a-time results point to them (filled in from the levers
-# stage's report, ordered as LEVERS; each is a StudyRun change from ORIGIN).
-COMBOS: dict[str, dict] = {}
+# The combos stage: levers together, as the one-at-a-time results point to them (each a StudyRun change
+# from ORIGIN). The levers stage: rank 64 / lr 2e-3 is the only lever that raised the star (63 % -> 71 % at
+# step 300, still rising), and every cut of the prior cost it a few points, prior batch 1 the most
+# evaluations saved for that (60 a step: star 58 %). So: rank 64 / lr 2e-3 run on to 500 steps, alone
+# (it stands for the lever's 300-step runs: study_report.longest) and with one prior roll-out a step.
+COMBOS: dict[str, dict] = {
+    "rank 64, lr 2e-3, prior batch 1, 500 steps": dict(rank=64, lr=2e-3, prior_batch=1, steps=500),
+    "rank 64, lr 2e-3, 500 steps": dict(rank=64, lr=2e-3, steps=500),
+}
 # The toy's defaults as the levers' rule picked them: (a lever or combination, its step count); ("", 0)
 # until picked. The defaultschains stage runs the continual chains there.
 DEFAULTS_SETTING: tuple[str, int] = ("", 0)

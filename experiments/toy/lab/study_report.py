@@ -122,6 +122,18 @@ def _settings(run: dict) -> tuple:
             r.get("prior_batch", 0) or PRIOR["prior_batch"])
 
 
+def longest(runs: list[dict]) -> list[dict]:
+    """Of runs with the same settings, concept and seed (a combination that runs a lever's settings longer),
+    the one that ran the most steps: with a constant lr its step-s checkpoint is an s-step run of the same
+    setting, so it stands for the shorter run (which the levers stage trained first)."""
+    keep: dict[tuple, dict] = {}
+    for r in runs:
+        key = (r["variant"], r["run"]["concept"], r["run"]["seed"], _settings(r))
+        if key not in keep or r["points"][-1]["step"] > keep[key]["points"][-1]["step"]:
+            keep[key] = r
+    return [r for r in runs if keep[(r["variant"], r["run"]["concept"], r["run"]["seed"], _settings(r))] is r]
+
+
 def shipped_point(runs: list[dict]) -> dict | None:
     """The toy's shipped defaults (its family spec, TOY) measured: the mean over every concept and seed of
     the D-OPSD + prior runs that trained with exactly those settings, at the defaults' step count, if the
@@ -256,15 +268,15 @@ def report(out: Path) -> dict:
         sft_long = [cached[r.name] for r in sft_long_plan() if r.name in cached]
         summary["levers"] = {"runs": [r["name"] for r in levers], "planned": len(lever_plan() + combo_plan()),
                              "sft_long_runs": [r["name"] for r in sft_long], "sft_long_planned": len(sft_long_plan()),
-                             **lever_summary(levers, budget, sft_long)}
+                             **lever_summary(longest(levers), budget, sft_long)}
     all_chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
     if budget:
         summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
                              "by_concept": main_summary(budget, PAIRS[:1]), "default": default_choice(budget),
-                             "shipped": shipped_point(budget + levers)}
+                             "shipped": shipped_point(budget + longest(levers))}
         sft_long = [cached[r.name] for r in sft_long_plan() if r.name in cached]
         summary["budget"]["shipped_equal_compute"] = shipped_equal_compute(
-            budget + levers, summary["budget"]["shipped"], sft_long)
+            budget + longest(levers), summary["budget"]["shipped"], sft_long)
         chains = [c for c in all_chains if chain_kind(c) == "budget"]
         if chains:  # kept shares against the budget runs' last step, the chain stages' length
             summary["budget"]["chains"] = chain_summary(chains, _single_fidelity(budget, chains[0]["steps_per_stage"]))

@@ -504,7 +504,7 @@ def test_each_lever_is_one_change_from_the_defaults_under_a_name_of_its_own():
 
 
 def test_a_combination_runs_as_a_lever_and_may_run_longer_than_the_defaults(monkeypatch):
-    monkeypatch.setitem(study.COMBOS, "cheap, longer", dict(states="one", prior_states="one", prior_every=4, steps=600))
+    monkeypatch.setattr(study, "COMBOS", {"cheap, longer": dict(states="one", prior_states="one", prior_every=4, steps=600)})
     plan = study.combo_plan()
     assert len(plan) == 9 and not {r.name for r in plan} & {r.name for r in study.lever_plan()}
     run = plan[0]
@@ -512,6 +512,23 @@ def test_a_combination_runs_as_a_lever_and_may_run_longer_than_the_defaults(monk
     assert run.variant == "dopsd + prior, one state, prior every 4, prior one state"
     assert study.evals_per_step("dopsd", True, states="one", prior_states="one", prior_every=4) == 4.5 * 4 + 4.5
     assert study.setting_change("cheap, longer")["steps"] == 600 and "prior batch 1" in study.LEVERS
+
+
+def test_a_longer_run_of_a_levers_settings_stands_for_it_in_the_levers_cells():
+    from experiments.toy.lab import levers
+    def run(seed, steps, fid, rank=64):
+        r = _lever_run("dopsd + prior, rank 64, lr 2e-3", "star", seed,
+                       [(st, st * 96, fid, 0.9, 0.9, 0.0) for st in range(100, steps + 1, 100)])
+        r["run"].update(prior=True, lr=2e-3, rank=rank)
+        return r
+    short = [run(s, 300, 0.5) for s in range(3)]
+    long = [run(s, 500, 0.8) for s in range(2)]  # two of three seeds run on so far
+    other_rank = run(0, 500, 0.1, rank=32)  # other settings under the same name: kept apart
+    kept = study_report.longest(short + long + [other_rank])
+    assert kept == [short[2], *long, other_rank]
+    cells = {c["step"]: c for c in levers.cells(kept[:3])}
+    assert set(cells) == {100, 200, 300} and cells[300]["runs"] == 3  # 400 and 500 once the third seed ran on
+    assert levers.cells(long + [run(2, 500, 0.8)])[-1]["step"] == 500
 
 
 def _lever_run(variant, concept, seed, points):
