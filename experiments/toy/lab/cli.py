@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "parameters at the defaults, levers = each lever on a step's cost alone from the defaults, "
                         "combos = levers together, defaultschains = the continual chains at the defaults the "
                         "levers' rule picked; report = results from the cached runs only")
+    p.add_argument("--only", action="store_true",
+                   help="with --stage budget, adapters, levers or combos: run only that stage's runs, not the "
+                        "stages before it (their runs stay as they are)")
     p.add_argument("--jobs", type=int, default=1,
                    help="study runs at once, one torch thread each (default 1; 2 on a 2-core machine)")
     p.set_defaults(func=cmd_experiment)
@@ -95,6 +98,8 @@ def _threads(n: int) -> None:
 def cmd_experiment(args) -> int:
     require_toy_weights()
     out = writable_dir(Path(args.out))
+    if args.only and args.stage in (None, "report"):
+        raise DopsdError("--only runs one stage's runs: name it with --stage budget, adapters, levers or combos")
     if args.stage:
         if args.jobs < 1:
             raise DopsdError(f"--jobs must be at least 1, got {args.jobs}")
@@ -103,7 +108,7 @@ def cmd_experiment(args) -> int:
             report(out)
         else:
             from .stages import run_study
-            run_study(out, args.stage, jobs=args.jobs)
+            run_study(out, args.stage, jobs=args.jobs, only=args.only)
         print((out / "results.md").read_text())
         return 0
     from .experiment import run_experiment

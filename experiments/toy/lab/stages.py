@@ -72,11 +72,19 @@ def map_runs(fn, items: list, out: Path, metrics: StudyMetrics, *extra, jobs: in
     return results
 
 
-def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict:
+# stages whose runs need nothing from an earlier stage but the prune's (cached) runs: `only` runs them alone
+SELF_CONTAINED = {"budget": budget_plan, "adapters": adapter_plan, "levers": levers_stage_plan, "combos": combo_plan}
+
+
+def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1, only: bool = False) -> dict:
     """Runs the stages up to and including `stage` that are not cached yet (each is resumable), then
-    writes the report from everything cached. jobs: runs at once (map_runs)."""
+    writes the report from everything cached. jobs: runs at once (map_runs). only: just `stage`'s runs
+    (one of SELF_CONTAINED), e.g. the combinations before the last levers."""
     if stage not in STAGES:
         raise DopsdError(f"unknown study stage {stage!r}; choose one of {', '.join(STAGES)} (or report)")
+    if only and stage not in SELF_CONTAINED:
+        raise DopsdError(f"--only runs one of {', '.join(SELF_CONTAINED)} alone; {stage!r} needs the stages "
+                         "before it: drop --only")
     out = Path(out)
     base = load_toy_file(BASE_WEIGHTS)
     stamp = {"base": base.fingerprint(), "study": 1}
@@ -96,7 +104,9 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
     each = dict(jobs=jobs, log=log, on_done=report_now)
     prune = map_runs(run_one, prune_plan(), out, metrics, **each)
     todo = STAGES[:STAGES.index(stage) + 1]
-    if "main" in todo:
+    if only:
+        map_runs(run_one, SELF_CONTAINED[stage](), out, metrics, **each)
+    elif "main" in todo:
         kept = kept_lrs(prune)
         main = map_runs(run_one, main_plan(kept), out, metrics, **each)
         if "gap" in todo:
@@ -112,16 +122,13 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1) -> dict
         if "onestate" in todo:
             map_runs(run_one, one_state_plan(kept), out, metrics, **each)
         if "budget" in todo:
-            map_runs(run_one, budget_plan(), out, metrics, **each)
+            map_runs(run_one, SELF_CONTAINED["budget"](), out, metrics, **each)
         if "budgetchains" in todo:
             map_runs(run_chain, chain_plan(budget=True), out, metrics, kept, **each)
             teacher_check(out, metrics, kept, log)
-        if "adapters" in todo:
-            map_runs(run_one, adapter_plan(), out, metrics, **each)
-        if "levers" in todo:
-            map_runs(run_one, levers_stage_plan(), out, metrics, **each)
-        if "combos" in todo:
-            map_runs(run_one, combo_plan(), out, metrics, **each)
+        for name in ("adapters", "levers", "combos"):
+            if name in todo:
+                map_runs(run_one, SELF_CONTAINED[name](), out, metrics, **each)
         if "defaultschains" in todo:
             setting, at = DEFAULTS_SETTING
             if not setting:

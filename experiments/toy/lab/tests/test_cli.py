@@ -44,6 +44,8 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert rc == 2 and "has no pretrained.safetensors" in err and "experiments.toy.lab toy-pretrain" in err
     rc, _, err = run_lab("experiment", "--out", tmp_path, "--stage", "report", "--jobs", "0")
     assert rc == 2 and "--jobs must be at least 1" in err
+    rc, _, err = run_lab("experiment", "--out", tmp_path, "--only")
+    assert rc == 2 and "--only runs one stage's runs" in err
 
 
 @needs_weights

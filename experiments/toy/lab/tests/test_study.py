@@ -94,6 +94,17 @@ def test_a_failed_run_stops_the_pool_instead_of_running_the_queue(tmp_path, monk
     assert len(list(tmp_path.glob("ran-*"))) < 6  # at most the runs already handed to the workers
 
 @needs_weights
+def test_only_runs_one_self_contained_stage_without_the_ones_before_it(tmp_path, monkeypatch):
+    plans = []
+    monkeypatch.setattr(stages, "map_runs", lambda fn, plan, *a, **k: plans.append([r.name for r in plan]) or [])
+    monkeypatch.setattr(stages, "StudyMetrics", lambda *a, **k: None)
+    monkeypatch.setattr(stages, "report", lambda out: {})
+    stages.run_study(tmp_path, "combos", only=True)
+    assert plans == [[r.name for r in study.prune_plan()], [r.name for r in study.combo_plan()]]  # prune: cached
+    with pytest.raises(DopsdError, match="needs the stages before it"):
+        stages.run_study(tmp_path, "chains", only=True)
+
+
 def test_two_jobs_run_the_stage_in_worker_processes_and_report_every_run(tmp_path, monkeypatch):
     import os
     monkeypatch.setattr(study, "CHECKPOINTS", (2,))
