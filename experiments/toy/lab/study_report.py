@@ -544,20 +544,24 @@ def lever_lines(lv: dict) -> list[str]:
         by_variant.setdefault(c["variant"], []).append(c)
     rows = []
     for v, cs in by_variant.items():
-        last = next((c for c in cs if c["step"] == ORIGIN["steps"]), cs[-1])
+        at_origin = next((c for c in cs if c["step"] == ORIGIN["steps"]), cs[-1])
         ok = [c for c in cs if complete(c) and meets(c)]
         ok_mean = [c for c in cs if complete(c) and meets(c, each_concept=False)]
         first = lambda xs: f"step {xs[0]['step']} ({xs[0]['model_evals']:,.0f}; {share(xs[0]['model_evals'])})" if xs else "none"  # noqa: E731
-        rows.append([v, f"{cs[0]['evals_per_step']:g}", f"{last['runs']}", last["step"], _pct(last["concept_fidelity"]),
-                     " / ".join(_pct(x) for x in last["fidelity_by_concept"].values()), _pct(last["retention"]),
-                     _pct(last["leak"]), _pct(last["cross_token"]), f"{last['model_evals']:,.0f}", first(ok_mean), first(ok)])
+        # a combination run past the defaults' step: a row at its last step too
+        for last in [at_origin] + [c for c in cs[-1:] if c["step"] > at_origin["step"] and c["step"] != ORIGIN["steps"]]:
+            rows.append([v, f"{cs[0]['evals_per_step']:g}", f"{last['runs']}", last["step"], _pct(last["concept_fidelity"]),
+                         " / ".join(_pct(x) for x in last["fidelity_by_concept"].values()), _pct(last["retention"]),
+                         _pct(last["leak"]), _pct(last["cross_token"]), f"{last['model_evals']:,.0f}", first(ok_mean),
+                         first(ok)])
     aims = (f"fidelity >= {_pct(LEVER_AIMS['fidelity'])}, each concept >= {_pct(LEVER_AIMS['each concept'])}, retention "
             f">= {_pct(LEVER_AIMS['retention'])}, leak <= {_pct(LEVER_AIMS['leak'])}")
     pick = lv["pick"]
     lines = [f"## Cost levers ({len(lv['runs'])} of {lv['planned']} runs cached)", "",
              f"D-OPSD + prior from the toy's defaults of the time (lr {ORIGIN['lr']:g}, rank {ORIGIN['rank']}, "
-             f"{ORIGIN['steps']} steps), one lever at a time, 3 concepts x 3 seeds, evaluated at main's checkpoints and "
-             f"at step {ORIGIN['steps']}; `dopsd + prior` is those defaults' own runs (the budget stage) and `sft + "
+             f"{ORIGIN['steps']} steps), one lever at a time and in combinations (which may run longer: a second row "
+             f"at their last step), 3 concepts x 3 seeds, evaluated at main's checkpoints and every 100 steps from "
+             f"{ORIGIN['steps']}; `dopsd + prior` is those defaults' own runs (the budget stage) and `sft + "
              f"prior` SFT with the prior at the same lr for {SFT_LONG['steps']} steps (the budget stage's 400 until "
              "those runs are in). Compute is model evaluations (a forward or a backward of one sample) spent up to "
              "the checkpoint; a checkpoint is the run of that many steps (constant lr). Share: of today's "
