@@ -15,7 +15,7 @@ def test_demo_end_to_end(tmp_path):
         assert (out / f).is_file(), f
     metrics = json.loads((out / "metrics.json").read_text())
     keys = {"concept_fidelity", "retention", "leak", "cross_token", "quality_4", "quality_32", "few_step_gap", "drift"}
-    assert keys <= set(metrics["base"]) and keys <= set(metrics["lora"])
+    assert keys <= set(metrics["base"]) and keys <= set(metrics["lora"]) and metrics["steps"] == 3
     assert metrics["base"]["drift"] == 0.0 and metrics["lora"]["drift"] > 0.0
     # the demo trains with the toy's defaults: the budget's batch and the auto prior
     state = json.loads((out / "state" / "state.json").read_text())

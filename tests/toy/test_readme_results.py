@@ -63,3 +63,23 @@ def test_a_study_of_another_base_says_so():
     assert tool.base_notice("toy-a", "toy-a") == ""
     notice = tool.base_notice("toy-a", "toy-b")
     assert "`toy-a`" in notice and "`toy-b`" in notice and "earlier toy base" in notice
+
+
+def test_a_demo_short_of_the_defaults_steps_says_what_the_rest_adds():
+    from dopsd_core.family_spec import TOY
+    tool = _tool()
+    demo = json.loads(tool.DEMO.read_text())
+    short = TOY.steps // 2
+
+    def cell(step, fid, star, ret, evals):
+        return {"variant": "v", "step": step, "concept_fidelity": fid, "retention": ret, "leak": 0.02,
+                "model_evals": evals, "fidelity_by_concept": {"heart": 0.99, "star": star}}
+    study = {"summary": {"budget": {"shipped": {"variant": "v"}},
+                         "levers": {"cells": [cell(short, 0.7, 0.4, 0.9, 100), cell(TOY.steps, 0.9, 0.8, 0.88, 200),
+                                              {**cell(TOY.steps, 0.1, 0.1, 0.1, 1), "variant": "other"}]}}}
+    text = tool.demo_block({**demo, "steps": short}, study)
+    assert f"{short} steps, trained in" in text
+    assert (f"The demo trains {short} of the defaults' {TOY.steps} steps to stay under 5 minutes on 2 cores" in text
+            and "fidelity 70 % → 90 % (heart 99 % → 99 %, star 40 % → 80 %), retention 90 % → 88 %" in text
+            and "for 2.0× the model evaluations" in text)
+    assert "The demo trains" not in tool.demo_block({**demo, "steps": TOY.steps}, study)  # the whole budget
