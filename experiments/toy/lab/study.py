@@ -73,7 +73,10 @@ BUDGET = dict(lr=3e-3, steps=400)  # the budget stage's runs
 ORIGIN = dict(lr=3e-3, rank=16, steps=300)
 # SFT + prior run past the budget stage's 400 steps, so that the levers' D-OPSD settings meet it at equal
 # compute up to 19,200 model evaluations (two thirds of the origin's 28,800), evaluated every 100 steps.
-SFT_LONG = dict(lr=3e-3, steps=1200, every=100)
+SFT_LONG = dict(lr=3e-3, steps=3000, every=100)
+# ... first run to 1200 steps (19,200 evaluations); the 3000-step runs (48,000: the rank-64 combinations'
+# 500 steps) repeat them and go on, and stand for them in the report once in (study_report.longest)
+SFT_LONG_FIRST = 1200
 LONG_EVERY = 100  # past main's last checkpoint, a run is evaluated every this many steps
 N_UNRELATED = 192  # the evaluation set of retention and leak (dopsd_core/toy/metrics.py)
 N_SELECTION = 96  # the selection set that picks matched points (selection_prompts)
@@ -271,9 +274,10 @@ def combo_plan() -> list[StudyRun]:
             for c in HELD_OUT_SHAPES for s in range(3)]
 
 
-def sft_long_plan() -> list[StudyRun]:
-    """SFT + prior at the origin's lr for SFT_LONG's steps, evaluated every SFT_LONG['every'] steps."""
-    every, steps = SFT_LONG["every"], SFT_LONG["steps"]
+def sft_long_plan(steps: int = 0) -> list[StudyRun]:
+    """SFT + prior at the origin's lr for SFT_LONG's steps (or `steps`), evaluated every SFT_LONG['every']
+    steps."""
+    every, steps = SFT_LONG["every"], steps or SFT_LONG["steps"]
     return [StudyRun(c, "sft", True, SFT_LONG["lr"], s, steps=steps, eval_steps=tuple(range(every, steps + 1, every)))
             for c in HELD_OUT_SHAPES for s in range(3)]
 

@@ -16,9 +16,9 @@ from .chains import chain_kind, chain_plan, chain_summary, teacher_summary
 from .levers import (AIMS as LEVER_AIMS, EQUAL_COMPUTE_TAU, complete, equal_compute, lever_summary, levers_figure,
                      meets)
 from .stats import bootstrap_difference, per_prompt
-from .study import (ADAPTER_SETTINGS, BUDGET, CHECKPOINTS, DEFAULTS_SETTING, ORIGIN, PRIOR, SFT_LONG, SMALL_RANK, TAUS,
-                    adapter_plan, budget_plan, choose_lr, combo_plan, lambda_plan, lever_plan, main_plan, matched,
-                    one_state_plan, prune_plan, sft_long_plan)
+from .study import (ADAPTER_SETTINGS, BUDGET, CHECKPOINTS, DEFAULTS_SETTING, ORIGIN, PRIOR, SFT_LONG, SFT_LONG_FIRST,
+                    SMALL_RANK, TAUS, adapter_plan, budget_plan, choose_lr, combo_plan, lambda_plan, lever_plan,
+                    main_plan, matched, one_state_plan, prune_plan, sft_long_plan)
 
 PAIRS = (("dopsd + prior", "sft + prior"), ("dopsd", "sft"))
 ONE_STATE = "dopsd + prior, one state"
@@ -251,6 +251,15 @@ def adapter_lines(a: dict) -> list[str]:
                    "retention − LoRA", "leak − LoRA", "cross-token − LoRA"], rows)
 
 
+def _sft_long_plans() -> list:
+    return sft_long_plan() + sft_long_plan(SFT_LONG_FIRST)
+
+
+def _sft_long(cached: dict) -> list[dict]:
+    """The long SFT + prior runs: the 3000-step ones where in, else the first 1200-step ones."""
+    return longest([cached[r.name] for r in _sft_long_plans() if r.name in cached])
+
+
 def report(out: Path) -> dict:
     """results.json, results.md and fronts.png from whatever runs are cached."""
     out = Path(out)
@@ -265,16 +274,17 @@ def report(out: Path) -> dict:
                                **adapter_summary(adapters, [r for r in budget if r["variant"] == "dopsd + prior"])}
     levers = [cached[r.name] for r in lever_plan() + combo_plan() if r.name in cached]  # combinations alike
     if levers:
-        sft_long = [cached[r.name] for r in sft_long_plan() if r.name in cached]
+        sft_long = _sft_long(cached)
         summary["levers"] = {"runs": [r["name"] for r in levers], "planned": len(lever_plan() + combo_plan()),
                              "sft_long_runs": [r["name"] for r in sft_long], "sft_long_planned": len(sft_long_plan()),
+                             "sft_long_steps": max((r["points"][-1]["step"] for r in sft_long), default=0),
                              **lever_summary(longest(levers), budget, sft_long)}
     all_chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
     if budget:
         summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
                              "by_concept": main_summary(budget, PAIRS[:1]), "default": default_choice(budget),
                              "shipped": shipped_point(budget + longest(levers))}
-        sft_long = [cached[r.name] for r in sft_long_plan() if r.name in cached]
+        sft_long = _sft_long(cached)
         summary["budget"]["shipped_equal_compute"] = shipped_equal_compute(
             budget + longest(levers), summary["budget"]["shipped"], sft_long)
         chains = [c for c in all_chains if chain_kind(c) == "budget"]
@@ -316,7 +326,7 @@ def report(out: Path) -> dict:
                                       "chain_teachers": teacher_summary(out, kind=f"{setting}@{at}")}
     results = {"stamp": json.loads((out / "stamp.json").read_text()), "summary": summary,
                "runs": {r["name"]: r for r in prune + main + lam + one + budget + adapters + levers + singles
-                        + [cached[r.name] for r in sft_long_plan() if r.name in cached]}}
+                        + [cached[r.name] for r in _sft_long_plans() if r.name in cached]}}
     save_json(results, out / "results.json")
     save_bytes(study_markdown(results).encode(), out / "results.md")
     if main:
@@ -562,8 +572,8 @@ def lever_lines(lv: dict) -> list[str]:
              f"{ORIGIN['steps']} steps), one lever at a time and in combinations (which may run longer: a second row "
              f"at their last step), 3 concepts x 3 seeds, evaluated at main's checkpoints and every 100 steps from "
              f"{ORIGIN['steps']}; `dopsd + prior` is those defaults' own runs (the budget stage) and `sft + "
-             f"prior` SFT with the prior at the same lr for {SFT_LONG['steps']} steps (the budget stage's 400 until "
-             "those runs are in). Compute is model evaluations (a forward or a backward of one sample) spent up to "
+             f"prior` SFT with the prior at the same lr for up to {lv.get('sft_long_steps', SFT_LONG['steps'])} steps "
+             "(the budget stage's 400 until those runs are in). Compute is model evaluations (a forward or a backward of one sample) spent up to "
              "the checkpoint; a checkpoint is the run of that many steps (constant lr). Share: of today's "
              f"defaults ({'' if ref_evals is None else f'{ref_evals:,.0f} evaluations, '}step {ORIGIN['steps']}). "
              f"Aims: {aims}. Fronts: levers.png.", "",

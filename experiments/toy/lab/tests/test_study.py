@@ -609,8 +609,11 @@ def test_the_levers_stage_adds_long_sft_runs_under_names_of_their_own_and_the_re
     assert len(stage) == len(study.lever_plan()) + 9 and stage[9:18] == long
     budget_names = {r.name for r in study.budget_plan()}
     assert not {r.name for r in long} & budget_names and all(r.method == "sft" and r.prior for r in long)
-    assert long[0].checkpoints == tuple(range(100, 1201, 100))
-    assert study.evals_per_step("sft", True) * long[0].steps == 19200
+    assert long[0].checkpoints == tuple(range(100, 3001, 100))
+    assert study.evals_per_step("sft", True) * long[0].steps == 48000  # the rank-64 combinations' 500 steps
+    first = study.sft_long_plan(study.SFT_LONG_FIRST)  # the first long runs: 19,200 evaluations
+    assert study.evals_per_step("sft", True) * first[0].steps == 19200 and first[0].checkpoints[-1] == 1200
+    assert not {r.name for r in first} & {r.name for r in long}
     # the pinned origin: the levers' names do not move when the toy's defaults do
     assert all(r.lr == study.ORIGIN["lr"] or r.rank == 64 for r in study.lever_plan())
     concepts, seeds = ("star", "heart", "crescent"), range(3)
