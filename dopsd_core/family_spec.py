@@ -132,16 +132,18 @@ TOY = FamilySpec(
     name="toy", title="the built-in D-OPSD toy model",
     lora_targets=r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
     blocks=r"blocks\.\d+", grid="simple", k=4, sample_steps=4,
-    lr=3e-3, rank=16, alpha=16.0, steps=300, batch_size=4, grad_accum=1, prior_weight=1.0, prior_batch=4,
+    lr=2e-3, rank=64, alpha=64.0, steps=400, batch_size=4, grad_accum=1, prior_weight=1.0, prior_batch=4,
     resolution=32, fixed_resolution=32,
     new_settings=("a yellow {trigger} on a navy background", "a large white {trigger} on a maroon background"),
     teacher_text="caption + the target's reference tokens",
     grid_text="ComfyUI `simple`, shift 3: 1, .9, .75, .5 → 0",
     sampling_text="4 steps, cfg 1, `euler` / `simple`",
-    sources={"lr": "the toy study's budget stage: D-OPSD + prior meets fidelity, retention and leak aims at "
-                   "step 300 (experiments/toy/study/results.md)",
-             "steps": "the budget stage's step 300 (step 400: within sampling error, a quarter dearer)",
-             "rank": "the study's rank 16", "alpha": "alpha = rank", "k": "the toy base's 4-step grid",
+    sources={"lr": "the toy study's levers stage (experiments/toy/study/results.md, \"Cost levers\"): rank 64 / "
+                   "lr 2e-3 is the cheapest setting whose mean over 3 concepts x 3 seeds meets every aim, the "
+                   "star's fidelity included (no cheaper prior or state lever kept the star at 80 %)",
+             "steps": "the levers stage's rule: step 400 (38,400 model evaluations, 1.33x the earlier 300 steps at "
+                      "rank 16); `dopsd demo` trains 200 of them (the mean aims, under 5 minutes on 2 cores)",
+             "rank": "the levers stage (with the lr)", "alpha": "alpha = rank", "k": "the toy base's 4-step grid",
              "batch": "the study's batch 4", "prior": "the study: lambda 1, one prior roll-out per sample",
              "resolution": "the toy's only image size"},
 )

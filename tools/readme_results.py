@@ -103,7 +103,9 @@ def results_block(study: dict) -> str:
         kept = ", ".join(f"{c} {_pct(v)}" for c, v in last["fidelity"].items())
         return f"{kept} at {_pct(last['retention'])} retention"
     order = " → ".join(st["concept"] for st in chains["dopsd + prior"]["stages"])
-    lines += [f"Taught one after another ({order}, {chain_steps} steps each), the concepts' fidelity at "
+    # the budget stage's chains ran at the defaults before the levers stage's pick (lr 3e-3, rank 16)
+    earlier = "" if at_pick else f"At the earlier defaults (lr {number_text(BUDGET['lr'])}, rank 16), t"
+    lines += [f"{earlier or 'T'}aught one after another ({order}, {chain_steps} steps each), the concepts' fidelity at "
               f"the end of the chain: D-OPSD + prior {end('dopsd + prior')}; SFT + prior, same steps, "
               f"{end('sft + prior')}.", "",
               f"D-OPSD + prior minus SFT + prior in concept fidelity, at retention {TAU} (points, 95 % interval): "

@@ -109,7 +109,7 @@ COMBOS: dict[str, dict] = {
 }
 # The toy's defaults as the levers' rule picked them: (a lever or combination, its step count); ("", 0)
 # until picked. The defaultschains stage runs the continual chains there.
-DEFAULTS_SETTING: tuple[str, int] = ("", 0)
+DEFAULTS_SETTING: tuple[str, int] = ("rank 64, lr 2e-3, 500 steps", 400)
 
 
 def setting_change(name: str) -> dict:
