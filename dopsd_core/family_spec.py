@@ -142,7 +142,7 @@ TOY = FamilySpec(
                    "lr 2e-3 is the cheapest setting whose mean over 3 concepts x 3 seeds meets every aim, the "
                    "star's fidelity included (no cheaper prior or state lever kept the star at 80 %)",
              "steps": "the levers stage's rule: step 400 (38,400 model evaluations, 1.33x the earlier 300 steps at "
-                      "rank 16); `dopsd demo` trains 200 of them (the mean aims, under 5 minutes on 2 cores)",
+                      "rank 16); `dopsd demo` trains them in 4 minutes on 2 cores",
              "rank": "the levers stage (with the lr)", "alpha": "alpha = rank", "k": "the toy base's 4-step grid",
              "batch": "the study's batch 4", "prior": "the study: lambda 1, one prior roll-out per sample",
              "resolution": "the toy's only image size"},
