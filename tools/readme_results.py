@@ -145,7 +145,7 @@ def _equal_compute(budget: dict) -> str:
     if not ec:
         return f"at equal compute (a D-OPSD step costs several SFT steps) {_differences(budget, ', equal compute')}"
     diffs = ", ".join(f"{c} {_interval(ec['by_concept'][c])}" for c in budget["by_concept"] if c in ec["by_concept"])
-    sft_end = max(d["sft_run_evals"] for d in ec["by_concept"].values())
+    sft_end = min(d["sft_run_evals"] for d in ec["by_concept"].values())  # the shortest SFT run
     sft = ("SFT + prior trains as many steps as fit in them" if sft_end >= ec["model_evals"] else
            f"SFT + prior's runs end at {sft_end:,.0f}, so it has less")
     return f"at equal compute (the defaults' {ec['model_evals']:,.0f} model evaluations; {sft}) {diffs}"

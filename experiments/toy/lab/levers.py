@@ -75,7 +75,7 @@ def pick(all_cells: list[dict]) -> dict:
 def equal_compute(dopsd_runs: list[dict], sft_runs: list[dict], evals: float, tau: float = EQUAL_COMPUTE_TAU) -> dict:
     """Per concept: D-OPSD minus SFT + prior fidelity at the matched point (selection retention >= tau)
     within `evals` model evaluations, paired by seed, with a 95 % bootstrap interval (seeds, then prompts);
-    a run that never reaches tau there counts fidelity 0. Also says whether SFT's runs end before `evals`."""
+    a run that never reaches tau there counts fidelity 0. sft_run_evals: the shortest SFT run (ends before `evals`?)."""
     def at(r):
         m = matched(r["points"], tau, evals)
         return (per_prompt(m["hits"]["concept_fidelity"], FIDELITY_SEEDS) if m
@@ -91,7 +91,7 @@ def equal_compute(dopsd_runs: list[dict], sft_runs: list[dict], evals: float, ta
         out[concept] = {**bootstrap_difference([x for x, _ in a], [x for x, _ in b]),
                         "dopsd_fidelity": sum(m["concept_fidelity"] if m else 0.0 for _, m in a) / len(a),
                         "sft_fidelity": sum(m["concept_fidelity"] if m else 0.0 for _, m in b) / len(b),
-                        "sft_run_evals": max(s["points"][-1]["model_evals"] for _, s in pairs)}
+                        "sft_run_evals": min(s["points"][-1]["model_evals"] for _, s in pairs)}  # the shortest
     return out
 
 
