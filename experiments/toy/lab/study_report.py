@@ -138,10 +138,11 @@ def shipped_point(runs: list[dict]) -> dict | None:
     """The toy's shipped defaults (its family spec, TOY) measured: the mean over every concept and seed of
     the D-OPSD + prior runs that trained with exactly those settings, at the defaults' step count, if the
     runs evaluated it for every concept (a checkpoint is the run of that many steps: constant lr)."""
-    cps = [(r["run"]["concept"], p) for r in _shipped_runs(runs) for p in r["points"] if p["step"] == TOY.steps]
+    shipped = _shipped_runs(runs)
+    cps = [(r["run"]["concept"], p) for r in shipped for p in r["points"] if p["step"] == TOY.steps]
     if len({c for c, _ in cps}) < 3:
         return None
-    return {**_cell_mean(_shipped_runs(runs)[0]["variant"], TOY.lr, TOY.steps, cps),
+    return {**_cell_mean(shipped[0]["variant"], TOY.lr, TOY.steps, cps),
             "model_evals": sum(p["model_evals"] for _, p in cps) / len(cps)}
 
 
@@ -273,20 +274,19 @@ def report(out: Path) -> dict:
         summary["adapters"] = {"runs": [r["name"] for r in adapters], "planned": len(adapter_plan()),
                                **adapter_summary(adapters, [r for r in budget if r["variant"] == "dopsd + prior"])}
     levers = [cached[r.name] for r in lever_plan() + combo_plan() if r.name in cached]  # combinations alike
+    kept_levers, sft_long = longest(levers), _sft_long(cached)
     if levers:
-        sft_long = _sft_long(cached)
         summary["levers"] = {"runs": [r["name"] for r in levers], "planned": len(lever_plan() + combo_plan()),
                              "sft_long_runs": [r["name"] for r in sft_long], "sft_long_planned": len(sft_long_plan()),
                              "sft_long_steps": max((r["points"][-1]["step"] for r in sft_long), default=0),
-                             **lever_summary(longest(levers), budget, sft_long)}
+                             **lever_summary(kept_levers, budget, sft_long)}
     all_chains = [json.loads(p.read_text()) for p in sorted((out / "chains").glob("*/chain.json"))]
     if budget:
         summary["budget"] = {"runs": [r["name"] for r in budget], "planned": len(budget_plan()),
                              "by_concept": main_summary(budget, PAIRS[:1]), "default": default_choice(budget),
-                             "shipped": shipped_point(budget + longest(levers))}
-        sft_long = _sft_long(cached)
+                             "shipped": shipped_point(budget + kept_levers)}
         summary["budget"]["shipped_equal_compute"] = shipped_equal_compute(
-            budget + longest(levers), summary["budget"]["shipped"], sft_long)
+            budget + kept_levers, summary["budget"]["shipped"], sft_long)
         chains = [c for c in all_chains if chain_kind(c) == "budget"]
         if chains:  # kept shares against the budget runs' last step, the chain stages' length
             summary["budget"]["chains"] = chain_summary(chains, _single_fidelity(budget, chains[0]["steps_per_stage"]))
@@ -422,7 +422,8 @@ def _budget_lines(budget: dict) -> list[str]:
                   *aims_table(d)]
     shipped = budget.get("shipped")
     if shipped:
-        lines += ["", f"The toy's defaults (its family spec) are {shipped['variant']}, lr {shipped['lr']:g}, **step "
+        lr = "" if ", lr " in shipped["variant"] else f", lr {shipped['lr']:g}"  # a lever's name may say it
+        lines += ["", f"The toy's defaults (its family spec) are {shipped['variant']}{lr}, **step "
                   f"{shipped['step']}** ({shipped['runs']} runs of this stage or the levers'); against the aims:", "",
                   *aims_table(shipped)]
         if budget.get("shipped_equal_compute"):
@@ -559,7 +560,7 @@ def lever_lines(lv: dict) -> list[str]:
         ok_mean = [c for c in cs if complete(c) and meets(c, each_concept=False)]
         first = lambda xs: f"step {xs[0]['step']} ({xs[0]['model_evals']:,.0f}; {share(xs[0]['model_evals'])})" if xs else "none"  # noqa: E731
         # a combination run past the defaults' step: a row at its last step too
-        for last in [at_origin] + [c for c in cs[-1:] if c["step"] > at_origin["step"] and c["step"] != ORIGIN["steps"]]:
+        for last in [at_origin] + [c for c in cs[-1:] if c["step"] > at_origin["step"]]:
             rows.append([v, f"{cs[0]['evals_per_step']:g}", f"{last['runs']}", last["step"], _pct(last["concept_fidelity"]),
                          " / ".join(_pct(x) for x in last["fidelity_by_concept"].values()), _pct(last["retention"]),
                          _pct(last["leak"]), _pct(last["cross_token"]), f"{last['model_evals']:,.0f}", first(ok_mean),
