@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from dopsd_core.toy.metrics import FIDELITY_SEEDS
 from dopsd_core.toy.render import HELD_OUT_SHAPES
 from .stats import bootstrap_difference, per_prompt
-from .study import ORIGIN, matched
+from .study import ORIGIN, evals_per_step, matched, setup_evals
 
 DEFAULTS = "dopsd + prior"  # the budget stage's D-OPSD + prior runs: today's defaults and every lever's origin
 SFT = "sft + prior"
@@ -104,14 +104,33 @@ def lever_summary(levers: list[dict], budget: list[dict], sft_long: list[dict] =
     all_cells = cells(levers + dopsd_default + sft)
     chosen = pick(all_cells)
     reference = next((c for c in all_cells if c["variant"] == DEFAULTS and c["step"] == ORIGIN["steps"]), None)
+    prompts = max((r["prior_prompts"] for r in dopsd_default), default=0)
     out = {"cells": all_cells, "pick": chosen, "reference": reference, "aims": AIMS,
-           "sft_runs": "long" if long_done else "budget"}
+           "sft_runs": "long" if long_done else "budget", "defaults_cost": defaults_cost(prompts)}
     target = chosen["every_aim"] or chosen["mean_aims"]
     if target:
         runs = [r for r in levers + dopsd_default if r["variant"] == target["variant"]]
         out["equal_compute"] = {"variant": target["variant"], "step": target["step"], "model_evals": target["model_evals"],
                                 "tau": EQUAL_COMPUTE_TAU, "by_concept": equal_compute(runs, sft, target["model_evals"])}
     return out
+
+
+def defaults_cost(prior_prompts: int, steps: int = 1000) -> list[dict]:
+    """What a run costs in model evaluations at the toy's old defaults (ORIGIN) and at the picked ones (the
+    family spec's TOY), D-OPSD + prior and SFT + prior for the same steps: per step (K = 4, the study's batch
+    and prior), per run (SFT + prior adds its class images once: K forwards a prior prompt) and for `steps`
+    steps. share: of the old defaults' D-OPSD + prior run."""
+    from dopsd_core.family_spec import TOY
+    rows = []
+    for label, s in (("old defaults", ORIGIN), ("new defaults", dict(lr=TOY.lr, rank=TOY.rank, steps=TOY.steps))):
+        for method, name in (("dopsd", "D-OPSD + prior"), ("sft", "SFT + prior")):
+            per, setup = evals_per_step(method, True), setup_evals(method, True, prior_prompts)
+            rows.append({"setting": f"{name}, {label} (lr {s['lr']:g}, rank {s['rank']})", "method": method,
+                         "evals_per_step": per, "steps": s["steps"], "run_evals": setup + s["steps"] * per,
+                         "evals_at": setup + steps * per, "at_steps": steps})
+    for r in rows:
+        r["share"] = r["run_evals"] / rows[0]["run_evals"]
+    return rows
 
 
 COLOURS = [(20, 160, 200), (190, 40, 60), (40, 90, 190), (230, 150, 30), (120, 60, 170), (60, 150, 60),

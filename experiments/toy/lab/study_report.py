@@ -588,7 +588,20 @@ def lever_lines(lv: dict) -> list[str]:
     ec = lv.get("equal_compute")
     if ec:
         lines += ["", *equal_compute_lines(ec, ec["variant"], "the pick's")]
+    if lv.get("defaults_cost"):
+        lines += ["", *defaults_cost_lines(lv["defaults_cost"])]
     return lines + [""]
+
+
+def defaults_cost_lines(rows: list[dict]) -> list[str]:
+    """What a run costs at the old and the new defaults (levers.defaults_cost); docs/benchmarks.md quotes it."""
+    n = rows[0]["at_steps"]
+    return ["What a toy run costs, old and new defaults (K = 4, batch 4, 4 prior roll-outs a step; SFT + prior "
+            "adds its class images once); share of the old defaults' D-OPSD + prior run:", "",
+            *_table(["setting", "evaluations / step", "steps", "evaluations a run", f"evaluations, {n:,} steps",
+                     "share"],
+                    [[r["setting"], f"{r['evals_per_step']:g}", r["steps"], f"{r['run_evals']:,.0f}",
+                      f"{r['evals_at']:,.0f}", f"{r['share']:.2f}"] for r in rows])]
 
 
 def equal_compute_lines(ec: dict, variant: str, whose: str) -> list[str]:

@@ -27,6 +27,25 @@ def test_model_evaluations_per_step():
     assert study.setup_evals("sft", True, 10, k=4) == 32 * 4 and study.setup_evals("dopsd", True, 10) == 0
 
 
+def test_the_defaults_cost_table_counts_runs_at_the_old_and_new_defaults_and_docs_quote_it():
+    """Per run: steps x evaluations a step (+ SFT's class images once); the new defaults are the family spec's.
+    docs/benchmarks.md's table is the committed report's (re-run the report and copy it when they differ)."""
+    from pathlib import Path
+    from dopsd_core.family_spec import TOY
+    from experiments.toy.lab import levers
+    rows = {r["setting"].split(" (")[0]: r for r in levers.defaults_cost(prior_prompts=100)}
+    assert rows["D-OPSD + prior, old defaults"]["run_evals"] == study.ORIGIN["steps"] * 96
+    assert rows["D-OPSD + prior, new defaults"]["run_evals"] == TOY.steps * 96
+    assert rows["SFT + prior, new defaults"]["run_evals"] == TOY.steps * 16 + 100 * 4
+    assert rows["D-OPSD + prior, new defaults"]["share"] == pytest.approx(TOY.steps / study.ORIGIN["steps"])
+    root = Path(__file__).resolve().parents[4]
+    committed = json.loads((root / "experiments/toy/study/results.json").read_text())["summary"]["levers"]["defaults_cost"]
+    prompts = (committed[1]["run_evals"] - committed[1]["steps"] * 16) // 4
+    assert committed == levers.defaults_cost(prior_prompts=prompts), "re-run the study's report (--stage report)"
+    table = "\n".join(study_report.defaults_cost_lines(committed)[2:])
+    assert table in (root / "docs/benchmarks.md").read_text(), "copy the report's table into docs/benchmarks.md"
+
+
 def _p(step, fid, sel):
     return {"step": step, "concept_fidelity": fid, "retention_selection": sel}
 
