@@ -84,9 +84,12 @@ def results_block(study: dict) -> str:
     from experiments.toy.lab.study_report import AIMS
     budget = study["summary"]["budget"]
     shipped = budget["shipped"]
-    # the chains at the defaults: the ones run at the levers' pick once they exist, else the budget's (the
-    # defaults before the levers stage)
+    # the chains at the defaults: the ones run at the levers' pick once every variant's seeds are in, else the
+    # budget's (the defaults before the levers stage)
+    from experiments.toy.lab.chains import SEEDS, VARIANTS
     at_pick = study["summary"].get("defaults_chains")
+    if at_pick and not all(at_pick["chains"].get(v, {}).get("seeds") == len(SEEDS) for v in VARIANTS):
+        at_pick = None
     chains, chain_steps = (at_pick["chains"], at_pick["chain_steps"]) if at_pick else (budget["chains"], budget["chain_steps"])
     aims = ", ".join(f"{k.replace('concept_', '')} {_pct(shipped[k])} (aim {op} {_pct(v)})"
                      for k, (op, v) in AIMS.items())

@@ -83,3 +83,22 @@ def test_a_demo_short_of_the_defaults_steps_says_what_the_rest_adds():
             and "fidelity 70 % → 90 % (heart 99 % → 99 %, star 40 % → 80 %), retention 90 % → 88 %" in text
             and "for 2.0× the model evaluations" in text)
     assert "The demo trains" not in tool.demo_block({**demo, "steps": TOY.steps}, study)  # the whole budget
+
+
+def test_the_chain_sentence_moves_to_the_defaults_chains_once_all_are_in():
+    """Until every variant's 3 chains at the picked defaults are in, the README quotes the earlier defaults'."""
+    import copy
+    tool = _tool()
+    study = json.loads(tool.STUDY.read_text())
+    budget = study["summary"]["budget"]
+    done = {"setting": "x", "chain_steps": 123, "chains": copy.deepcopy(budget["chains"])}
+    for v in done["chains"].values():
+        v["stages"][-1]["fidelity"] = {k: 0.555 for k in v["stages"][-1]["fidelity"]}
+    partial = copy.deepcopy(done)
+    partial["chains"].pop("sft + prior")
+    study["summary"]["defaults_chains"] = partial
+    block = tool.results_block(study)
+    assert "At the earlier defaults" in block and "123 steps each" not in block
+    study["summary"]["defaults_chains"] = done
+    block = tool.results_block(study)
+    assert "At the earlier defaults" not in block and "123 steps each" in block and "56 %" in block
