@@ -561,24 +561,26 @@ def lever_lines(lv: dict) -> list[str]:
         first = lambda xs: f"step {xs[0]['step']} ({xs[0]['model_evals']:,.0f}; {share(xs[0]['model_evals'])})" if xs else "none"  # noqa: E731
         # a combination run past the defaults' step: a row at its last step too
         for last in [at_origin] + [c for c in cs[-1:] if c["step"] > at_origin["step"]]:
-            rows.append([v, f"{cs[0]['evals_per_step']:g}", f"{last['runs']}", last["step"], _pct(last["concept_fidelity"]),
-                         " / ".join(_pct(x) for x in last["fidelity_by_concept"].values()), _pct(last["retention"]),
+            rows.append([v, f"{round(cs[0]['evals_per_step'], 1):g}", f"{last['runs']}", last["step"], _pct(last["concept_fidelity"]),
+                         " / ".join(_pct(last["fidelity_by_concept"][c]) if c in last["fidelity_by_concept"] else "–"
+                                    for c in sorted(HELD_OUT_SHAPES)), _pct(last["retention"]),
                          _pct(last["leak"]), _pct(last["cross_token"]), f"{last['model_evals']:,.0f}", first(ok_mean),
                          first(ok)])
     aims = (f"fidelity >= {_pct(LEVER_AIMS['fidelity'])}, each concept >= {_pct(LEVER_AIMS['each concept'])}, retention "
             f">= {_pct(LEVER_AIMS['retention'])}, leak <= {_pct(LEVER_AIMS['leak'])}")
     pick = lv["pick"]
+    sft_note = "" if lv.get("sft_runs") == "long" else " (the budget stage's 400 until those runs are in)"
     lines = [f"## Cost levers ({len(lv['runs'])} of {lv['planned']} runs cached)", "",
              f"D-OPSD + prior from the toy's defaults of the time (lr {ORIGIN['lr']:g}, rank {ORIGIN['rank']}, "
              f"{ORIGIN['steps']} steps), one lever at a time and in combinations (which may run longer: a second row "
              f"at their last step), 3 concepts x 3 seeds, evaluated at main's checkpoints and every 100 steps from "
              f"{ORIGIN['steps']}; `dopsd + prior` is those defaults' own runs (the budget stage) and `sft + "
-             f"prior` SFT with the prior at the same lr for up to {lv.get('sft_long_steps', SFT_LONG['steps'])} steps "
-             "(the budget stage's 400 until those runs are in). Compute is model evaluations (a forward or a backward of one sample) spent up to "
+             f"prior` SFT with the prior at the same lr for up to {lv.get('sft_long_steps', SFT_LONG['steps'])} steps"
+             f"{sft_note}. Compute is model evaluations (a forward or a backward of one sample) spent up to "
              "the checkpoint; a checkpoint is the run of that many steps (constant lr). Share: of today's "
              f"defaults ({'' if ref_evals is None else f'{ref_evals:,.0f} evaluations, '}step {ORIGIN['steps']}). "
              f"Aims: {aims}. Fronts: levers.png.", "",
-             *_table(["setting", "evals / step", "runs", "step", "fidelity", "crescent / heart / star", "retention",
+             *_table(["setting", "evals / step", "runs", "step", "fidelity", " / ".join(sorted(HELD_OUT_SHAPES)), "retention",
                       "leak", "cross-token", "evaluations", "cheapest meeting the mean aims", "cheapest meeting every aim"],
                      rows), "",
              "The rule (the fewest evaluations meeting every aim, mean of 3 concepts x 3 seeds):", "",

@@ -568,7 +568,7 @@ def _lever_run(variant, concept, seed, points):
             "hits": {"concept_fidelity": "1" * round(96 * f) + "0" * (96 - round(96 * f))}}
            for st, ev, f, sel, ret, leak in points]
     return {"variant": variant, "name": f"{variant}-{concept}-{seed}", "evals_per_step": points[-1][1] / points[-1][0],
-            "run": {"concept": concept, "seed": seed, "method": variant.split()[0]}, "points": pts}
+            "run": {"concept": concept, "seed": seed, "method": variant.split()[0]}, "points": pts, "prior_prompts": 40}
 
 
 def test_the_lever_rule_picks_the_cheapest_cell_meeting_every_aim_and_compares_sft_at_its_compute():
