@@ -113,7 +113,8 @@ def results_block(study: dict) -> str:
               f"{end('sft + prior')}.", "",
               f"D-OPSD + prior minus SFT + prior in concept fidelity, at retention {TAU} (points, 95 % interval): "
               f"at equal steps (lr {number_text(BUDGET['lr'])}, rank 16, {BUDGET['steps']}-step runs) "
-              f"{_differences(budget, '')}; {_equal_compute(budget)} ([docs/toy_results.md](docs/toy_results.md))."]
+              f"{_differences(budget, '')}; {_equal_compute(budget)} ([docs/toy_results.md](docs/toy_results.md))."
+              f"{_sft_every_aim(study, shipped)}"]
     adapters = study["summary"].get("adapters")
     if adapters:
         from experiments.toy.lab.study_report import adapter_verdict
@@ -152,6 +153,24 @@ def _equal_compute(budget: dict) -> str:
     sft = ("SFT + prior trains as many steps as fit in them" if sft_end >= ec["model_evals"] else
            f"SFT + prior's runs end at {sft_end:,.0f}, so it has less")
     return f"at equal compute (the defaults' {ec['model_evals']:,.0f} model evaluations; {sft}) {diffs}"
+
+
+def _sft_every_aim(study: dict, shipped: dict) -> str:
+    """Where SFT + prior's long runs meet every aim of the levers stage, and what that costs against the
+    defaults (empty until those runs are in)."""
+    from dopsd_core.family_spec import number_text
+    from experiments.toy.lab.levers import SFT, complete, meets
+    from experiments.toy.lab.study import SFT_LONG
+    lv = study["summary"].get("levers")
+    if not lv or lv.get("sft_runs") != "long":
+        return ""
+    ok = [c for c in lv["cells"] if c["variant"] == SFT and complete(c) and meets(c)]
+    if not ok:
+        return f" SFT + prior meets every aim at no step up to {lv['sft_long_steps']:,}."
+    c = min(ok, key=lambda c: c["model_evals"])
+    return (f" Given the steps, SFT + prior (lr {number_text(SFT_LONG['lr'])}, rank 16) meets every aim too: at step "
+            f"{c['step']:,} ({c['model_evals']:,.0f} model evaluations, {c['model_evals'] / shipped['model_evals']:.2f}× "
+            f"the defaults'; fidelity {_pct(c['concept_fidelity'])}, star {_pct(c['fidelity_by_concept']['star'])}).")
 
 
 def _from_docs(text: str) -> str:

@@ -102,3 +102,26 @@ def test_the_chain_sentence_moves_to_the_defaults_chains_once_all_are_in():
     study["summary"]["defaults_chains"] = done
     block = tool.results_block(study)
     assert "At the earlier defaults" not in block and "123 steps each" in block and "56 %" in block
+
+
+def test_the_readme_says_where_sft_with_the_prior_meets_every_aim_once_its_long_runs_are_in():
+    """The cheapest SFT + prior cell meeting every aim, against the defaults' evaluations; nothing while the
+    long runs are missing."""
+    import copy
+    from experiments.toy.lab import levers
+    tool = _tool()
+    study = json.loads(tool.STUDY.read_text())
+    lv = study["summary"]["levers"]
+    assert lv["sft_runs"] == "long"
+    ok = [c for c in lv["cells"] if c["variant"] == levers.SFT and levers.complete(c) and levers.meets(c)]
+    block = tool.results_block(study)
+    if ok:
+        c = min(ok, key=lambda c: c["model_evals"])
+        ratio = c["model_evals"] / study["summary"]["budget"]["shipped"]["model_evals"]
+        assert f"meets every aim too: at step {c['step']:,} ({c['model_evals']:,.0f} model evaluations, {ratio:.2f}×" in block
+    short = copy.deepcopy(study)
+    short["summary"]["levers"]["sft_runs"] = "budget"
+    assert "SFT + prior (lr" not in tool.results_block(short) and "meets every aim" not in tool.results_block(short)
+    none = copy.deepcopy(study)
+    none["summary"]["levers"]["cells"] = [c for c in lv["cells"] if c["variant"] != levers.SFT]
+    assert "SFT + prior meets every aim at no step up to 3,000" in tool.results_block(none)
