@@ -9,7 +9,7 @@ A chain runs at the study's kept lr and main's run length; or (budget=True) at t
 time (the budget stage's lr, 300 steps), starting from the budget stage's star run at that step; or at a
 setting of the levers or combos stage (the toy's defaults the levers' rule picked) for a number of steps
 that its runs evaluated, starting from that setting's star run at that step (SFT + prior: at the setting's
-lr and rank). The first stage is that single-concept run of the star (same method, settings, seed): a
+lr, rank and run length). The first stage is that single-concept run of the star (same method, settings, seed): a
 fresh run has no warm start, so the teacher choice does not arise there. Every later stage trains with its
 first run's settings. After every stage each concept learned so far is measured at 4 steps; a concept's
 kept share is its fidelity at the end of the chain over its fidelity in its own single-concept run (the
@@ -46,7 +46,7 @@ class Chain:
     seed: int
     budget: bool = False  # the budget stage's lr and 300 steps instead of the kept lr and main's length
     setting: str = ""  # or a lever or combination (study.LEVERS / COMBOS) from ORIGIN, `at` steps a stage:
-    at: int = 0        # the toy's defaults picked by the levers' rule (SFT takes its lr and rank only)
+    at: int = 0        # the toy's defaults picked by the levers' rule (SFT takes its lr, rank and steps only)
 
     @property
     def name(self) -> str:
@@ -69,8 +69,8 @@ class Chain:
         """The concept's own run with the chain's settings (the first stage's, for the star)."""
         if self.setting:
             change = setting_change(self.setting)
-            if self.method != "dopsd":  # SFT has no roll-out states and no roll-out prior: the update only
-                change = {k: v for k, v in change.items() if k in ("lr", "rank")}
+            if self.method != "dopsd":  # SFT has no roll-out states and no roll-out prior: the update and the
+                change = {k: v for k, v in change.items() if k in ("lr", "rank", "steps")}  # run's length only
             return StudyRun(concept, self.method, True, seed=self.seed, **{**ORIGIN, **change})
         if not self.budget:
             return StudyRun(concept, self.method, True, kept_lr[f"{self.method} + prior"], self.seed)

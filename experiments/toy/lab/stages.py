@@ -135,6 +135,8 @@ def run_study(out: Path, stage: str = "prune", log=print, jobs: int = 1, only: b
                 raise DopsdError("the toy's defaults have not been picked from the levers and combos stages yet "
                                  "(study.DEFAULTS_SETTING); run --stage combos and read its report first")
             plan = chain_plan(setting=setting, at=at)
+            for chain in plan:  # a chain whose first run lacks the step fails here, not after the singles trained
+                chain.first_run(kept)
             # each concept's own run at the setting: the kept shares' reference (SFT's are not in any stage)
             singles = list(dict.fromkeys(c.single_run(concept, kept) for c in plan for concept in HELD_OUT_SHAPES))
             map_runs(run_one, singles, out, metrics, **each)

@@ -657,8 +657,13 @@ def test_chains_at_a_setting_train_every_stage_with_its_first_runs_settings():
     settings = study.train_settings(first)
     assert (settings["states"], settings["prior_states"], settings["rank"], settings["alpha"]) == ("one", "all", 16, 16.0)
     assert settings["prior_batch"] == study.PRIOR["prior_batch"] and settings["prior_every"] == 1
-    # SFT has no roll-out states: its chain takes the setting's lr and rank only
+    # SFT has no roll-out states: its chain takes the setting's lr, rank and run length only, so a chain of
+    # the picked defaults' length starts from a checkpoint its first run has
     assert sft.single_run("heart", {}) == study.StudyRun("heart", "sft", True, seed=1, **study.ORIGIN)
+    combo = "rank 64, lr 2e-3, 500 steps"
+    sft_at = chains_mod.Chain("sft + prior", 1, setting=combo, at=400)
+    assert sft_at.first_run({}) == study.StudyRun("star", "sft", True, seed=1, lr=2e-3, rank=64, steps=500)
+    assert 400 in sft_at.first_run({}).checkpoints
     names = {c.name for c in chains_mod.chain_plan(setting=lever, at=200)} | {c.name for c in chains_mod.chain_plan(True)}
     assert len(names) == 18  # no setting chain takes a budget chain's folder
     assert chains_mod.chain_kind({"setting": lever, "steps_per_stage": 200}) == f"{lever}@200"
