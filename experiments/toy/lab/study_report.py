@@ -527,7 +527,7 @@ def _with_budget(lines: list[str], s: dict) -> str:
 def defaults_chain_lines(d: dict) -> list[str]:
     lines = [f"## Continual chains at the toy's defaults ({d['setting']}, {d['chain_steps']} steps a stage)", "",
              "Star -> heart -> crescent with the prior, 3 seeds, every stage at the setting the levers' rule picked "
-             "(SFT + prior at its lr and rank). The kept share compares the end of the chain with the concept's own "
+             "(SFT + prior at its lr, rank and steps). The kept share compares the end of the chain with the concept's own "
              "run at that step (same settings, method and seed).", "", *chains_table(d["chains"])]
     if d.get("chain_teachers"):
         lines += ["", "Warm-start teachers of the EMA-teacher chains (4 steps, target in context):", "",
