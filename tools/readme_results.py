@@ -159,15 +159,13 @@ def _sft_every_aim(study: dict, shipped: dict) -> str:
     """Where SFT + prior's long runs meet every aim of the levers stage, and what that costs against the
     defaults (empty until those runs are in)."""
     from dopsd_core.family_spec import number_text
-    from experiments.toy.lab.levers import SFT, complete, meets
     from experiments.toy.lab.study import SFT_LONG
     lv = study["summary"].get("levers")
     if not lv or lv.get("sft_runs") != "long":
         return ""
-    ok = [c for c in lv["cells"] if c["variant"] == SFT and complete(c) and meets(c)]
-    if not ok:
+    c = lv["sft_every_aim"]
+    if c is None:
         return f" SFT + prior meets every aim at no step up to {lv['sft_long_steps']:,}."
-    c = min(ok, key=lambda c: c["model_evals"])
     return (f" Given the steps, SFT + prior (lr {number_text(SFT_LONG['lr'])}, rank 16) meets every aim too: at step "
             f"{c['step']:,} ({c['model_evals']:,.0f} model evaluations, {c['model_evals'] / shipped['model_evals']:.2f}× "
             f"the defaults'; fidelity {_pct(c['concept_fidelity'])}, star {_pct(c['fidelity_by_concept']['star'])}).")

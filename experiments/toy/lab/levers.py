@@ -59,12 +59,16 @@ def meets(cell: dict, each_concept: bool = True) -> bool:
     return ok and (not each_concept or min(cell["fidelity_by_concept"].values()) >= AIMS["each concept"])
 
 
+def cheapest(cells: list[dict]) -> dict | None:
+    """The cell with the fewest model evaluations (the higher fidelity on a tie); None for no cells."""
+    return min(cells, key=lambda c: (c["model_evals"], -c["concept_fidelity"])) if cells else None
+
+
 def pick(all_cells: list[dict]) -> dict:
     """The rule's choice among complete D-OPSD cells: the cheapest meeting every aim (each concept
     included); the cheapest meeting the mean aims; and, when none meets every aim, the best found: the
     highest worst-concept fidelity among the cells that keep retention and leak."""
     dopsd = [c for c in all_cells if complete(c) and c["variant"].startswith("dopsd")]
-    cheapest = lambda cs: min(cs, key=lambda c: (c["model_evals"], -c["concept_fidelity"])) if cs else None  # noqa: E731
     kept = [c for c in dopsd if c["retention"] >= AIMS["retention"] and c["leak"] <= AIMS["leak"]]
     best = max(kept, key=lambda c: (min(c["fidelity_by_concept"].values()), c["concept_fidelity"])) if kept else None
     return {"every_aim": cheapest([c for c in dopsd if meets(c)]),
@@ -107,6 +111,8 @@ def lever_summary(levers: list[dict], budget: list[dict], sft_long: list[dict] =
     prompts = max((r["prior_prompts"] for r in dopsd_default), default=0)
     out = {"cells": all_cells, "pick": chosen, "reference": reference, "aims": AIMS,
            "sft_runs": "long" if long_done else "budget", "defaults_cost": defaults_cost(prompts)}
+    if long_done:  # SFT + prior given the steps: where it meets every aim too (None: at no step)
+        out["sft_every_aim"] = cheapest([c for c in all_cells if c["variant"] == SFT and complete(c) and meets(c)])
     target = chosen["every_aim"] or chosen["mean_aims"]
     if target:
         runs = [r for r in levers + dopsd_default if r["variant"] == target["variant"]]
